@@ -1,0 +1,1 @@
+"""Stage 2: SE-augmented CNN classifiers on the lesion crops."""

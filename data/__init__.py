@@ -1,0 +1,1 @@
+"""Shared data layer: reading, manifests, splits, transforms, datasets, stage cache and checkpoints."""

@@ -1,0 +1,202 @@
+"""Content-addressed stage cache: per-item entries keyed by input bytes, settings, model and upstream keys.
+
+Like MONAI's ``PersistentDataset`` but with its two traps avoided: the key hashes the image *bytes* (not the path) and
+the transform settings. Entries are written to a temporary name and renamed, every entry carries a digest of its
+arrays, and an entry that fails to load or to verify is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+VERSIONED_LIBRARIES = (
+    "torch",
+    "timm",
+    "segmentation-models-pytorch",
+    "albumentations",
+    "opencv-python-headless",
+    "numpy",
+    "scikit-image",
+    "dermpipe",
+)
+_DIGEST = "__digest__"
+_META = "__meta__"
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries whose change can change a stage's output."""
+    out = {}
+    for name in VERSIONED_LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return {"ndarray": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest(), "shape": value.shape}
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return repr(value)
+
+
+def stage_key(
+    stage: str,
+    *,
+    inputs: str | Iterable[str] = (),
+    settings: Mapping[str, Any] | None = None,
+    model: str | None = None,
+    upstream: Iterable[str] = (),
+    versions: Mapping[str, str] | None = None,
+) -> str:
+    """The cache key of one stage output: a sha256 over everything that can change it.
+
+    ``inputs``: content digests of the input files (never their paths); ``settings``: the options that change the
+    output (include an albumentations transform's ``to_dict``); ``model``: the digest of the weights that made it;
+    ``upstream``: keys of the stage outputs it was computed from; ``versions``: library versions (default: installed).
+    """
+    payload = {
+        "stage": stage,
+        "inputs": [inputs] if isinstance(inputs, str) else list(inputs),
+        "settings": _canonical(settings or {}),
+        "model": model,
+        "upstream": list(upstream),
+        "versions": dict(versions if versions is not None else library_versions()),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class StageCache:
+    """Per-item entries of one stage under ``root/stage/ab/<key>.npz``.
+
+    ``get`` returns ``None`` on a miss or a corrupt entry (which it deletes), so callers recompute; ``put`` writes
+    atomically. ``force=True`` ignores existing entries (and overwrites them). ``reused``/``computed`` count per run.
+    """
+
+    def __init__(self, root: str | os.PathLike, stage: str, force: bool = False) -> None:
+        self.root = Path(root) / stage
+        self.stage = stage
+        self.force = force
+        self.reused = 0
+        self.computed = 0
+        self.corrupt = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def __contains__(self, key: str) -> bool:
+        return not self.force and self.path(key).is_file()
+
+    def get(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """``(arrays, meta)`` of a valid entry, else ``None``; counts a hit as reused."""
+        if self.force:
+            return None
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files if k not in (_DIGEST, _META)}
+                digest = str(npz[_DIGEST])
+                meta = json.loads(str(npz[_META]))
+            if digest != arrays_digest(arrays):
+                raise ValueError("digest mismatch")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            logger.warning("cache: corrupt entry %s (%s); recomputing", path, e)
+            self.corrupt += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.reused += 1
+        return arrays, meta
+
+    def put(self, key: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> Path:
+        """Store an entry atomically: write a temporary file in the same folder, then rename it into place."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays, **{_DIGEST: np.array(arrays_digest(arrays)), _META: np.array(json.dumps(meta or {}))})
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.computed += 1
+        return path
+
+    def get_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], tuple[Mapping[str, np.ndarray], Mapping[str, Any]] | Mapping[str, np.ndarray]],
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The cached entry, or ``compute()`` stored under ``key`` and returned."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        result = compute()
+        arrays, meta = result if isinstance(result, tuple) else (result, {})
+        self.put(key, arrays, meta)
+        return {k: np.asarray(v) for k, v in arrays.items()}, dict(meta)
+
+    def write_index(self, name: str, index: Mapping[str, Any]) -> Path:
+        """Write the stage's manifest of entries (image id -> key, ...) last and atomically."""
+        path = self.root / "index" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    def read_index(self, name: str) -> dict[str, Any] | None:
+        path = self.root / "index" / f"{name}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def summary(self) -> str:
+        extra = f", {self.corrupt} corrupt recomputed" if self.corrupt else ""
+        return f"cache: {self.reused} reused, {self.computed} computed{extra} ({self.stage})"
+
+    def log_summary(self) -> None:
+        logger.info(self.summary())

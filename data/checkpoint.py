@@ -1,0 +1,138 @@
+"""Safe checkpoints: ``safetensors`` weights plus string metadata that rebuilds the model; resume state apart.
+
+A user's file is never unpickled: weights load through safetensors, and resume state through
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from data.cache import file_digest, library_versions
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or made for another stage, backbone or class set."""
+
+
+def _encode(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _decode(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: Mapping[str, Any]) -> Path:
+    """Write ``model``'s weights and ``metadata`` (values JSON-encoded to strings) atomically.
+
+    ``metadata`` should hold what rebuilds the model: ``stage``, ``architecture`` (or ``backbone``), ``classes`` in
+    order, ``input_size``, ``mean``, ``std``, ``config_hash``; library versions are added here.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {k: _encode(v) for k, v in metadata.items()}
+    meta.setdefault("versions", json.dumps(library_versions()))
+    meta["format_version"] = FORMAT_VERSION
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # safetensors refuses tensors that share memory (tied weights); clone those
+    seen: dict[int, str] = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        if ptr in seen and ptr != -1:
+            state[k] = v.clone()
+        seen[ptr] = k
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded metadata of a checkpoint, without loading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: train the stage first or pass the right run folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable safetensors file ({e}); re-export or retrain it"
+        ) from None
+    return {k: _decode(v) for k, v in raw.items()}
+
+
+def check_metadata(path: str | os.PathLike, meta: Mapping[str, Any], expect: Mapping[str, Any]) -> None:
+    for key, want in expect.items():
+        have = meta.get(key)
+        if isinstance(want, tuple):
+            want = list(want)
+        if have != want:
+            raise CheckpointError(
+                f"checkpoint {path} was made for {key}={have!r}, not {want!r}: pass a checkpoint of this "
+                f"{meta.get('stage', 'stage') if key != 'stage' else 'stage'} or retrain"
+            )
+
+
+def load_checkpoint(
+    path: str | os.PathLike, expect: Mapping[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, metadata)``; every ``expect`` item must equal the metadata's, else ``CheckpointError``."""
+    meta = read_metadata(path)
+    check_metadata(path, meta, expect or {})
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged ({e}); retrain or copy it again") from None
+    return state, meta
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Load ``state`` strictly into ``model``, with a message naming the file when it does not fit."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); was it made by another version?")
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """Content hash of a checkpoint file, for the stage cache keys of what the model computes."""
+    return file_digest(path)
+
+
+def save_resume_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Optimizer, scheduler, scaler, epoch and best score, apart from the weights; written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"resume state {path} not found: nothing to resume, start without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the file cannot be trusted
+        raise CheckpointError(f"resume state {path} cannot be read safely ({type(e).__name__}); start afresh") from None

@@ -1,0 +1,100 @@
+"""Run setup shared by every stage script: seeds, device choice, logging to console and run folder, saved config."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from configs.loader import config_hash, save_config
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit name that is not available fails clearly."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise RuntimeError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> None:
+    """Console handler plus ``<run_dir>/train.log``; replaces handlers a previous call added."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_dermpipe", False):
+            root.removeHandler(h)
+            h.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for h in handlers:
+        h.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+        h._dermpipe = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a stage needs from its setup: where to write, on which device, with AMP and channels_last or not."""
+
+    dir: Path
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    config_hash: str
+
+    def autocast(self) -> Any:
+        """bf16/fp16 autocast on CUDA when AMP is on; a no-op context elsewhere."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
+
+
+def start_run(run_dir: str | os.PathLike, config: Any, seed: int, device: str = "auto", amp: bool = True,
+              channels_last: bool = True, threads: int = 0) -> Run:
+    """Create the run folder, log there, save the resolved config, seed, and pick the device.
+
+    AMP and channels_last only help on a GPU, so they are switched off elsewhere whatever the config says.
+    """
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    setup_logging(path)
+    save_config(config, path / "config.yaml")
+    seed_everything(seed)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = choose_device(device)
+    on_gpu = dev.type == "cuda"
+    run = Run(dir=path, device=dev, amp=amp and on_gpu, channels_last=channels_last and on_gpu,
+              config_hash=config_hash(config))
+    logger.info("run %s on %s (amp=%s, channels_last=%s)", path, dev, run.amp, run.channels_last)
+    return run

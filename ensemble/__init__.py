@@ -1,0 +1,1 @@
+"""Stage 3: the learned meta-network vote and batch prediction."""

@@ -1,0 +1,1 @@
+"""Stage 1: U-Net lesion segmentation, lesion boxes and crops."""
