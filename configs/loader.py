@@ -192,7 +192,8 @@ def load_config(
     if path is not None:
         data = _merge(data, load_yaml(path))
     data = _merge(data, parse_set(overrides))
-    flag_items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (flags or {}).items() if v is not None]
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    flag_items = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in given.items()]
     data = _merge(data, parse_set(flag_items))
     return from_dict(cls, data)
 

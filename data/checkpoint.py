@@ -110,7 +110,9 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); was it made by another version?")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({first}); was it made by another version?"
+        ) from None
 
 
 def weights_digest(path: str | os.PathLike) -> str:

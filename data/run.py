@@ -23,7 +23,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    np.random.seed(seed % (2**32))  # noqa: NPY002 - libraries that still draw from the legacy global state
     torch.manual_seed(seed)
 
 
@@ -79,8 +79,15 @@ class Run:
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
 
 
-def start_run(run_dir: str | os.PathLike, config: Any, seed: int, device: str = "auto", amp: bool = True,
-              channels_last: bool = True, threads: int = 0) -> Run:
+def start_run(
+    run_dir: str | os.PathLike,
+    config: Any,
+    seed: int,
+    device: str = "auto",
+    amp: bool = True,
+    channels_last: bool = True,
+    threads: int = 0,
+) -> Run:
     """Create the run folder, log there, save the resolved config, seed, and pick the device.
 
     AMP and channels_last only help on a GPU, so they are switched off elsewhere whatever the config says.
@@ -94,7 +101,12 @@ def start_run(run_dir: str | os.PathLike, config: Any, seed: int, device: str = 
         torch.set_num_threads(threads)
     dev = choose_device(device)
     on_gpu = dev.type == "cuda"
-    run = Run(dir=path, device=dev, amp=amp and on_gpu, channels_last=channels_last and on_gpu,
-              config_hash=config_hash(config))
+    run = Run(
+        dir=path,
+        device=dev,
+        amp=amp and on_gpu,
+        channels_last=channels_last and on_gpu,
+        config_hash=config_hash(config),
+    )
     logger.info("run %s on %s (amp=%s, channels_last=%s)", path, dev, run.amp, run.channels_last)
     return run

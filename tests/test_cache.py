@@ -9,8 +9,14 @@ VERSIONS = {"torch": "x"}
 
 
 def _key(img_path, settings=None, model="m1", upstream=()):
-    return stage_key("crop", inputs=file_digest(img_path), settings=settings or {"size": 64}, model=model,
-                     upstream=upstream, versions=VERSIONS)
+    return stage_key(
+        "crop",
+        inputs=file_digest(img_path),
+        settings=settings or {"size": 64},
+        model=model,
+        upstream=upstream,
+        versions=VERSIONS,
+    )
 
 
 @pytest.fixture
@@ -42,7 +48,8 @@ def test_key_misses_on_pixel_setting_model_upstream_version(tmp_path, image):
     assert _key(image, settings={"size": 65}) != base
     assert _key(image, model="m2") != base
     assert _key(image, upstream=["abc"]) != base
-    assert stage_key("crop", inputs=file_digest(image), settings={"size": 64}, model="m1", versions={"torch": "y"}) != base
+    newer = {"torch": "y"}
+    assert stage_key("crop", inputs=file_digest(image), settings={"size": 64}, model="m1", versions=newer) != base
     # the path does not matter, only the bytes
     copy = tmp_path / "copy.npy"
     copy.write_bytes(image.read_bytes())

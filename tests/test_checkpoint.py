@@ -15,14 +15,22 @@ from data.checkpoint import (
     save_resume_state,
 )
 
-META = {"stage": "classification", "backbone": "test_resnet", "classes": ["nv", "mel"], "input_size": 64,
-        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "config_hash": "abc"}
+META = {
+    "stage": "classification",
+    "backbone": "test_resnet",
+    "classes": ["nv", "mel"],
+    "input_size": 64,
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+    "config_hash": "abc",
+}
 
 
 def _model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                               torch.nn.LazyLinear(2))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
 
 
 def test_round_trip_gives_equal_outputs(tmp_path):

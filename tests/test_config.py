@@ -52,8 +52,13 @@ def test_unknown_key_names_it_with_suggestion(tmp_path):
 
 @pytest.mark.parametrize(
     "item, key",
-    [("train.epochs=abc", "train.epochs"), ("train.amp=maybe", "train.amp"), ("train.lr=fast", "train.lr"),
-     ("train.epochs=true", "train.epochs"), ("train.sizes=[1, x]", r"train.sizes\[1\]")],
+    [
+        ("train.epochs=abc", "train.epochs"),
+        ("train.amp=maybe", "train.amp"),
+        ("train.lr=fast", "train.lr"),
+        ("train.epochs=true", "train.epochs"),
+        ("train.sizes=[1, x]", r"train.sizes\[1\]"),
+    ],
 )
 def test_wrong_type_names_the_key(item, key):
     with pytest.raises(ConfigError, match=key):
