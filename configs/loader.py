@@ -123,7 +123,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         k = unknown[0]
         raise ConfigError(f"unknown config key '{prefix}{k}'{_did_you_mean(k, fields)}")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # a section's own validation (__post_init__)
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

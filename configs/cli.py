@@ -1,0 +1,60 @@
+"""What every stage script shares: the common flags, config resolution, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from configs.loader import ConfigError, default_config_path, load_config
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The error types that mean the user's input is wrong (printed as one line, no stack trace)."""
+    from data.checkpoint import CheckpointError
+    from data.manifest import ManifestError
+    from data.reading import ImageReadError
+
+    return (ConfigError, ManifestError, CheckpointError, ImageReadError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """A parser with --config, --set, --device and --force; the stage adds its own flags."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--config", default=str(default_config_path(stage)), help=f"YAML config (default: configs/{stage}.yaml)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train.epochs=5 (repeatable)",
+    )
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--force", action="store_true", default=None, help="recompute cached stage outputs")
+    return parser
+
+
+def resolve_config(cls: type[T], args: argparse.Namespace, flags: Mapping[str, Any]) -> T:
+    """defaults < --config < --set < named flags (flags left at None do not override)."""
+    common = {"run.device": args.device, "run.force": args.force}
+    return load_config(cls, args.config, args.overrides, {**common, **flags})
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run a script body; a user mistake becomes ``error: <one line>`` on stderr and exit status 2."""
+    try:
+        return body()
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept in the cache and run folder; rerun to resume", file=sys.stderr)
+        return 130

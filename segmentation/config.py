@@ -1,0 +1,62 @@
+"""The segmentation stage's config: data, U-Net model, training and lesion-crop prediction sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from configs.schema import RunConfig
+from data.augment import AugmentConfig
+from data.preprocess import PreprocessConfig
+
+
+@dataclass(frozen=True)
+class SegDataConfig:
+    manifest: str = ""
+    image_size: int = 256  # the U-Net's square input
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class SegModelConfig:
+    architecture: str = "Unet"  # any smp architecture name
+    encoder: str = "resnet34"  # any smp encoder, or tu-<timm name>
+    encoder_weights: str | None = "imagenet"  # imagenet (downloads when online), a local file, or null
+    decoder_attention: str | None = None  # e.g. scse
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-4
+    schedule: str = "onecycle"  # onecycle | cosine
+    warmup_epochs: float = 1.0
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    patience: int = 10  # early stopping on validation Jaccard
+    grad_clip: float = 0.0
+    max_steps_per_epoch: int = 0  # 0 = whole epoch
+    panel_images: int = 8
+
+
+@dataclass(frozen=True)
+class SegPredictConfig:
+    threshold: float = 0.5
+    tta: bool = True  # horizontal and vertical flips
+    margin: float = 0.1  # box margin, fraction of the box side
+    crop_size: int = 299  # square crops for the classifiers
+    min_area: float = 0.005  # a lesion smaller than this fraction of the image falls back to the whole image
+    batch_size: int = 16
+    write_masks: bool = False  # ISIC_xxx_segmentation.png at image size
+    write_crops: bool = True
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    train: SegTrainConfig = field(default_factory=SegTrainConfig)
+    predict: SegPredictConfig = field(default_factory=SegPredictConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/segmentation"))

@@ -1,0 +1,297 @@
+"""Lesion masks, boxes and square crops for any list of images, batched, with flip TTA, through the stage cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from data.cache import StageCache, file_digest, stage_key
+from data.checkpoint import weights_digest
+from data.datasets import decode_size, resize_square
+from data.manifest import Manifest
+from data.preprocess import PreprocessConfig, preprocess
+from data.reading import ImageReadError, image_size, read_image, read_mask
+from segmentation.config import SegmentationConfig, SegPredictConfig
+from segmentation.lesion import LesionBox, clean_mask, crop_to_lesion, lesion_box
+from segmentation.model import load_unet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CropResult:
+    """One image's lesion: the square crop, its cache key, the box in original pixels and the low-res probability."""
+
+    image_id: str
+    path: str
+    crop: np.ndarray  # crop_size x crop_size x 3 uint8
+    crop_key: str
+    box: LesionBox
+    probability: np.ndarray  # image_size x image_size uint8 (lesion probability x 255)
+    height: int
+    width: int
+
+    def full_mask(self, threshold: float = 0.5) -> np.ndarray:
+        """The cleaned lesion mask at the original image size (0/1 uint8)."""
+        prob = cv2.resize(self.probability, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        return clean_mask(prob > threshold * 255)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    image_id: str
+    path: str
+    reason: str
+
+
+def _to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    batch = np.stack(images).astype(np.float32) / 255.0
+    batch = (batch - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    tta: bool = False,
+) -> np.ndarray:
+    """Lesion probabilities (N x H x W float32) for square images at the model's size; TTA averages flips."""
+    x = _to_tensor(images, mean, std).to(device)
+    prob = torch.sigmoid(model(x))
+    if tta:
+        prob = prob + torch.sigmoid(model(x.flip(-1))).flip(-1) + torch.sigmoid(model(x.flip(-2))).flip(-2)
+        prob = prob / 3
+    return prob[:, 0].float().cpu().numpy()
+
+
+class SegmentationPredictor:
+    """Loads a trained U-Net and turns images into lesion crops, reusing every crop already in the cache."""
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        cfg: SegmentationConfig,
+        device: torch.device,
+        cache_root: str | os.PathLike | None = None,
+        force: bool = False,
+    ) -> None:
+        self.model, self.meta = load_unet(checkpoint, device)
+        self.device = device
+        self.size = int(self.meta["input_size"])
+        self.mean, self.std = self.meta["mean"], self.meta["std"]
+        self.predict_cfg: SegPredictConfig = cfg.predict
+        self.preprocess_cfg: PreprocessConfig = cfg.data.preprocess
+        self.weights = weights_digest(checkpoint)
+        self.cache = StageCache(cache_root or cfg.run.cache_dir, "crops", force=force)
+        p = self.predict_cfg
+        self.settings = {
+            "size": self.size,
+            "threshold": p.threshold,
+            "tta": p.tta,
+            "margin": p.margin,
+            "crop_size": p.crop_size,
+            "min_area": p.min_area,
+            "preprocess": asdict(self.preprocess_cfg),
+            "decode": decode_size(p.crop_size),
+        }
+
+    def key(self, digest: str) -> str:
+        return stage_key("crops", inputs=digest, settings=self.settings, model=self.weights)
+
+    def crop(self, items: Iterable[tuple[str, str]]) -> Iterator[CropResult | Skipped]:
+        """``(image_id, path)`` pairs -> a ``CropResult`` per image, or ``Skipped`` for an unreadable file.
+
+        Streams in batches, so memory stays flat however many images there are.
+        """
+        batch: list[tuple[str, str, str, np.ndarray, tuple[int, int]]] = []
+        for image_id, path in items:
+            try:
+                digest = file_digest(path)
+            except OSError as e:
+                yield Skipped(image_id, path, f"cannot read file ({e.strerror or e})")
+                continue
+            key = self.key(digest)
+            hit = self.cache.get(key)
+            if hit is not None:
+                arrays, meta = hit
+                yield self._result(image_id, path, key, arrays, meta)
+                continue
+            try:
+                original = image_size(path)
+                image = read_image(path, max_side=decode_size(self.predict_cfg.crop_size))
+            except ImageReadError as e:
+                yield Skipped(image_id, path, str(e))
+                continue
+            batch.append((image_id, path, key, preprocess(image, self.preprocess_cfg), original))
+            if len(batch) >= self.predict_cfg.batch_size:
+                yield from self._run_batch(batch)
+                batch = []
+        if batch:
+            yield from self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[str, str, str, np.ndarray, tuple[int, int]]]) -> Iterator[CropResult]:
+        p = self.predict_cfg
+        probs = predict_probabilities(
+            self.model, [resize_square(b[3], self.size) for b in batch], self.mean, self.std, self.device, p.tta
+        )
+        for (image_id, path, key, image, (height, width)), prob in zip(batch, probs):
+            h, w = image.shape[:2]
+            mask = clean_mask(cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR) > p.threshold)
+            box = lesion_box(mask, p.margin, p.min_area)
+            crop = crop_to_lesion(image, box, p.crop_size)
+            sx, sy = width / w, height / h  # the image may have been decoded reduced: box in original pixels
+            full = LesionBox(
+                round(box.x0 * sx),
+                round(box.y0 * sy),
+                round(box.x1 * sx),
+                round(box.y1 * sy),
+                box.mask_area,
+                box.fallback,
+            )
+            arrays = {"crop": crop, "probability": np.round(prob * 255).astype(np.uint8)}
+            meta = {
+                "box": [full.x0, full.y0, full.x1, full.y1],
+                "mask_area": full.mask_area,
+                "fallback": full.fallback,
+                "height": height,
+                "width": width,
+            }
+            self.cache.put(key, arrays, meta)
+            yield self._result(image_id, path, key, arrays, meta)
+
+    @staticmethod
+    def _result(image_id: str, path: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> CropResult:
+        box = LesionBox(*meta["box"], mask_area=float(meta["mask_area"]), fallback=meta["fallback"])
+        return CropResult(
+            image_id, path, arrays["crop"], key, box, arrays["probability"], int(meta["height"]), int(meta["width"])
+        )
+
+
+def validation_panel(
+    loaded: tuple[torch.nn.Module, dict], manifest: Manifest, cfg: SegmentationConfig, path: Path, device: torch.device
+) -> Path:
+    """A grid of validation images with the predicted (green) and true (red) lesion contours."""
+    model, meta = loaded
+    rows = manifest.rows[: cfg.train.panel_images]
+    tiles = []
+    size = int(meta["input_size"])
+    for row in rows:
+        image = resize_square(read_image(row["image_path"], max_side=decode_size(size)), size)
+        prob = predict_probabilities(model, [image], meta["mean"], meta["std"], device)[0]
+        pred = clean_mask(prob > cfg.predict.threshold)
+        tile = image.copy()
+        if row.get("mask_path"):
+            truth = resize_square(read_mask(row["mask_path"]), size, nearest=True)
+            contours, _ = cv2.findContours(truth.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(tile, contours, -1, (255, 0, 0), max(1, size // 128))
+        contours, _ = cv2.findContours(pred.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(tile, contours, -1, (0, 255, 0), max(1, size // 128))
+        tiles.append(tile)
+    if not tiles:
+        return path
+    cols = min(4, len(tiles))
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.vstack([np.hstack(tiles[i : i + cols]) for i in range(0, len(tiles), cols)])
+    cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def manifest_from_folder(folder: str | os.PathLike) -> Manifest:
+    """An unlabelled manifest of every image under ``folder`` (recursive); ids are paths relative to it."""
+    from data.reading import list_images
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ImageReadError(f"{root}: not a folder of images (check --input)")
+    rows = []
+    for path in list_images(root):
+        rel = path.relative_to(root).with_suffix("")
+        rows.append({"image_id": rel.as_posix(), "image_path": str(path.resolve())})
+    return Manifest(rows=tuple(rows), classes=())
+
+
+def write_crops(
+    manifest: Manifest,
+    predictor: SegmentationPredictor,
+    out_dir: str | os.PathLike,
+    write_masks: bool = False,
+    write_crop_files: bool = True,
+) -> dict[str, int]:
+    """Crop every manifest row; write ``crops.csv`` (a manifest with crop_path, crop_key, box, fallback),
+    ``boxes.csv``, ``skipped.csv``, crops as PNG and, optionally, ISIC-style masks (0/255 at image size)."""
+    out = Path(out_dir)
+    (out / "crops").mkdir(parents=True, exist_ok=True)
+    if write_masks:
+        (out / "masks").mkdir(exist_ok=True)
+    by_id = {r["image_id"]: r for r in manifest.rows}
+    rows, boxes, skipped = [], [], []
+    from tqdm import tqdm
+
+    items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
+    for result in tqdm(predictor.crop(items), total=len(items), desc="crops", leave=False):
+        if isinstance(result, Skipped):
+            skipped.append({"image_id": result.image_id, "path": result.path, "reason": result.reason})
+            logger.warning("skipped %s", result.reason)
+            continue
+        crop_path = out / "crops" / f"{result.crop_key[:16]}.png"
+        if write_crop_files and not crop_path.exists():
+            tmp = crop_path.with_name(f".{crop_path.name}.tmp.png")
+            cv2.imwrite(str(tmp), cv2.cvtColor(result.crop, cv2.COLOR_RGB2BGR))
+            os.replace(tmp, crop_path)
+        if write_masks:
+            name = f"{Path(result.image_id).name}_segmentation.png"
+            mask_tmp = out / "masks" / f".{name}.tmp.png"
+            cv2.imwrite(str(mask_tmp), result.full_mask(predictor.predict_cfg.threshold) * 255)
+            os.replace(mask_tmp, out / "masks" / name)
+        box = result.box.as_text()
+        rows.append(
+            {
+                **by_id[result.image_id],
+                "crop_path": str(crop_path.resolve()),
+                "crop_key": result.crop_key,
+                "box": box,
+                "fallback": result.box.fallback,
+            }
+        )
+        boxes.append(
+            {
+                "image_id": result.image_id,
+                "box": box,
+                "mask_area": f"{result.box.mask_area:.6f}",
+                "fallback": result.box.fallback,
+            }
+        )
+    Manifest(rows=tuple(rows), classes=manifest.classes, info=manifest.info).write(out / "crops.csv")
+    _write_csv(out / "boxes.csv", ["image_id", "box", "mask_area", "fallback"], boxes)
+    _write_csv(out / "skipped.csv", ["image_id", "path", "reason"], skipped)
+    predictor.cache.log_summary()
+    return {
+        "cropped": len(rows),
+        "skipped": len(skipped),
+        "fallback": sum(1 for b in boxes if b["fallback"]),
+        "reused": predictor.cache.reused,
+        "computed": predictor.cache.computed,
+    }
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

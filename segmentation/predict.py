@@ -1,0 +1,56 @@
+"""Lesion masks, boxes and square crops: ``python segmentation/predict.py --manifest M`` (or ``--input DIR``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from configs.cli import resolve_config, run_cli, stage_parser
+from configs.loader import default_config_path
+from data.manifest import Manifest
+from data.run import choose_device, setup_logging
+from segmentation.config import SegmentationConfig
+from segmentation.inference import SegmentationPredictor, manifest_from_folder, write_crops
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("segmentation", __doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="manifest CSV of the images to crop")
+    source.add_argument("--input", help="a folder of images (recursive)")
+    parser.add_argument("--run", default="runs/segmentation", help="trained segmentation run folder")
+    parser.add_argument("--checkpoint", help="U-Net checkpoint (default: RUN/best.safetensors)")
+    parser.add_argument("--out", default="runs/crops", help="where crops.csv, boxes.csv and crops/ go")
+    parser.add_argument(
+        "--masks",
+        action="store_true",
+        default=None,
+        help="also write ISIC_xxx_segmentation.png masks (0/255, image size)",
+    )
+    parser.add_argument(
+        "--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation (predict.tta)"
+    )
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        run_dir = Path(args.run)
+        if args.config == str(default_config_path("segmentation")) and (run_dir / "config.yaml").is_file():
+            args.config = run_dir / "config.yaml"  # the trained run's own settings, unless --config or --set
+        cfg = resolve_config(SegmentationConfig, args, {"predict.write_masks": args.masks, "predict.tta": args.tta})
+        setup_logging(Path(args.out))
+        manifest = Manifest.read(args.manifest) if args.manifest else manifest_from_folder(args.input)
+        predictor = SegmentationPredictor(
+            args.checkpoint or run_dir / "best.safetensors", cfg, choose_device(cfg.run.device), force=cfg.run.force
+        )
+        s = write_crops(manifest, predictor, args.out, cfg.predict.write_masks, cfg.predict.write_crops)
+        print(
+            f"segmentation/predict: {s['cropped']} cropped ({s['fallback']} whole-image fallbacks), "
+            f"{s['skipped']} skipped; cache: {s['reused']} reused, {s['computed']} computed; wrote {args.out}"
+        )
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
