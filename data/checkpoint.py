@@ -107,12 +107,17 @@ def load_checkpoint(
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Load ``state`` strictly into ``model``, with a message naming the file when it does not fit."""
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = " ".join(str(e).split())[:300]
         raise CheckpointError(
-            f"checkpoint {path} does not fit this model ({first}); was it made by another version?"
+            f"checkpoint {path} does not fit this model ({detail}); made by another version?"
         ) from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (missing {list(missing)[:3]}, unexpected "
+            f"{list(unexpected)[:3]}); was it made by another version?"
+        )
 
 
 def weights_digest(path: str | os.PathLike) -> str:

@@ -23,6 +23,7 @@ class SegModelConfig:
     encoder: str = "resnet34"  # any smp encoder, or tu-<timm name>
     encoder_weights: str | None = "imagenet"  # imagenet (downloads when online), a local file, or null
     decoder_attention: str | None = None  # e.g. scse
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # U-Net decoder widths, one per encoder stage
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,10 @@ def build_unet(cfg: SegModelConfig) -> torch.nn.Module:
     weights = cfg.encoder_weights
     local = weights is not None and (os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors", ".bin")))
     kwargs: dict[str, Any] = {}
-    if cfg.decoder_attention and cfg.architecture.lower() == "unet":
-        kwargs["decoder_attention_type"] = cfg.decoder_attention
+    if cfg.architecture.lower() in ("unet", "unetplusplus"):
+        kwargs["decoder_channels"] = list(cfg.decoder_channels)
+        if cfg.decoder_attention:
+            kwargs["decoder_attention_type"] = cfg.decoder_attention
     try:
         model = archs[cfg.architecture.lower()](
             encoder_name=cfg.encoder, encoder_weights=None if local else weights, classes=1, activation=None, **kwargs
@@ -89,6 +91,7 @@ def save_unet(
         "architecture": cfg.architecture,
         "encoder": cfg.encoder,
         "decoder_attention": cfg.decoder_attention or "",
+        "decoder_channels": list(cfg.decoder_channels),
         "input_size": image_size,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
@@ -107,6 +110,7 @@ def load_unet(path: str | os.PathLike, device: str | torch.device = "cpu") -> tu
             encoder=meta["encoder"],
             encoder_weights=None,
             decoder_attention=meta.get("decoder_attention") or None,
+            decoder_channels=tuple(meta["decoder_channels"]),
         )
     except KeyError as e:
         raise CheckpointError(f"checkpoint {path} lacks metadata {e}; it was not written by this project") from None

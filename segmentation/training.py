@@ -6,6 +6,7 @@ import csv
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +177,14 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         weights, _ = load_checkpoint(run.dir / "last.safetensors", expect={"stage": "segmentation"})
         load_weights(model, weights, run.dir / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         start, best, stale = int(state["epoch"]) + 1, float(state["best"]), int(state["stale"])
+        # rebuild the schedule for the (possibly extended) epoch count and replay it up to where training stopped
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start * steps_per_epoch):
+                scheduler.step()
         logger.info("resuming at epoch %d (best val Jaccard %.4f)", start + 1, best)
     elif metrics_path.exists():
         metrics_path.unlink()

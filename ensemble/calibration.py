@@ -1,0 +1,148 @@
+"""Temperature scaling and reliability diagrams (Guo et al. 2017, "On Calibration of Modern Neural Networks"), and
+abstention: refer low-confidence images to a dermatologist at a threshold chosen for a target melanoma sensitivity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+logger = logging.getLogger(__name__)
+
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The one temperature T minimising the log-loss of ``softmax(logits / T)`` on held-out images.
+
+    ``logits`` may be any scores defined up to a per-image constant, e.g. log-probabilities. T > 1 softens an
+    over-confident model, T < 1 sharpens an under-confident one; the argmax never changes.
+    """
+    if len(labels) == 0:
+        raise ValueError("temperature scaling needs labelled held-out images")
+    result = minimize_scalar(
+        lambda log_t: _nll(logits, labels, math.exp(log_t)),
+        bounds=tuple(math.log(t) for t in TEMPERATURE_RANGE),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
+    temperature = float(math.exp(result.x))
+    logger.info(
+        "temperature %.3f: held-out log-loss %.4f -> %.4f",
+        temperature,
+        _nll(logits, labels, 1.0),
+        _nll(logits, labels, temperature),
+    )
+    return temperature
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities ``softmax(logits / T)``."""
+    return softmax(logits / temperature, axis=1)
+
+
+def _bins(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: image count, mean top probability, accuracy of the top class."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    which = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(which, confidence, n_bins) / counts
+        accuracy = np.bincount(which, correct, n_bins) / counts
+    return counts, mean_confidence, accuracy
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: the image-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    counts, confidence, accuracy = _bins(probs, labels, n_bins)
+    filled = counts > 0
+    return float((counts[filled] * np.abs(accuracy[filled] - confidence[filled])).sum() / counts.sum())
+
+
+def reliability_diagram(
+    probs: np.ndarray | Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    path: str | os.PathLike,
+    n_bins: int = 15,
+    title: str = "Reliability diagram",
+) -> Path:
+    """Accuracy against confidence per bin (one curve per entry when ``probs`` maps names to arrays), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = probs if isinstance(probs, Mapping) else {"model": probs}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, p in curves.items():
+        counts, confidence, accuracy = _bins(p, labels, n_bins)
+        filled = counts > 0
+        ece = expected_calibration_error(p, labels, n_bins)
+        ax.plot(confidence[filled], accuracy[filled], "o-", label=f"{name} (ECE {ece:.3f})")
+        hist.hist(p.max(axis=1), bins=n_bins, range=(0, 1), histtype="step", label=name)
+    ax.set(ylabel="accuracy of the top class", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set(xlabel="top probability (confidence)", ylabel="images")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def referral_outcome(probs: np.ndarray, labels: np.ndarray, class_index: int, threshold: float) -> dict[str, float]:
+    """What the refer rule does: an image is referred when its top probability is below ``threshold``; an image of
+    ``class_index`` counts as caught when it is predicted as that class or referred (a dermatologist sees it).
+    """
+    top = probs.max(axis=1)
+    referred = top < threshold
+    positive = labels == class_index
+    predicted = probs.argmax(axis=1) == class_index
+    kept = ~referred
+    n_pos = int(positive.sum())
+    return {
+        "referred_fraction": float(referred.mean()) if len(labels) else float("nan"),
+        "sensitivity_without_referral": float(predicted[positive].mean()) if n_pos else float("nan"),
+        "sensitivity_with_referral": float((predicted | referred)[positive].mean()) if n_pos else float("nan"),
+        "accuracy_of_kept": float((probs.argmax(axis=1) == labels)[kept].mean()) if kept.any() else float("nan"),
+    }
+
+
+def refer_threshold(probs: np.ndarray, labels: np.ndarray, class_index: int, target_sensitivity: float) -> float:
+    """The lowest threshold on the top probability whose refer rule reaches ``target_sensitivity`` for the class.
+
+    The rule (see ``referral_outcome``): refer when ``max_c p_c < threshold``; sensitivity counts an image of the
+    class as caught when its top class is that class or it is referred. On these (held-out) images we need
+    ``ceil(target * n)`` caught; the ones the argmax misses are referred in order of increasing top probability, and
+    the threshold sits just above the top probability of the last one needed (so ties are referred too). 0 means
+    the argmax alone reaches the target and nothing is referred.
+    """
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target sensitivity {target_sensitivity} must lie in (0, 1]")
+    positive = labels == class_index
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        raise ValueError(f"no image of class index {class_index} among the held-out labels: cannot set a threshold")
+    need = math.ceil(target_sensitivity * n_pos - 1e-9)
+    predicted = probs.argmax(axis=1) == class_index
+    caught = int((positive & predicted).sum())
+    if caught >= need:
+        return 0.0
+    missed_top = np.sort(probs.max(axis=1)[positive & ~predicted])
+    return float(np.nextafter(missed_top[need - caught - 1], np.inf))

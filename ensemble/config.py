@@ -1,0 +1,55 @@
+"""The ensemble stage's config: probability tables in, meta-network, baselines, calibration and abstention, run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from configs.schema import RunConfig
+
+DEFAULT_BACKBONES: tuple[str, ...] = ("resnet50", "densenet169", "inception_v3", "inception_resnet_v2", "xception")
+
+
+@dataclass(frozen=True)
+class EnsembleDataConfig:
+    classification_root: str = "runs/classification"  # holds <backbone>/probs_<split>.csv from the classifiers
+    backbones: tuple[str, ...] = DEFAULT_BACKBONES  # the stacking order (the meta-network's backbone axis)
+    fit_split: Literal["val", "oof"] = "val"  # held-out probabilities the vote learns from; never the training split
+    test_split: str = "test"  # evaluated once, never used to choose anything
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    hidden: int = 20  # hidden units per class (seed 004: 20); used when hidden_grid is empty
+    weight_decay: float = 1.0e-3  # used when weight_decay_grid is empty
+    hidden_grid: tuple[int, ...] = (4, 20)  # settings tried by cross-validation inside the fit set
+    weight_decay_grid: tuple[float, ...] = (1.0e-3, 1.0e-1)
+    epochs: int = 300  # full-batch AdamW steps
+    lr: float = 0.02
+    cv_folds: int = 5  # stratified, inside the fit set
+    sigmoid_output: bool = False  # seed 004 put a sigmoid before the softmax; off: it caps every probability
+    seed: int = 0  # the meta-network's initial weights and the cross-validation folds
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    logistic_c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strength, chosen by CV on the fit set
+    logistic_inputs: Literal["log_probs", "probs"] = "log_probs"  # features: the flattened backbones x classes
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    temperature: bool = True  # fit one temperature on held-out meta-network logits (Guo et al. 2017)
+    refer: bool = True  # refer an image to a dermatologist when its top probability is below a threshold
+    refer_class: str = "mel"  # the class whose sensitivity the threshold protects
+    target_sensitivity: float = 0.95  # on the held-out set, counting referred images of refer_class as caught
+    ece_bins: int = 15  # bins of the reliability diagram and the expected calibration error
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    data: EnsembleDataConfig = field(default_factory=EnsembleDataConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/ensemble"))

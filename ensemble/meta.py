@@ -1,0 +1,265 @@
+"""The locally connected meta-network that votes over stacked backbone probabilities (seed 004's two
+LocallyConnected1D layers), its class-weighted full-batch training, and settings chosen by stratified K-fold CV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, log_loss
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+
+from data.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ensemble.config import MetaConfig
+
+logger = logging.getLogger(__name__)
+
+STAGE = "ensemble"
+ARCHITECTURE = "LocallyConnectedVote"
+
+
+class LocallyConnectedVote(nn.Module):
+    """Per class c, a tiny MLP over the backbones' probabilities for c alone, then a softmax across classes.
+
+    ``hidden[n, c] = relu(W1[c] @ p[n, :, c] + b1[c])`` with ``W1`` of shape (classes, hidden, backbones), then
+    ``logit[n, c] = W2[c] . hidden[n, c] + b2[c]``: no weight is shared between classes (Keras LocallyConnected1D with
+    kernel size 1, as seed 004). ``forward`` returns logits; ``predict_proba`` applies the softmax.
+
+    Seed 004 squashed each class score through a sigmoid before the softmax. That caps the top probability at
+    e / (e + C - 1) (0.31 for seven classes), so its outputs cannot be calibrated and log-loss training saturates;
+    it is off by default and kept as ``sigmoid_output`` to reproduce the original.
+    """
+
+    def __init__(self, n_backbones: int, n_classes: int, hidden: int = 20, sigmoid_output: bool = False) -> None:
+        super().__init__()
+        self.n_backbones, self.n_classes, self.hidden = n_backbones, n_classes, hidden
+        self.sigmoid_output = sigmoid_output
+        self.w1 = nn.Parameter(torch.empty(n_classes, hidden, n_backbones))
+        self.b1 = nn.Parameter(torch.zeros(n_classes, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_classes, hidden))
+        self.b2 = nn.Parameter(torch.zeros(n_classes))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Glorot-uniform kernels and zero biases, as Keras initialises LocallyConnected1D."""
+        with torch.no_grad():
+            limit1 = math.sqrt(6.0 / (self.n_backbones + self.hidden))
+            self.w1.uniform_(-limit1, limit1, generator=generator)
+            limit2 = math.sqrt(6.0 / (self.hidden + 1))
+            self.w2.uniform_(-limit2, limit2, generator=generator)
+            self.b1.zero_()
+            self.b2.zero_()
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        """(images, backbones, classes) probabilities -> (images, classes) logits."""
+        hidden = torch.relu(torch.einsum("nbc,chb->nch", probs, self.w1) + self.b1)
+        scores = torch.einsum("nch,ch->nc", hidden, self.w2) + self.b2
+        return torch.sigmoid(scores) if self.sigmoid_output else scores
+
+    def predict_proba(self, probs: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self(probs), dim=-1)
+
+
+@dataclass(frozen=True)
+class MetaSettings:
+    """What cross-validation chooses for the meta-network."""
+
+    hidden: int
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class MetaSelection:
+    """The chosen settings, every candidate's CV scores, and the chosen candidate's out-of-fold logits on the fit set
+    (what calibration and the refer threshold are fitted on: held out from the model that made them).
+    """
+
+    settings: MetaSettings
+    scores: tuple[dict[str, float], ...]
+    oof_logits: np.ndarray
+    folds: int
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``n / (classes present * count)`` per class (sklearn's "balanced"), 0 for a class with no image."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return weights
+
+
+def selection_score(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(balanced accuracy, log-loss) of (images, classes) probabilities: higher first is better, then lower second."""
+    n_classes = probs.shape[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true" on small folds is expected
+        bacc = float(balanced_accuracy_score(labels, probs.argmax(1)))
+    loss = float(log_loss(labels, np.clip(probs, 1e-12, 1.0), labels=list(range(n_classes))))
+    return bacc, loss
+
+
+def cross_validation_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds inside the fit set; fewer folds when the rarest present class has fewer images than folds."""
+    counts = np.bincount(labels)
+    rarest = int(counts[counts > 0].min())
+    k = max(2, min(folds, rarest))
+    if k < folds:
+        logger.warning("cross-validation uses %d folds, not %d: the rarest class has %d images", k, folds, rarest)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a class with a single image still goes to one fold
+        return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+@contextlib.contextmanager
+def _few_threads(device: torch.device) -> Iterator[None]:
+    """One CPU thread while training: on tensors this small, intra-op threads only add synchronisation (ten times
+    slower on a busy two-core machine)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_meta(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    cfg: MetaConfig,
+    seed: int | None = None,
+    settings: MetaSettings | None = None,
+    device: str | torch.device = "cpu",
+) -> LocallyConnectedVote:
+    """Full-batch AdamW on class-weighted log-loss (so the optimum serves balanced accuracy); deterministic by seed.
+
+    ``probs`` is (images, backbones, classes), ``labels`` class indices (no -1); ``settings`` default to
+    ``cfg.hidden`` and ``cfg.weight_decay``.
+    """
+    settings = settings or MetaSettings(cfg.hidden, cfg.weight_decay)
+    seed = cfg.seed if seed is None else seed
+    n_classes = probs.shape[2]
+    model = LocallyConnectedVote(probs.shape[1], n_classes, settings.hidden, cfg.sigmoid_output)
+    model.reset_parameters(torch.Generator().manual_seed(seed))
+    model.to(device)
+    x = torch.as_tensor(probs, dtype=torch.float32, device=device)
+    y = torch.as_tensor(labels, dtype=torch.int64, device=device)
+    weight = torch.as_tensor(balanced_class_weights(labels, n_classes), dtype=torch.float32, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=settings.weight_decay)
+    model.train()
+    with _few_threads(torch.device(device)):
+        for _ in range(cfg.epochs):
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y, weight=weight)
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return model
+
+
+def meta_logits(model: LocallyConnectedVote, probs: np.ndarray) -> np.ndarray:
+    """(images, classes) logits of a fitted meta-network, as float64 numpy."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model(torch.as_tensor(probs, dtype=torch.float32, device=device)).double().cpu().numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def candidate_settings(cfg: MetaConfig) -> list[MetaSettings]:
+    """The grid hidden_grid x weight_decay_grid; an empty grid stands for the single configured value."""
+    hiddens = cfg.hidden_grid or (cfg.hidden,)
+    decays = cfg.weight_decay_grid or (cfg.weight_decay,)
+    return [MetaSettings(h, wd) for h, wd in itertools.product(hiddens, decays)]
+
+
+def select_meta_settings(
+    probs: np.ndarray, labels: np.ndarray, cfg: MetaConfig, device: str | torch.device = "cpu"
+) -> MetaSelection:
+    """Stratified K-fold CV inside the fit set over the settings grid: best pooled out-of-fold balanced accuracy,
+    ties broken by log-loss. Only the fit set is seen here, never the test split.
+    """
+    folds = cross_validation_folds(labels, cfg.cv_folds, cfg.seed)
+    best: tuple[tuple[float, float], MetaSettings, np.ndarray] | None = None
+    scores = []
+    for settings in candidate_settings(cfg):
+        oof = np.zeros((len(labels), probs.shape[2]))
+        for train_idx, val_idx in folds:
+            model = fit_meta(probs[train_idx], labels[train_idx], cfg, cfg.seed, settings, device)
+            oof[val_idx] = meta_logits(model, probs[val_idx])
+        bacc, loss = selection_score(softmax(oof), labels)
+        scores.append(
+            {
+                "hidden": settings.hidden,
+                "weight_decay": settings.weight_decay,
+                "cv_balanced_accuracy": bacc,
+                "cv_log_loss": loss,
+            }
+        )
+        logger.info("meta-network CV %s: balanced accuracy %.4f, log-loss %.4f", settings, bacc, loss)
+        if best is None or (-bacc, loss) < (-best[0][0], best[0][1]):
+            best = ((bacc, loss), settings, oof)
+    assert best is not None
+    logger.info("meta-network settings chosen by %d-fold CV: %s", len(folds), best[1])
+    return MetaSelection(settings=best[1], scores=tuple(scores), oof_logits=best[2], folds=len(folds))
+
+
+def save_meta(
+    path: str | os.PathLike,
+    model: LocallyConnectedVote,
+    classes: Sequence[str],
+    backbones: Sequence[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Weights plus what rebuilds the model and checks its inputs: stage, backbone order, classes, hidden width."""
+    meta = {
+        "stage": STAGE,
+        "architecture": ARCHITECTURE,
+        "backbones": list(backbones),
+        "classes": list(classes),
+        "hidden": model.hidden,
+        "sigmoid_output": model.sigmoid_output,
+        **(metadata or {}),
+    }
+    return save_checkpoint(path, model, meta)
+
+
+def load_meta(
+    path: str | os.PathLike,
+    backbones: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+) -> tuple[LocallyConnectedVote, dict[str, Any]]:
+    """Rebuild a saved meta-network; ``CheckpointError`` when it is not an ensemble checkpoint or was made for
+    another backbone order or class list than the ones given.
+    """
+    expect: dict[str, Any] = {"stage": STAGE}
+    if backbones is not None:
+        expect["backbones"] = list(backbones)
+    if classes is not None:
+        expect["classes"] = list(classes)
+    state, meta = load_checkpoint(path, expect=expect)
+    model = LocallyConnectedVote(
+        len(meta["backbones"]), len(meta["classes"]), int(meta["hidden"]), bool(meta.get("sigmoid_output", False))
+    )
+    load_weights(model, state, path)
+    model.eval()
+    return model, meta

@@ -1,0 +1,86 @@
+"""Stage 3: learn the meta-network vote on held-out backbone probabilities and compare it with the baselines on test."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from configs.loader import ConfigError, default_config_path, load_config
+from data.checkpoint import CheckpointError
+from data.run import start_run
+from ensemble.config import EnsembleConfig
+from ensemble.tables import TableError
+from ensemble.voting import run_vote
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Stack the classifiers' probabilities, fit the locally connected meta-network and the baselines "
+        "on the held-out split (settings chosen by cross-validation inside it), and score every method once on test."
+    )
+    parser.add_argument("--config", default=str(default_config_path("ensemble")), help="YAML config (defaults)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set meta.epochs=500 (repeatable)",
+    )
+    parser.add_argument("--root", help="classification run folder holding <backbone>/probs_<split>.csv")
+    parser.add_argument("--backbones", help="comma-separated backbones to stack, in order, e.g. resnet50,xception")
+    parser.add_argument(
+        "--fit-split",
+        choices=("val", "oof"),
+        help="held-out probabilities to learn from: val, or oof (classification/train.py --folds K)",
+    )
+    parser.add_argument("--out", help="run folder to write methods.csv, meta.safetensors, ... into")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(
+            EnsembleConfig,
+            args.config,
+            args.set,
+            {
+                "data.classification_root": args.root,
+                "data.backbones": args.backbones,
+                "data.fit_split": args.fit_split,
+                "run.out_dir": args.out,
+                "run.device": args.device,
+            },
+        )
+        run = start_run(
+            cfg.run.out_dir, cfg, cfg.run.seed, cfg.run.device, cfg.run.amp, cfg.run.channels_last, cfg.run.threads
+        )
+        summary = run_vote(cfg, run)
+    except (ConfigError, TableError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if str(e).startswith("--device"):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    scores = {row["method"]: row["balanced_accuracy"] for row in summary["methods"]}
+    referral = summary["referral_test"]
+    refer = (
+        f"; {referral['referred_fraction']:.0%} referred below top probability {summary['refer_threshold']:.3f} "
+        f"({cfg.calibration.refer_class} sensitivity {referral['sensitivity_with_referral']:.3f})"
+        if referral
+        else ""
+    )
+    print(
+        f"meta-network balanced accuracy {scores['meta_network']:.4f} vs best single backbone "
+        f"{summary['best_single']} {scores['best_single']:.4f} (mean vote {scores['mean_vote']:.4f}, logistic "
+        f"stacking {scores['logistic_stacking']:.4f}) on {summary['n_test']} test images{refer}; "
+        f"wrote {summary['paths']['methods']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""The stacking run: learn the vote on held-out probabilities, choose everything inside that set, score every method
+once on the test split, and write the comparison table, confusion matrix, reliability diagram and meta-network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
+
+from configs.loader import config_hash
+from data.run import Run
+from ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
+from ensemble.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    refer_threshold,
+    referral_outcome,
+    reliability_diagram,
+)
+from ensemble.config import EnsembleConfig
+from ensemble.meta import fit_meta, meta_logits, save_meta, select_meta_settings, softmax
+from ensemble.tables import StackedTable, TableError, check_fit_and_test_agree, load_probability_tables
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "meta.safetensors"
+METRIC_COLUMNS: tuple[str, ...] = ("balanced_accuracy", "macro_auc", "macro_f1", "accuracy", "log_loss", "ece")
+
+
+def method_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], n_bins: int = 15) -> dict[str, float]:
+    """ISIC-style scores of (images, classes) probabilities: balanced accuracy (mean per-class recall), macro
+    one-vs-rest AUC over the classes present, macro F1, accuracy, log-loss, ECE, and per-class recall and AUC.
+    """
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    predicted = probs.argmax(axis=1)
+    recalls, aucs = {}, {}
+    for c, name in enumerate(classes):
+        positive = labels == c
+        recalls[name] = float((predicted[positive] == c).mean()) if positive.any() else float("nan")
+        both = positive.any() and (~positive).any()
+        aucs[name] = float(roc_auc_score(positive, probs[:, c])) if both else float("nan")
+    present = [r for r in recalls.values() if not np.isnan(r)]
+    scored_aucs = [a for a in aucs.values() if not np.isnan(a)]
+    out = {
+        "balanced_accuracy": float(np.mean(present)),
+        "macro_auc": float(np.mean(scored_aucs)) if scored_aucs else float("nan"),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        "accuracy": float((predicted == labels).mean()),
+        "log_loss": float(log_loss(labels, np.clip(probs, 1e-12, 1.0), labels=list(range(len(classes))))),
+        "ece": expected_calibration_error(probs, labels, n_bins),
+    }
+    out.update({f"recall_{name}": r for name, r in recalls.items()})
+    out.update({f"auc_{name}": a for name, a in aucs.items()})
+    return out
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def _format(value: Any) -> Any:
+    return f"{value:.6f}" if isinstance(value, float) else value
+
+
+def write_methods_table(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> Path:
+    """``method, balanced_accuracy, macro_auc, macro_f1, accuracy, log_loss, ece, recall_<class>..., auc_<class>...,
+    detail`` with one row per method, all on the same test images."""
+    header = ["method", *METRIC_COLUMNS, *(f"recall_{c}" for c in classes), *(f"auc_{c}" for c in classes), "detail"]
+    return _write_csv(path, header, [[_format(row.get(h, "")) for h in header] for row in rows])
+
+
+def write_confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str], stem: Path) -> Path:
+    """``<stem>.csv`` (rows true class, columns predicted) and ``<stem>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
+    csv_path = _write_csv(
+        stem.with_suffix(".csv"),
+        ["true\\predicted", *classes],
+        [[name, *map(int, row)] for name, row in zip(classes, matrix)],
+    )
+    size = 2.5 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title("meta-network, test split")
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    return csv_path
+
+
+def _fit_rows(table: StackedTable) -> StackedTable:
+    labelled = table.labelled()
+    if len(labelled) < len(table):
+        logger.warning("%d unlabelled %s images left out of fitting", len(table) - len(labelled), table.split)
+    present = np.unique(labelled.labels)
+    if len(present) < 2:
+        raise TableError(
+            f"the {table.split} tables hold labels of {len(present)} class(es) only: the vote needs held-out images of "
+            f"at least two classes"
+        )
+    absent = [c for i, c in enumerate(table.classes) if i not in present]
+    if absent:
+        logger.warning("no labelled %s image of %s: the learned votes will never predict it", table.split, absent)
+    return labelled
+
+
+def _refer_class_index(cfg: EnsembleConfig, classes: Sequence[str], fit_labels: np.ndarray) -> int | None:
+    if not cfg.calibration.refer:
+        return None
+    name = cfg.calibration.refer_class
+    if name not in classes:
+        raise TableError(
+            f"calibration.refer_class {name!r} is not one of the classes {list(classes)}: pass "
+            f"--set calibration.refer_class=NAME or --set calibration.refer=false"
+        )
+    index = list(classes).index(name)
+    if not (fit_labels == index).any():
+        raise TableError(
+            f"no {name} image among the labelled held-out images, so no refer threshold can be chosen: add some or "
+            f"pass --set calibration.refer=false"
+        )
+    return index
+
+
+def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
+    """Fit the meta-network and the baselines on the held-out split, evaluate each once on the test split, write
+    the comparison into ``run.dir`` and return a summary.
+
+    Every choice (meta-network settings, logistic C, best single backbone, temperature, refer threshold) is made
+    inside the fit split; the test tables are read up front only to check that they agree, and scored once after
+    every choice is fixed.
+    """
+    d = cfg.data
+    fit_all = load_probability_tables(d.classification_root, d.backbones, d.fit_split)
+    test_all = load_probability_tables(d.classification_root, d.backbones, d.test_split)
+    check_fit_and_test_agree(fit_all, test_all)
+    fit = _fit_rows(fit_all)
+    test = test_all.labelled()
+    if len(test) == 0:
+        raise TableError(f"the {d.test_split} tables hold no labelled image: nothing to evaluate the vote on")
+    classes, backbones = fit.classes, fit.backbones
+    refer_index = _refer_class_index(cfg, classes, fit.labels)
+
+    # --- every choice, on the fit split only ---
+    selection = select_meta_settings(fit.probs, fit.labels, cfg.meta, run.device)
+    meta = fit_meta(fit.probs, fit.labels, cfg.meta, cfg.meta.seed, selection.settings, run.device)
+    # the out-of-fold logits come from models that did not see those images, unlike the final model's own fit
+    temperature = 1.0
+    if cfg.calibration.temperature:
+        temperature = fit_temperature(selection.oof_logits, fit.labels)
+    oof_calibrated = apply_temperature(selection.oof_logits, temperature)
+    threshold, referral_fit = 0.0, {}
+    if refer_index is not None:
+        threshold = refer_threshold(oof_calibrated, fit.labels, refer_index, cfg.calibration.target_sensitivity)
+        referral_fit = referral_outcome(oof_calibrated, fit.labels, refer_index, threshold)
+    best_index, single_scores = best_single(fit.probs, fit.labels, backbones)
+    stacking = logistic_stacking(
+        fit.probs,
+        fit.labels,
+        cfg.baselines.logistic_c_grid,
+        cfg.baselines.logistic_inputs,
+        cfg.meta.cv_folds,
+        cfg.meta.seed,
+    )
+
+    # --- the test split, scored once ---
+    test_logits = meta_logits(meta, test_all.probs)
+    test_meta_raw = softmax(test_logits)
+    test_meta = apply_temperature(test_logits, temperature)
+    labelled = test_all.labels >= 0
+    s = selection.settings
+    methods: list[tuple[str, np.ndarray, str]] = [
+        *((name, test.probs[:, b, :], "single backbone") for b, name in enumerate(backbones)),
+        ("best_single", test.probs[:, best_index, :], f"{backbones[best_index]} (chosen on {d.fit_split})"),
+        ("mean_vote", mean_vote(test.probs), ""),
+        ("majority_vote", majority_vote(test.probs), "ties by mean probability"),
+        ("logistic_stacking", stacking.predict_proba(test.probs), f"C={stacking.c:g} on {stacking.inputs}"),
+        ("meta_network", test_meta_raw[labelled], f"hidden={s.hidden} weight_decay={s.weight_decay:g}"),
+    ]
+    if cfg.calibration.temperature:
+        methods.append(("meta_network_calibrated", test_meta[labelled], f"temperature={temperature:.3f}"))
+    n_bins = cfg.calibration.ece_bins
+    rows = [{"method": m, **method_metrics(test.labels, p, classes, n_bins), "detail": det} for m, p, det in methods]
+    referral_test = {}
+    if refer_index is not None:
+        referral_test = referral_outcome(test_meta[labelled], test.labels, refer_index, threshold)
+
+    # --- outputs ---
+    out = run.dir
+    paths = {
+        "methods": write_methods_table(out / "methods.csv", rows, classes),
+        "confusion": write_confusion_matrix(
+            test.labels, test_meta[labelled].argmax(1), classes, out / "confusion_meta"
+        ),
+        "reliability": reliability_diagram(
+            {"meta-network": test_meta_raw[labelled], "meta-network, temperature-scaled": test_meta[labelled]}
+            if cfg.calibration.temperature
+            else {"meta-network": test_meta_raw[labelled]},
+            test.labels,
+            out / "reliability_meta.png",
+            n_bins,
+            "Meta-network on the test split",
+        ),
+        "predictions": _write_predictions(out / "test_predictions.csv", test_all, test_meta, threshold),
+    }
+    paths["meta"] = save_meta(
+        out / META_FILE,
+        meta,
+        classes,
+        backbones,
+        {
+            "hidden": s.hidden,
+            "weight_decay": s.weight_decay,
+            "fit_split": d.fit_split,
+            "temperature": temperature,
+            "refer": refer_index is not None,
+            "refer_class": cfg.calibration.refer_class if refer_index is not None else "",
+            "refer_threshold": threshold,
+            "target_sensitivity": cfg.calibration.target_sensitivity,
+            "tables": {b: src.get("table_key", "") for b, src in zip(backbones, fit.sources)},
+            "weights_digests": {b: src.get("weights_digest", "") for b, src in zip(backbones, test.sources)},
+            "config_hash": config_hash(cfg),
+        },
+    )
+    summary = {
+        "fit_split": d.fit_split,
+        "n_fit": len(fit),
+        "n_test": len(test),
+        "n_test_unlabelled": len(test_all) - len(test),
+        "backbones": list(backbones),
+        "classes": list(classes),
+        "meta_settings": {"hidden": s.hidden, "weight_decay": s.weight_decay, "cv_folds": selection.folds},
+        "meta_cv": list(selection.scores),
+        "logistic_c": stacking.c,
+        "logistic_cv": list(stacking.cv_scores),
+        "best_single": backbones[best_index],
+        "single_fit_scores": list(single_scores),
+        "temperature": temperature,
+        "refer_threshold": threshold,
+        "referral_fit": referral_fit,
+        "referral_test": referral_test,
+        "methods": rows,
+        "paths": {k: str(v) for k, v in paths.items()},
+    }
+    tmp = out / f".summary.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, out / "summary.json")
+    logger.info("wrote %s", paths["methods"])
+    return summary
+
+
+def _write_predictions(path: Path, table: StackedTable, probs: np.ndarray, threshold: float) -> Path:
+    """Every test image (labelled or not): calibrated meta-network probabilities, top class, and the refer flag."""
+    header = ["image_id", "crop_key", "label", "predicted", "top_probability", "refer", *table.classes]
+    rows = []
+    for i, image_id in enumerate(table.ids):
+        top = float(probs[i].max())
+        label = table.classes[table.labels[i]] if table.labels[i] >= 0 else ""
+        rows.append(
+            [
+                image_id,
+                table.crop_keys[i],
+                label,
+                table.classes[int(probs[i].argmax())],
+                f"{top:.6f}",
+                int(top < threshold),
+                *(f"{p:.6f}" for p in probs[i]),
+            ]
+        )
+    return _write_csv(path, header, rows)

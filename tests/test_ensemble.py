@@ -1,0 +1,382 @@
+"""Ensemble vote: locally connected meta-network, baselines, calibration, abstention, table checks, leak guard, CLI."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs.loader import default_config_path, load_config
+from ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
+from ensemble.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    refer_threshold,
+    referral_outcome,
+    reliability_diagram,
+)
+from ensemble.config import EnsembleConfig, MetaConfig
+from ensemble.meta import LocallyConnectedVote, fit_meta, load_meta, meta_logits, save_meta, selection_score, softmax
+from ensemble.tables import LeakError, TableError, load_probability_tables
+from ensemble.vote import main
+
+CLASSES = ("nv", "mel", "bkl", "bcc")
+BACKBONES = ("good_a", "good_b", "noise")
+FAST = MetaConfig(epochs=150, lr=0.03, hidden_grid=(4, 8), weight_decay_grid=(1.0e-3,), cv_folds=3)
+
+
+def synthetic_probs(n, rng, quality=(1.6, 1.2), noise=True, n_classes=4):
+    """Labels and (images, backbones, classes) probabilities: informative backbones plus a confident noise one."""
+    labels = rng.integers(0, n_classes, n)
+    stacks = []
+    for q in quality:
+        z = rng.normal(size=(n, n_classes))
+        z[np.arange(n), labels] += q
+        stacks.append(softmax(2.0 * z))
+    if noise:
+        stacks.append(softmax(4.0 * rng.normal(size=(n, n_classes))))
+    return labels, np.stack(stacks, axis=1)
+
+
+def write_tables(root, split, labels, probs, backbones=BACKBONES, classes=CLASSES, ids=None, sidecar=None, prefix=""):
+    ids = ids or [f"{prefix}{split}_{i:04d}" for i in range(len(labels))]
+    for b, name in enumerate(backbones):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f"probs_{split}.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image_id", "crop_key", "label", *classes])
+            for i, image_id in enumerate(ids):
+                label = classes[labels[i]] if labels[i] >= 0 else ""
+                w.writerow([image_id, f"key-{image_id}", label, *(f"{p:.6f}" for p in probs[i, b])])
+        meta = {
+            "backbone": name,
+            "classes": list(classes),
+            "split": split,
+            "source": split,
+            "trained_on": "train",
+            "weights_digest": f"w-{name}",
+            "table_key": f"t-{name}-{split}",
+        }
+        meta.update((sidecar or {}).get(name, {}))
+        (folder / f"probs_{split}.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def tables(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "classification"
+    fit_labels, fit_probs = synthetic_probs(240, rng)
+    test_labels, test_probs = synthetic_probs(200, rng)
+    write_tables(root, "val", fit_labels, fit_probs)
+    write_tables(root, "test", test_labels, test_probs)
+    return root
+
+
+def _args(root, out, *extra):
+    return [
+        "--root",
+        str(root),
+        "--backbones",
+        ",".join(BACKBONES),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--set",
+        "meta.epochs=100",
+        "--set",
+        "meta.lr=0.05",
+        "--set",
+        "meta.hidden_grid=[4,8]",
+        "--set",
+        "meta.weight_decay_grid=[0.001]",
+        "--set",
+        "meta.cv_folds=3",
+        "--set",
+        "baselines.logistic_c_grid=[0.1,1.0]",
+        *extra,
+    ]
+
+
+# --- the meta-network ---
+
+
+def test_locally_connected_layer_keeps_classes_apart():
+    torch.manual_seed(0)
+    model = LocallyConnectedVote(n_backbones=3, n_classes=4, hidden=5)
+    x = torch.rand(6, 3, 4)
+    before = model(x)
+    with torch.no_grad():
+        model.w1[0] += 1.0
+        model.w2[0] += 0.5
+    after = model(x)
+    assert not torch.allclose(after[:, 0], before[:, 0])
+    torch.testing.assert_close(after[:, 1:], before[:, 1:])
+    # class 1's logit depends on the backbones' class-1 probabilities only
+    x2 = x.clone()
+    x2[:, :, 0] = torch.rand(6, 3)
+    torch.testing.assert_close(model(x2)[:, 1:], after[:, 1:])
+    assert model.predict_proba(x).sum(1).allclose(torch.ones(6))
+
+
+def test_meta_network_down_weights_a_noise_backbone_and_beats_the_mean_vote():
+    rng = np.random.default_rng(1)
+    fit_labels, fit_probs = synthetic_probs(300, rng)
+    test_labels, test_probs = synthetic_probs(400, rng)
+    model = fit_meta(fit_probs, fit_labels, FAST, seed=0)
+    meta_bacc, _ = selection_score(softmax(meta_logits(model, test_probs)), test_labels)
+    mean_bacc, _ = selection_score(mean_vote(test_probs), test_labels)
+    assert meta_bacc > mean_bacc + 0.05
+    # scrambling the noise backbone barely moves the meta-network, while scrambling a good one hurts it
+    scrambled = test_probs.copy()
+    scrambled[:, 2] = rng.permutation(scrambled[:, 2])
+    noise_bacc, _ = selection_score(softmax(meta_logits(model, scrambled)), test_labels)
+    scrambled = test_probs.copy()
+    scrambled[:, 0] = rng.permutation(scrambled[:, 0])
+    good_bacc, _ = selection_score(softmax(meta_logits(model, scrambled)), test_labels)
+    assert abs(noise_bacc - meta_bacc) < 0.05 and good_bacc < meta_bacc - 0.1
+
+
+def test_fit_is_deterministic_and_checkpoint_round_trips(tmp_path):
+    rng = np.random.default_rng(2)
+    labels, probs = synthetic_probs(80, rng)
+    cfg = MetaConfig(epochs=30)
+    a, b = fit_meta(probs, labels, cfg, seed=3), fit_meta(probs, labels, cfg, seed=3)
+    np.testing.assert_array_equal(meta_logits(a, probs), meta_logits(b, probs))
+    path = save_meta(tmp_path / "meta.safetensors", a, CLASSES, BACKBONES, {"temperature": 1.5})
+    loaded, meta = load_meta(path, backbones=BACKBONES, classes=CLASSES)
+    np.testing.assert_allclose(meta_logits(loaded, probs), meta_logits(a, probs))
+    assert meta["temperature"] == 1.5 and meta["hidden"] == cfg.hidden
+    from data.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="backbones"):
+        load_meta(path, backbones=BACKBONES[::-1])
+
+
+# --- baselines ---
+
+
+def test_majority_vote_breaks_ties_by_mean_probability():
+    probs = np.array([[[0.6, 0.4, 0.0], [0.1, 0.9, 0.0], [0.45, 0.55, 0.0], [0.98, 0.01, 0.01]]])  # 2 vs 2 votes
+    scores = majority_vote(probs)
+    assert scores.argmax() == 0 and np.isclose(scores.sum(), 1.0)  # class 0 has the higher mean probability
+    assert majority_vote(probs[:, :3]).argmax() == 1  # 2 votes beat 1 whatever the probabilities
+
+
+def test_best_single_and_logistic_stacking_on_the_fit_set():
+    rng = np.random.default_rng(4)
+    labels, probs = synthetic_probs(240, rng)
+    best, scores = best_single(probs, labels, BACKBONES)
+    assert BACKBONES[best] == "good_a" and len(scores) == 3
+    test_labels, test_probs = synthetic_probs(300, rng)
+    stacking = logistic_stacking(probs, labels, (0.01, 1.0), cv_folds=3)
+    assert stacking.c in (0.01, 1.0) and len(stacking.cv_scores) == 2
+    out = stacking.predict_proba(test_probs)
+    assert out.shape == (300, 4) and np.allclose(out.sum(1), 1.0)
+    assert selection_score(out, test_labels)[0] > selection_score(mean_vote(test_probs), test_labels)[0]
+
+
+# --- calibration and abstention ---
+
+
+def test_temperature_softens_over_confident_probabilities():
+    rng = np.random.default_rng(5)
+    labels, probs = synthetic_probs(500, rng, quality=(1.0,), noise=False)
+    logits = 4.0 * np.log(probs[:, 0])  # sharpened: over-confident
+    temperature = fit_temperature(logits, labels)
+    assert temperature > 1.5
+
+    def nll(p):
+        return -np.log(p[np.arange(len(labels)), labels]).mean()
+
+    assert nll(apply_temperature(logits, temperature)) < nll(apply_temperature(logits, 1.0)) - 0.1
+    assert expected_calibration_error(apply_temperature(logits, temperature), labels) < expected_calibration_error(
+        apply_temperature(logits, 1.0), labels
+    )
+    np.testing.assert_array_equal(apply_temperature(logits, temperature).argmax(1), logits.argmax(1))
+
+
+def test_refer_threshold_reaches_the_target_sensitivity_and_no_more(tmp_path):
+    rng = np.random.default_rng(6)
+    labels, probs = synthetic_probs(400, rng, quality=(0.8,), noise=False)
+    probs = probs[:, 0]
+    mel = CLASSES.index("mel")
+    plain = referral_outcome(probs, labels, mel, 0.0)
+    assert plain["referred_fraction"] == 0.0 and plain["sensitivity_without_referral"] < 0.9
+    threshold = refer_threshold(probs, labels, mel, 0.9)
+    outcome = referral_outcome(probs, labels, mel, threshold)
+    assert outcome["sensitivity_with_referral"] >= 0.9
+    assert 0 < outcome["referred_fraction"] < 1
+    # a hair lower no longer reaches it: the rule refers as few images as it can
+    lower = referral_outcome(probs, labels, mel, np.nextafter(threshold, 0.0))
+    assert lower["sensitivity_with_referral"] < 0.9
+    assert refer_threshold(probs, labels, mel, plain["sensitivity_without_referral"]) == 0.0
+    path = reliability_diagram({"raw": probs}, labels, tmp_path / "rel.png")
+    assert path.stat().st_size > 1000
+
+
+# --- tables ---
+
+
+def test_tables_stack_in_backbone_order_whatever_the_row_order(tmp_path):
+    rng = np.random.default_rng(7)
+    labels, probs = synthetic_probs(20, rng)
+    write_tables(tmp_path, "val", labels, probs)
+    rows = (tmp_path / "noise" / "probs_val.csv").read_text().splitlines()
+    (tmp_path / "noise" / "probs_val.csv").write_text("\n".join([rows[0], *rows[1:][::-1]]) + "\n")
+    table = load_probability_tables(tmp_path, BACKBONES, "val")
+    assert table.probs.shape == (20, 3, 4) and table.classes == CLASSES
+    np.testing.assert_allclose(table.probs, probs, atol=1e-6)
+    np.testing.assert_array_equal(table.labels, labels)
+
+
+def test_missing_backbone_is_named_with_the_command(tables):
+    with pytest.raises(TableError, match=r"backbone xception.*python classification/train\.py --backbone xception"):
+        load_probability_tables(tables, (*BACKBONES, "xception"), "val")
+    (tables / "noise" / "probs_val.csv").unlink()
+    with pytest.raises(TableError, match=r"noise has no val probability table"):
+        load_probability_tables(tables, BACKBONES, "val")
+
+
+def test_disagreeing_classes_images_or_crop_keys_are_refused(tmp_path):
+    rng = np.random.default_rng(8)
+    labels, probs = synthetic_probs(10, rng)
+    write_tables(tmp_path, "val", labels, probs, backbones=BACKBONES[:2])
+    write_tables(tmp_path, "val", labels, probs, backbones=("noise",), classes=("nv", "mel", "bkl", "scc"))
+    with pytest.raises(TableError, match=r"classes.*'bcc'.*noise has.*'scc'"):
+        load_probability_tables(tmp_path, BACKBONES, "val")
+    ids = [f"val_{i:04d}" for i in range(10)]
+    write_tables(tmp_path, "val", labels, probs, backbones=("noise",), ids=[*ids[:9], "other_9"])
+    with pytest.raises(TableError, match=r"image val_0009 is in good_a's table but not in noise's"):
+        load_probability_tables(tmp_path, BACKBONES, "val")
+    write_tables(tmp_path, "val", labels, probs, backbones=("noise",))
+    path = tmp_path / "noise" / "probs_val.csv"
+    path.write_text(path.read_text().replace("key-val_0003", "key-recropped"))
+    with pytest.raises(TableError, match=r"crop of image val_0003: good_a.*noise"):
+        load_probability_tables(tmp_path, BACKBONES, "val")
+
+
+@pytest.mark.parametrize(
+    "sidecar, split",
+    [({"source": "train"}, "val"), ({"trained_on": "train+val"}, "val"), ({"trained_on": ["train", "oof"]}, "oof")],
+)
+def test_leak_guard_refuses_tables_of_training_images(tmp_path, sidecar, split):
+    rng = np.random.default_rng(9)
+    labels, probs = synthetic_probs(10, rng)
+    write_tables(tmp_path, split, labels, probs, sidecar={"good_b": sidecar})
+    with pytest.raises(LeakError, match="good_b"):
+        load_probability_tables(tmp_path, BACKBONES, split)
+    # what the classification stage writes for plain and K-fold runs is accepted
+    for trained_on in (
+        "train",
+        "train (5 folds; each row predicted by the model that did not see its fold)",
+        "train (mean of the 5 fold models)",
+        "train folds 1,2,3,4 (fold 0 held out, not val or oof)",
+    ):
+        write_tables(tmp_path, split, labels, probs, sidecar={"good_b": {"trained_on": trained_on}})
+        assert load_probability_tables(tmp_path, BACKBONES, split).probs.shape == (10, 3, 4)
+
+
+def test_config_yaml_mirrors_the_defaults():
+    assert load_config(EnsembleConfig, default_config_path("ensemble")) == EnsembleConfig()
+
+
+# --- end to end ---
+
+
+def test_vote_end_to_end_writes_every_method(tables, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tables, out)) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("meta-network balanced accuracy") and "best single backbone good_a" in line
+    with (out / "methods.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    expected = {
+        *BACKBONES,
+        "best_single",
+        "mean_vote",
+        "majority_vote",
+        "logistic_stacking",
+        "meta_network",
+        "meta_network_calibrated",
+    }
+    assert set(rows) == expected
+    for r in rows.values():
+        assert 0.0 <= float(r["balanced_accuracy"]) <= 1.0 and 0.0 <= float(r["macro_auc"]) <= 1.0
+        assert {f"recall_{c}" for c in CLASSES} <= set(r)
+    assert float(rows["meta_network"]["balanced_accuracy"]) > float(rows["mean_vote"]["balanced_accuracy"])
+    assert float(rows["noise"]["balanced_accuracy"]) < 0.4
+    for name in (
+        "confusion_meta.csv",
+        "confusion_meta.png",
+        "reliability_meta.png",
+        "test_predictions.csv",
+        "meta.safetensors",
+        "summary.json",
+        "config.yaml",
+    ):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    _, meta = load_meta(out / "meta.safetensors", backbones=BACKBONES, classes=CLASSES)
+    assert meta["temperature"] == pytest.approx(summary["temperature"])
+    assert meta["refer_threshold"] == pytest.approx(summary["refer_threshold"])
+    assert summary["referral_fit"]["sensitivity_with_referral"] >= 0.95
+    with (out / "test_predictions.csv").open() as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) == 200
+    assert {int(p["refer"]) for p in preds} <= {0, 1}
+    assert all((float(p["top_probability"]) < summary["refer_threshold"]) == (p["refer"] == "1") for p in preds)
+
+
+def test_test_labels_never_influence_any_choice(tables, tmp_path):
+    assert main(_args(tables, tmp_path / "a")) == 0
+    path = tables / "good_a" / "probs_test.csv"
+    with path.open() as f:
+        rows = list(csv.reader(f))
+    labels = [r[2] for r in rows[1:]]
+    np.random.default_rng(0).shuffle(labels)
+    for b in BACKBONES:  # the same shuffled labels in every backbone's table
+        p = tables / b / "probs_test.csv"
+        with p.open() as f:
+            body = list(csv.reader(f))
+        for r, label in zip(body[1:], labels):
+            r[2] = label
+        with p.open("w", newline="") as f:
+            csv.writer(f).writerows(body)
+    assert main(_args(tables, tmp_path / "b")) == 0
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    for key in ("meta_settings", "meta_cv", "logistic_c", "best_single", "temperature", "refer_threshold"):
+        assert a[key] == b[key], key
+    wa, wb = (load_file(str(tmp_path / d / "meta.safetensors")) for d in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    scores = ({r["method"]: r["balanced_accuracy"] for r in s["methods"]} for s in (a, b))
+    assert next(scores)["meta_network"] != next(scores)["meta_network"]  # the test labels did change
+
+
+def test_vote_refuses_leaks_and_missing_backbones_in_one_line(tables, tmp_path, capsys):
+    sidecar = tables / "good_b" / "probs_val.json"
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "source": "train"}))
+    assert main(_args(tables, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and "source=train" in last and "good_b" in last and "Traceback" not in err
+    sidecar.write_text(json.dumps(meta))
+    assert main([*_args(tables, tmp_path / "run"), "--backbones", "good_a,xception"]) == 2
+    assert "backbone xception is missing" in capsys.readouterr().err
+    assert main([*_args(tables, tmp_path / "run"), "--set", "calibration.refer_class=melanoma"]) == 2
+    assert "refer_class 'melanoma'" in capsys.readouterr().err
+
+
+def test_vote_refuses_test_images_that_were_fitted_on(tmp_path, capsys):
+    rng = np.random.default_rng(10)
+    labels, probs = synthetic_probs(60, rng)
+    write_tables(tmp_path, "val", labels, probs, prefix="a_")
+    write_tables(tmp_path, "test", labels, probs, ids=[f"a_val_{i:04d}" for i in range(60)])
+    assert main(_args(tmp_path, tmp_path / "run")) == 2
+    assert "a_val_0000" in capsys.readouterr().err

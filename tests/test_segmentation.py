@@ -1,0 +1,165 @@
+"""Segmentation stage: training lowers the loss, resume, boxes cover lesions, cache reuse, whole-image fallback."""
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data.checkpoint import CheckpointError, save_checkpoint
+from data.manifest import Manifest
+from data.synthetic import generate_dataset, make_sample
+from segmentation import predict as predict_script
+from segmentation import train as train_script
+from segmentation.config import SegmentationConfig, SegModelConfig
+from segmentation.inference import SegmentationPredictor, manifest_from_folder
+from segmentation.lesion import FALLBACK_ALL_BORDERS, FALLBACK_NO_LESION, FALLBACK_TOO_SMALL, crop_to_lesion, lesion_box
+from segmentation.model import ModelBuildError, build_unet, load_unet
+
+TINY = [
+    "--set", "model.encoder=tu-test_resnet", "--set", "model.encoder_weights=null",
+    "--set", "model.decoder_channels=[32,16,16,8,8]", "--set", "data.image_size=48", "--set", "train.batch_size=8",
+    "--set", "train.lr=0.01", "--set", "train.panel_images=2", "--set", "run.threads=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    manifest = generate_dataset(root / "data", n_images=40, size=64, seed=3, hair=0.0, ruler=0.0)
+    return root, manifest
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic):
+    root, manifest = synthetic
+    run = root / "seg"
+    args = ["--manifest", str(manifest), "--out", str(run), "--epochs", "6", "--device", "cpu",
+            "--set", f"run.cache_dir={root / 'cache'}", *TINY]  # fmt: skip
+    assert train_script.main(args) == 0
+    return root, manifest, run
+
+
+def _metrics(run):
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_lowers_loss_and_writes_run(trained):
+    _, _, run = trained
+    rows = _metrics(run)
+    assert len(rows) == 6
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
+    for name in ("best.safetensors", "last.safetensors", "last_state.pt", "config.yaml", "curves.png",
+                 "val_panel.png", "train.log"):  # fmt: skip
+        assert (run / name).is_file(), name
+    model, meta = load_unet(run / "best.safetensors")
+    assert meta["stage"] == "segmentation" and meta["input_size"] == 48
+    assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 1, 48, 48)
+
+
+def test_resume_continues_at_next_epoch(synthetic, tmp_path):
+    root, manifest = synthetic
+    args = ["--manifest", str(manifest), "--out", str(tmp_path / "r"), "--device", "cpu",
+            "--set", f"run.cache_dir={root / 'cache'}", "--set", "train.panel_images=0", *TINY]  # fmt: skip
+    assert train_script.main([*args, "--epochs", "1"]) == 0
+    assert train_script.main([*args, "--epochs", "2", "--resume"]) == 0
+    assert [r["epoch"] for r in _metrics(tmp_path / "r")] == ["1", "2"]
+
+
+def test_boxes_cover_true_lesions_and_cache_is_reused(trained, tmp_path, capsys):
+    root, manifest, run = trained
+    out = tmp_path / "crops"
+    args = ["--manifest", str(manifest), "--run", str(run), "--out", str(out), "--device", "cpu",
+            "--set", f"run.cache_dir={tmp_path / 'cache'}", "--set", "predict.crop_size=32", "--masks"]  # fmt: skip
+    assert predict_script.main(args) == 0
+    assert "0 reused, 40 computed" in capsys.readouterr().out
+    crops = Manifest.read(out / "crops.csv")
+    assert len(crops) == 40 and {"crop_path", "crop_key", "box", "fallback"} <= set(crops.columns)
+    covered = []
+    for row in crops.rows:
+        truth = cv2.imread(row["mask_path"], cv2.IMREAD_GRAYSCALE) > 127
+        x0, y0, x1, y1 = map(int, row["box"].split())
+        covered.append(truth[y0:y1, x0:x1].sum() / truth.sum())
+        assert cv2.imread(row["crop_path"]).shape == (32, 32, 3)
+    assert np.median(covered) > 0.95, covered
+    masks = sorted((out / "masks").glob("*_segmentation.png"))
+    assert len(masks) == 40 and set(np.unique(cv2.imread(str(masks[0]), cv2.IMREAD_GRAYSCALE))) <= {0, 255}
+    # a second run computes nothing and writes the same table
+    before = (out / "crops.csv").read_text()
+    assert predict_script.main(args) == 0
+    assert "40 reused, 0 computed" in capsys.readouterr().out
+    assert (out / "crops.csv").read_text() == before
+
+
+def test_changed_pixel_or_weights_miss_the_cache(trained, tmp_path):
+    root, manifest, run = trained
+    cfg = SegmentationConfig()
+    image = tmp_path / "a.png"
+    rgb, _ = make_sample(np.random.default_rng(0), "nv", 64)
+    cv2.imwrite(str(image), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    predictor = SegmentationPredictor(run / "best.safetensors", cfg, torch.device("cpu"), tmp_path / "cache")
+    first = next(predictor.crop([("a", str(image))]))
+    assert predictor.cache.computed == 1
+    next(predictor.crop([("a", str(image))]))
+    assert predictor.cache.reused == 1
+    rgb[10, 10, 0] ^= 1
+    cv2.imwrite(str(image), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert next(predictor.crop([("a", str(image))])).crop_key != first.crop_key
+    other = SegmentationPredictor(run / "last.safetensors", cfg, torch.device("cpu"), tmp_path / "cache")
+    if (run / "last.safetensors").read_bytes() != (run / "best.safetensors").read_bytes():
+        assert other.key("x") != predictor.key("x")
+
+
+def test_no_lesion_falls_back_to_whole_image_and_is_flagged(trained, tmp_path):
+    _, _, run = trained
+    model, meta = load_unet(run / "best.safetensors")
+    head = [m for m in model.segmentation_head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    torch.nn.init.constant_(head.bias, -50.0)  # a U-Net that finds nothing anywhere
+    ckpt = save_checkpoint(tmp_path / "blind.safetensors", model, meta)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rgb, _ = make_sample(np.random.default_rng(1), None, 80, lesion=False)
+    cv2.imwrite(str(folder / "skin.png"), cv2.cvtColor(rgb[:, :60], cv2.COLOR_RGB2BGR))  # 80 high, 60 wide
+    (folder / "notes.jpg").write_text("not an image")
+    predictor = SegmentationPredictor(ckpt, SegmentationConfig(), torch.device("cpu"), tmp_path / "cache")
+    results = list(predictor.crop((r["image_id"], r["image_path"]) for r in manifest_from_folder(folder).rows))
+    by_id = {r.image_id: r for r in results}
+    assert by_id["skin"].box.fallback == FALLBACK_NO_LESION
+    assert by_id["skin"].box.as_text() == "0 10 60 70"  # the centre square
+    assert "notes.jpg" in by_id["notes"].reason  # skipped, reported, the run went on
+
+
+def test_lesion_box_rules():
+    mask = np.zeros((100, 200), np.uint8)
+    assert lesion_box(mask).fallback == FALLBACK_NO_LESION
+    mask[50, 100] = 1
+    assert lesion_box(mask, min_area=0.001).fallback == FALLBACK_TOO_SMALL
+    assert lesion_box(np.ones((50, 50), np.uint8)).fallback == FALLBACK_ALL_BORDERS
+    mask = np.zeros((100, 200), np.uint8)
+    mask[40:60, 150:190] = 1  # 40 wide, 20 high, near the right edge
+    box = lesion_box(mask, margin=0.1)
+    assert box.fallback == "" and box.x1 - box.x0 == box.y1 - box.y0 == 48
+    assert box.x0 <= 150 and box.x1 >= 190 and box.y0 <= 40 and box.y1 >= 60 and box.x1 <= 200
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[mask.astype(bool)] = 255
+    crop = crop_to_lesion(image, box, 24)
+    assert crop.shape == (24, 24, 3) and crop[12, 12].tolist() == [255, 255, 255]
+
+
+def test_unknown_encoder_and_foreign_checkpoint(tmp_path):
+    with pytest.raises(ModelBuildError, match="resnet34"):
+        build_unet(SegModelConfig(encoder="resnet34x", encoder_weights=None))
+    path = save_checkpoint(tmp_path / "cls.safetensors", torch.nn.Linear(2, 2), {"stage": "classification"})
+    with pytest.raises(CheckpointError, match="stage"):
+        load_unet(path)
+
+
+def test_script_errors_are_one_line(tmp_path, capsys):
+    assert train_script.main(["--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "none.csv" in err and len(err.splitlines()) == 1
+    assert train_script.main(["--set", "train.epoch=3"]) == 2
+    assert "did you mean 'epochs'" in capsys.readouterr().err
