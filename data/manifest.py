@@ -84,11 +84,12 @@ class Manifest:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        columns = self.columns  # a property that walks every row: compute once, not once per row
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             for row in self.rows:
-                writer.writerow({c: row.get(c, "") for c in self.columns})
+                writer.writerow({c: row.get(c, "") for c in columns})
         side = sidecar_path(path)
         side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
         side_tmp.write_text(json.dumps({"classes": list(self.classes), **self.info}, indent=2) + "\n")
