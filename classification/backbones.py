@@ -1,0 +1,246 @@
+"""Backbone registry and the lesion classifier: a timm CNN, a Squeeze-and-Excitation block (Hu et al. 2018), a head."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+
+from data.checkpoint import CheckpointError, load_checkpoint, load_weights
+
+logger = logging.getLogger(__name__)
+
+STAGE = "classification"
+
+
+class BackboneError(ValueError):
+    """A backbone name that neither the registry nor timm knows, or one that gives no convolutional feature map."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registry entry: the timm model, its native square input size, and the smallest size its stem accepts."""
+
+    timm_name: str
+    input_size: int
+    min_input_size: int = 32
+
+
+# The five backbones of the ensemble at their native input sizes. "xception" is timm's ``legacy_xception``: the
+# original Xception of Chollet (2017) as released with Keras (ported weights), which is what the dermoscopy ensembles
+# built on Keras used; timm's ``xception41/65/71`` are the deeper "aligned" variants from DeepLab v3+.
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec("resnet50", 224),
+    "densenet169": BackboneSpec("densenet169", 224),
+    "inception_v3": BackboneSpec("inception_v3", 299, min_input_size=75),
+    "inception_resnet_v2": BackboneSpec("inception_resnet_v2", 299, min_input_size=75),
+    "xception": BackboneSpec("legacy_xception", 299),
+}
+DEFAULT_BACKBONES: tuple[str, ...] = tuple(BACKBONES)
+# The tiny timm model the tests and the demo use (a few thousand parameters, any input size from 32 px).
+TEST_BACKBONE = "test_resnet"
+
+
+def resolve_backbone(name: str) -> BackboneSpec:
+    """The registry entry for ``name``, or an entry for any timm model name (input size from timm's config).
+
+    An unknown name raises ``BackboneError`` listing the closest registry and timm names.
+    """
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if timm.is_model(name):
+        cfg = timm.get_pretrained_cfg(name)
+        size = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+        return BackboneSpec(name, size)
+    choices = list(dict.fromkeys([*BACKBONES, *timm.list_models()]))
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise BackboneError(
+        f"unknown backbone {name!r}: {hint}use one of {', '.join(BACKBONES)} or any name from timm.list_models()"
+    )
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-Excitation (Hu et al. 2018): reweight channels by a gate computed from their global averages."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.excite = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels), nn.Sigmoid()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.excite(self.squeeze(x).flatten(1))
+        return x * gate[:, :, None, None]
+
+
+def _create_backbone(spec: BackboneSpec, pretrained: bool | str) -> nn.Module:
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
+    if isinstance(pretrained, str) and pretrained:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise CheckpointError(
+                f"pretrained weights file {path} not found: pass an existing .safetensors/.pth file, "
+                "true for timm's download, or false"
+            )
+        # timm's own loader reads safetensors, or a .pth with weights_only=True, then drops the classifier.
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    else:
+        kwargs["pretrained"] = bool(pretrained)
+    try:
+        return timm.create_model(spec.timm_name, **kwargs)
+    except (RuntimeError, ValueError, OSError, KeyError) as e:
+        if not kwargs["pretrained"]:
+            raise
+        source = kwargs.get("pretrained_cfg_overlay", {}).get("file", "timm's download")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"could not load pretrained weights for {spec.timm_name} from {source} ({first}); "
+            "set model.pretrained to false, or to a local weights file made for this model"
+        ) from None
+
+
+class LesionClassifier(nn.Module):
+    """timm backbone feature map -> SE block -> global average pool -> dropout -> linear head (logits)."""
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        pretrained: bool | str = False,
+        drop_rate: float = 0.3,
+        se_reduction: int = 16,
+    ) -> None:
+        super().__init__()
+        spec = resolve_backbone(backbone)
+        self.backbone_name = backbone
+        self.timm_name = spec.timm_name
+        self.num_classes = num_classes
+        self.min_input_size = spec.min_input_size
+        self.se_reduction = se_reduction
+        self.backbone_frozen = False
+        self.backbone = _create_backbone(spec, pretrained)
+        channels = int(self.backbone.num_features)
+        self.se = SEBlock(channels, se_reduction)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(channels, num_classes)
+        config = resolve_model_data_config(self.backbone)
+        self.data_config: dict[str, Any] = {
+            "input_size": spec.input_size,
+            "mean": tuple(float(v) for v in config["mean"]),
+            "std": tuple(float(v) for v in config["std"]),
+            "interpolation": config.get("interpolation", "bilinear"),
+        }
+        # The square side the model is trained and run at; the training code may set another (data.image_size).
+        self.input_size = spec.input_size
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The SE-reweighted last feature map (B x C x h x w): what the pooling sees and Grad-CAM explains."""
+        fmap = self.backbone(x)
+        if fmap.ndim != 4:
+            raise BackboneError(
+                f"backbone {self.backbone_name!r} gives a {fmap.ndim}-d output, not a B x C x H x W feature map: "
+                "the SE block needs a convolutional network"
+            )
+        return self.se(fmap)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.pool(self.features(x)).flatten(1)))
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze the backbone; a frozen backbone also keeps its BatchNorm statistics (eval mode)."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(trainable)
+        self.backbone_frozen = not trainable
+
+    def train(self, mode: bool = True) -> LesionClassifier:
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+
+def build_classifier(
+    backbone: str,
+    num_classes: int,
+    pretrained: bool | str = False,
+    drop_rate: float = 0.3,
+    se_reduction: int = 16,
+) -> LesionClassifier:
+    """A ``LesionClassifier`` for a registry name or any timm model name.
+
+    ``pretrained``: ``True`` uses timm's download, a string is a local weights file, ``False`` starts from random
+    weights. Normalisation and native input size are in ``model.data_config`` (from timm, never hard-coded).
+    """
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    model = LesionClassifier(backbone, num_classes, pretrained, drop_rate, se_reduction)
+    if backbone not in BACKBONES:
+        _check_feature_map(model)
+    return model
+
+
+def _check_feature_map(model: LesionClassifier) -> None:
+    """Fail at build time, not mid-training, for a timm model (e.g. a ViT) that gives tokens instead of a map."""
+    size = model.input_size  # some timm models (ViTs) accept only their native size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.features(torch.zeros(1, 3, size, size))
+    except BackboneError:
+        raise
+    except (RuntimeError, AssertionError):
+        pass  # a model with stricter input rules; the training run reports a real mismatch
+    finally:
+        model.train(was_training)
+
+
+def checkpoint_metadata(model: LesionClassifier, classes: tuple[str, ...] | list[str], **extra: Any) -> dict[str, Any]:
+    """What ``load_classifier`` needs to rebuild ``model``, plus ``extra`` items (config hash, epoch, score...)."""
+    return {
+        "stage": STAGE,
+        "backbone": model.backbone_name,
+        "timm_name": model.timm_name,
+        "classes": list(classes),
+        "input_size": int(model.input_size),
+        "mean": list(model.data_config["mean"]),
+        "std": list(model.data_config["std"]),
+        "drop_rate": float(model.dropout.p),
+        "se_reduction": int(model.se_reduction),
+        **extra,
+    }
+
+
+def load_classifier(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[LesionClassifier, dict[str, Any]]:
+    """Rebuild a trained classifier from its checkpoint (in eval mode); a checkpoint of another stage is refused."""
+    state, meta = load_checkpoint(path, expect={"stage": STAGE})
+    missing = [k for k in ("backbone", "classes", "input_size", "mean", "std") if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)} in its metadata: retrain the classifier")
+    classes = meta["classes"]
+    reduction = int(meta.get("se_reduction", 16))
+    model = build_classifier(meta["backbone"], len(classes), False, float(meta.get("drop_rate", 0.0)), reduction)
+    load_weights(model, state, path)
+    model.input_size = int(meta["input_size"])
+    model.data_config = {
+        **model.data_config,
+        "input_size": model.input_size,
+        "mean": tuple(meta["mean"]),
+        "std": tuple(meta["std"]),
+    }
+    model.to(device).eval()
+    return model, meta

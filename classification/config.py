@@ -1,0 +1,84 @@
+"""The classification stage's config: data (crops, size, preprocessing, augmentation, balance), model, training, run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from configs.schema import RunConfig
+from data.augment import AugmentConfig
+from data.balance import BalanceConfig
+from data.preprocess import PreprocessConfig
+
+
+@dataclass(frozen=True)
+class ClsDataConfig:
+    manifest: str = "runs/crops/crops.csv"  # the crops manifest written by segmentation/predict.py
+    crops: bool = True  # false: train on whole images (image_path) instead of the lesion crops (crop_path)
+    image_size: int = 0  # square input side; 0 = the backbone's native size (224, or 299 for the Inception family)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+
+@dataclass(frozen=True)
+class ClsModelConfig:
+    backbone: str = "resnet50"  # resnet50 | densenet169 | inception_v3 | inception_resnet_v2 | xception | any timm name
+    pretrained: bool | str = True  # true: timm's ImageNet weights (downloaded once); false; or a local weights file
+    drop_rate: float = 0.3  # dropout before the linear head
+    se_reduction: int = 16  # SE block bottleneck ratio r (Hu et al. 2018)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.se_reduction < 1:
+            raise ValueError(f"model.se_reduction must be >= 1, got {self.se_reduction}")
+
+
+@dataclass(frozen=True)
+class ClsTrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1.0e-3  # peak learning rate while only the head learns (and without freezing)
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1.0e-2
+    warmup_epochs: float = 1.0
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    label_smoothing: float = 0.0
+    loss: Literal["ce", "focal"] = "ce"  # focal: Lin et al. 2017
+    focal_gamma: float = 2.0
+    freeze_epochs: int = 1  # train only the SE block and head for this many epochs, then unfreeze the backbone
+    unfreeze_lr_scale: float = 0.1  # once unfrozen, the whole network learns at lr x this (fine-tuning)
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    patience: int = 8  # early stopping on validation balanced accuracy; 0 = off
+    max_steps_per_epoch: int = 0  # 0 = whole epoch
+    eval_batch_size: int = 0  # 0 = 2 x batch_size
+    tta: bool = False  # average the probabilities over the 8 flips/rotations of each crop
+    folds: int = 0  # K >= 2: K-fold training on the train split, with out-of-fold probabilities
+    fold: int = -1  # with folds: train only this fold (0..K-1); -1 = every fold in turn
+    gradcam_images: int = 4  # Grad-CAM overlays of the first validation images; 0 = none
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("train.epochs and train.batch_size must be at least 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError(f"train.folds must be 0 (off) or at least 2, got {self.folds}")
+        if not self.folds and self.fold != -1:
+            raise ValueError(f"train.fold {self.fold} needs train.folds (--folds K) as well")
+        if self.folds and not -1 <= self.fold < self.folds:
+            raise ValueError(f"train.fold must be -1 (all) or 0..{self.folds - 1}, got {self.fold}")
+        if self.freeze_epochs < 0 or self.freeze_epochs > self.epochs:
+            raise ValueError(
+                f"train.freeze_epochs must be in 0..train.epochs ({self.epochs}), got {self.freeze_epochs}"
+            )
+
+
+@dataclass(frozen=True)
+class ClassificationConfig:
+    data: ClsDataConfig = field(default_factory=ClsDataConfig)
+    model: ClsModelConfig = field(default_factory=ClsModelConfig)
+    train: ClsTrainConfig = field(default_factory=ClsTrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/classification"))

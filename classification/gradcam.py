@@ -1,0 +1,85 @@
+"""Grad-CAM heatmaps (Selvaraju et al. 2017) on the SE-reweighted last feature map, overlaid on the lesion crop."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from classification.backbones import LesionClassifier
+from classification.probabilities import images_to_batches, predict_probabilities
+from data.preprocess import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+
+def gradcam_overlays(
+    model: LesionClassifier,
+    images: Sequence[np.ndarray],
+    target_classes: Sequence[int] | None = None,
+    preprocess_cfg: PreprocessConfig | None = None,
+    image_weight: float = 0.5,
+) -> list[np.ndarray]:
+    """One uint8 H x W x 3 overlay per uint8 RGB crop, at the crop's own size.
+
+    The class map comes from the SE block's output (the last feature map the head sees); ``target_classes`` picks
+    the class explained per image (default: the predicted class). The map is computed at the model's input size and
+    resized to each crop.
+    """
+    if target_classes is not None and len(target_classes) != len(images):
+        raise ValueError(f"{len(target_classes)} target classes for {len(images)} images")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    overlays: list[np.ndarray] = []
+    try:
+        with GradCAM(model=model, target_layers=[model.se]) as cam:
+            for i, image in enumerate(images):
+                # An input that needs grad keeps a graph even when every weight is frozen (a loaded model).
+                batch = next(iter(images_to_batches(model, [image], 1, preprocess_cfg))).to(device).requires_grad_()
+                targets = None if target_classes is None else [ClassifierOutputTarget(int(target_classes[i]))]
+                with torch.enable_grad():
+                    heat = cam(input_tensor=batch, targets=targets)[0]
+                height, width = image.shape[:2]
+                heat = cv2.resize(heat.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+                rgb = image.astype(np.float32) / 255.0
+                overlays.append(show_cam_on_image(rgb, np.clip(heat, 0, 1), use_rgb=True, image_weight=image_weight))
+    finally:
+        model.zero_grad(set_to_none=True)  # the backward passes must not leak into a later optimiser step
+        model.train(was_training)
+    return overlays
+
+
+def save_gradcam_images(
+    model: LesionClassifier,
+    images: Sequence[np.ndarray],
+    ids: Sequence[str],
+    out_dir: str | os.PathLike,
+    classes: Sequence[str],
+    labels: Sequence[str] | None = None,
+    preprocess_cfg: PreprocessConfig | None = None,
+) -> list[Path]:
+    """``<out_dir>/<image_id>_pred-<class>[_true-<class>].png``: each crop beside its Grad-CAM overlay."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probs = predict_probabilities(model, images, preprocess_cfg=preprocess_cfg, desc="grad-cam")
+    predicted = probs.argmax(axis=1)
+    overlays = gradcam_overlays(model, images, predicted.tolist(), preprocess_cfg)
+    paths = []
+    for i, (image, overlay) in enumerate(zip(images, overlays)):
+        truth = f"_true-{labels[i]}" if labels is not None and labels[i] else ""
+        path = out_dir / f"{ids[i]}_pred-{classes[predicted[i]]}{truth}.png"
+        panel = np.concatenate([image, overlay], axis=1)
+        if not cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {path}: is the run folder writable?")
+        paths.append(path)
+    logger.info("wrote %d Grad-CAM overlays to %s", len(paths), out_dir)
+    return paths

@@ -1,0 +1,60 @@
+"""Train one classifier backbone on the lesion crops: ``python classification/train.py --backbone densenet169``."""
+
+from __future__ import annotations
+
+from classification.config import ClassificationConfig
+from classification.training import run_classification
+from configs.cli import resolve_config, run_cli, stage_parser
+
+
+def _score(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("classification", __doc__)
+    parser.add_argument(
+        "--manifest", help="crops manifest from segmentation/predict.py (or any manifest with --no-crop)"
+    )
+    parser.add_argument(
+        "--backbone",
+        help="resnet50, densenet169, inception_v3, inception_resnet_v2, xception, "
+        "or any timm model name (model.backbone)",
+    )
+    parser.add_argument("--folds", type=int, help="K-fold training on the train split with out-of-fold probabilities")
+    parser.add_argument("--fold", type=int, help="with --folds: train only this fold (0..K-1)")
+    parser.add_argument(
+        "--no-crop",
+        dest="crops",
+        action="store_false",
+        default=None,
+        help="train on whole images (image_path) instead of lesion crops, for comparison",
+    )
+    parser.add_argument("--out", help="runs folder (default: run.out_dir); the run goes to OUT/<backbone>")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last_state.pt")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        flags = {
+            "data.manifest": args.manifest,
+            "model.backbone": args.backbone,
+            "train.folds": args.folds,
+            "train.fold": args.fold,
+            "data.crops": args.crops,
+            "run.out_dir": args.out,
+        }
+        cfg = resolve_config(ClassificationConfig, args, flags)
+        result = run_classification(cfg, resume=args.resume)
+        folds = f" over {cfg.train.folds} folds (val = out-of-fold)" if result.get("combined") else ""
+        print(
+            f"classification {cfg.model.backbone}{folds}: best epoch {result['best_epoch']}, "
+            f"val balanced accuracy {_score(result['val_balanced_accuracy'])}, "
+            f"test balanced accuracy {_score(result['test_balanced_accuracy'])}; wrote {result['run_dir']}"
+        )
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
