@@ -1,0 +1,114 @@
+"""The whole pipeline end to end on synthetic data, on the CPU, in a few minutes: ``make demo``.
+
+Runs the same commands a user runs (each stage's ``main``), at demo size, with tiny timm backbones trained from
+scratch, so it needs neither the network nor a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from classification import train as classification_train
+from data.synthetic import generate_dataset, make_sample
+from ensemble import predict as ensemble_predict
+from ensemble import vote as ensemble_vote
+from segmentation import predict as segmentation_predict
+from segmentation import train as segmentation_train
+
+logger = logging.getLogger(__name__)
+
+# Five tiny timm models stand in for resnet50, densenet169, inception_v3, inception_resnet_v2 and xception.
+DEMO_BACKBONES = ("test_resnet", "test_efficientnet", "test_convnext", "test_byobnet", "test_nfnet")
+
+
+def _step(name: str, code: int, start: float) -> None:
+    if code != 0:
+        raise SystemExit(f"demo: {name} failed (exit {code})")
+    print(f"demo: {name} done in {time.time() - start:.0f}s", flush=True)
+
+
+def write_photo_folder(folder: Path, n: int, size: int, seed: int) -> None:
+    """New synthetic photos to predict, plus a file that is not an image (skipped and reported)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    classes = ("nv", "mel", "bkl", "bcc")
+    for i in range(n):
+        image, _ = make_sample(rng, classes[i % len(classes)], size)
+        cv2.imwrite(str(folder / f"photo_{i:03d}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    (folder / "notes.jpg").write_text("this is not a photo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+    parser.add_argument("--images", type=int, default=320, help="synthetic training images")
+    parser.add_argument("--seg-epochs", type=int, default=8)
+    parser.add_argument("--cls-epochs", type=int, default=8)
+    parser.add_argument("--backbones", default=",".join(DEMO_BACKBONES))
+    parser.add_argument("--fresh", action="store_true", help="delete the demo folder first (else reruns reuse it)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    cache = ["--set", f"run.cache_dir={out / 'cache'}", "--device", "cpu"]
+    t0 = time.time()
+
+    start = time.time()
+    manifest = generate_dataset(out / "data", n_images=args.images, size=96, seed=0)
+    write_photo_folder(out / "photos", 24, 96, seed=123)
+    _step(f"synthetic data ({args.images} images) -> {manifest}", 0, start)
+
+    start = time.time()
+    code = segmentation_train.main([
+        "--manifest", str(manifest), "--out", str(out / "segmentation"), "--epochs", str(args.seg_epochs), *cache,
+        "--set", "model.encoder=tu-test_resnet", "--set", "model.encoder_weights=null",
+        "--set", "model.decoder_channels=[64,32,16,16,8]", "--set", "data.image_size=64",
+        "--set", "train.batch_size=16", "--set", "train.lr=0.005",
+    ])  # fmt: skip
+    _step("segmentation/train.py", code, start)
+
+    start = time.time()
+    code = segmentation_predict.main([
+        "--manifest", str(manifest), "--run", str(out / "segmentation"), "--out", str(out / "crops"), *cache,
+        "--set", "predict.crop_size=64",
+    ])  # fmt: skip
+    _step("segmentation/predict.py", code, start)
+
+    for backbone in args.backbones.split(","):
+        start = time.time()
+        code = classification_train.main([
+            "--backbone", backbone, "--manifest", str(out / "crops" / "crops.csv"),
+            "--out", str(out / "classification"), *cache,
+            "--set", "model.pretrained=false", "--set", "data.image_size=48",
+            "--set", f"train.epochs={args.cls_epochs}", "--set", "train.freeze_epochs=0",
+            "--set", "train.batch_size=32", "--set", "train.lr=0.003", "--set", "train.gradcam_images=2",
+        ])  # fmt: skip
+        _step(f"classification/train.py --backbone {backbone}", code, start)
+
+    start = time.time()
+    code = ensemble_vote.main([
+        "--root", str(out / "classification"), "--backbones", args.backbones, "--out", str(out / "ensemble"), *cache,
+    ])  # fmt: skip
+    _step("ensemble/vote.py", code, start)
+
+    start = time.time()
+    code = ensemble_predict.main([
+        "--input", str(out / "photos"), "--output", str(out / "predictions.csv"), "--out", str(out), *cache,
+        "--segmentation-run", str(out / "segmentation"), "--classification-root", str(out / "classification"),
+        "--ensemble-run", str(out / "ensemble"), "--gradcam",
+    ])  # fmt: skip
+    _step("ensemble/predict.py", code, start)
+    print(f"demo: finished in {time.time() - t0:.0f}s; see {out / 'predictions.csv'} and {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

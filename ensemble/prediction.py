@@ -1,0 +1,259 @@
+"""Batch prediction: a folder of photos -> lesion crops -> five classifiers -> meta-network vote -> one row per image.
+
+Streams in chunks, so memory stays flat over any number of images; every stage goes through the cache, so a rerun
+after adding ten images computes ten.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from classification.backbones import load_classifier
+from classification.config import ClassificationConfig
+from classification.probabilities import predict_probabilities
+from configs.loader import load_config
+from data.cache import StageCache, stage_key
+from data.checkpoint import CheckpointError, weights_digest
+from data.manifest import Manifest
+from ensemble.calibration import apply_temperature
+from ensemble.config import PredictConfig
+from ensemble.meta import load_meta, meta_logits
+from ensemble.report import ReportRow, save_thumbnail, write_report
+from segmentation.config import SegmentationConfig
+from segmentation.inference import CropResult, SegmentationPredictor, Skipped
+
+logger = logging.getLogger(__name__)
+
+
+class Classifier:
+    """One trained backbone with its per-image probability cache (keyed by crop key and weights digest)."""
+
+    def __init__(self, backbone_dir: Path, device: torch.device, tta: bool, cache_root: Path, force: bool) -> None:
+        path = backbone_dir / "best.safetensors"
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} not found: train it with `python classification/train.py --backbone {backbone_dir.name}`"
+            )
+        self.model, self.meta = load_classifier(path, device)
+        self.name = backbone_dir.name
+        self.device = device
+        self.tta = tta
+        cfg_path = backbone_dir / "config.yaml"
+        self.preprocess = load_config(ClassificationConfig, cfg_path).data.preprocess if cfg_path.is_file() else None
+        self.weights = weights_digest(path)
+        self.cache = StageCache(cache_root, "image_probabilities", force=force)
+        self.settings = {
+            "tta": tta,
+            "size": self.meta["input_size"],
+            "preprocess": asdict(self.preprocess) if self.preprocess else None,
+        }
+
+    def probabilities(self, crops: Sequence[CropResult], batch_size: int) -> np.ndarray:
+        keys = [
+            stage_key("image_probabilities", upstream=[c.crop_key], model=self.weights, settings=self.settings)
+            for c in crops
+        ]
+        out: list[np.ndarray | None] = []
+        for key in keys:
+            hit = self.cache.get(key)
+            out.append(hit[0]["probs"] if hit is not None else None)
+        todo = [i for i, p in enumerate(out) if p is None]
+        if todo:
+            probs = predict_probabilities(
+                self.model,
+                [crops[i].crop for i in todo],
+                tta=self.tta,
+                batch_size=batch_size,
+                device=self.device,
+                preprocess_cfg=self.preprocess,
+                desc=self.name,
+            )
+            for i, p in zip(todo, probs):
+                self.cache.put(keys[i], {"probs": p})
+                out[i] = p
+        return np.stack(out)  # type: ignore[arg-type]
+
+
+class EnsemblePredictor:
+    """Every trained stage loaded once: the U-Net, the backbones in the meta-network's order, the vote."""
+
+    def __init__(self, cfg: PredictConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        cache = Path(cfg.run.cache_dir)
+        seg_run = Path(cfg.segmentation_run)
+        seg_cfg_path = seg_run / "config.yaml"
+        seg_cfg = load_config(SegmentationConfig, seg_cfg_path) if seg_cfg_path.is_file() else SegmentationConfig()
+        self.segmenter = SegmentationPredictor(seg_run / "best.safetensors", seg_cfg, device, cache, cfg.run.force)
+        self.meta_model, self.meta = load_meta(Path(cfg.ensemble_run) / "meta.safetensors")
+        self.classes: list[str] = list(self.meta["classes"])
+        self.backbones: list[str] = list(self.meta["backbones"])
+        root = Path(cfg.classification_root)
+        self.classifiers = [Classifier(root / b, device, cfg.tta, cache, cfg.run.force) for b in self.backbones]
+        for c in self.classifiers:
+            if list(c.meta["classes"]) != self.classes:
+                raise CheckpointError(
+                    f"backbone {c.name} was trained on classes {c.meta['classes']}, the vote on {self.classes}: "
+                    "retrain the vote with `python ensemble/vote.py`"
+                )
+        self.temperature = float(self.meta.get("temperature") or 1.0)
+        self.refer_threshold = float(self.meta.get("refer_threshold") or 0.0) if cfg.refer else 0.0
+
+    def vote(self, crops: Sequence[CropResult]) -> tuple[np.ndarray, np.ndarray]:
+        """(stacked N x B x C backbone probabilities, final N x C probabilities)."""
+        stacked = np.stack([c.probabilities(crops, self.cfg.batch_size) for c in self.classifiers], axis=1)
+        logits = meta_logits(self.meta_model, stacked)
+        return stacked, apply_temperature(logits, self.temperature)
+
+    def predict(self, items: Sequence[tuple[str, str]]) -> Iterator[tuple[CropResult, np.ndarray] | Skipped]:
+        """Stream ``(crop result, final probabilities)`` per image, or ``Skipped``, in chunks of ``batch_size``."""
+        chunk: list[CropResult] = []
+        for result in self.segmenter.crop(items):
+            if isinstance(result, Skipped):
+                yield result
+                continue
+            chunk.append(result)
+            if len(chunk) >= self.cfg.batch_size:
+                yield from zip(chunk, self.vote(chunk)[1])
+                chunk = []
+        if chunk:
+            yield from zip(chunk, self.vote(chunk)[1])
+
+    def cache_summary(self) -> str:
+        caches = [self.segmenter.cache] + [c.cache for c in self.classifiers]
+        return f"cache: {sum(c.reused for c in caches)} reused, {sum(c.computed for c in caches)} computed"
+
+
+def predict_folder(
+    manifest: Manifest, predictor: EnsemblePredictor, output: str | os.PathLike, out_dir: str | os.PathLike
+) -> dict[str, Any]:
+    """Write ``output`` (predictions CSV), ``skipped.csv`` and the optional outputs into ``out_dir``."""
+    cfg, classes = predictor.cfg, predictor.classes
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    assets = out / "report_files"
+    columns = ["image_id", "path", *classes, "predicted", "confidence", "refer", "box", "fallback"]
+    partial = output.with_name(f".{output.name}.partial")
+    report_rows: list[ReportRow] = []
+    skipped: list[dict[str, str]] = []
+    isic_rows: list[dict[str, str]] = []
+    n = refer_count = fallback_count = 0
+    gradcam_model = predictor.classifiers[0] if cfg.outputs.gradcam else None
+    items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
+    with open(partial, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for item in tqdm(predictor.predict(items), total=len(items), desc="predict", leave=False):
+            if isinstance(item, Skipped):
+                skipped.append({"image_id": item.image_id, "path": item.path, "reason": item.reason})
+                logger.warning("skipped %s", item.reason)
+                continue
+            crop, probs = item
+            top = int(np.argmax(probs))
+            refer = bool(probs[top] < predictor.refer_threshold)
+            row = {
+                "image_id": crop.image_id,
+                "path": crop.path,
+                **{c: f"{p:.6f}" for c, p in zip(classes, probs)},
+                "predicted": classes[top],
+                "confidence": f"{probs[top]:.6f}",
+                "refer": int(refer),
+                "box": crop.box.as_text(),
+                "fallback": crop.box.fallback,
+            }
+            writer.writerow(row)
+            n += 1
+            refer_count += refer
+            fallback_count += bool(crop.box.fallback)
+            if cfg.outputs.isic_csv:
+                isic_rows.append(
+                    {"image": Path(crop.image_id).name, **{c.upper(): f"{p:.6f}" for c, p in zip(classes, probs)}}
+                )
+            _write_extras(crop, cfg, out, predictor, gradcam_model)
+            if cfg.outputs.report and len(report_rows) < cfg.outputs.report_max_images:
+                report_rows.append(_report_row(crop, probs, classes, refer, assets, out, gradcam_model))
+    os.replace(partial, output)
+    _write_table(out / "skipped.csv", ["image_id", "path", "reason"], skipped)
+    if cfg.outputs.isic_csv:
+        _write_table(out / "isic_submission.csv", ["image", *[c.upper() for c in classes]], isic_rows)
+    summary = {
+        "images": n,
+        "skipped": len(skipped),
+        "referred": refer_count,
+        "whole-image fallbacks": fallback_count,
+        "backbones": ", ".join(predictor.backbones),
+        "refer threshold": f"{predictor.refer_threshold:.3f}",
+        "temperature": f"{predictor.temperature:.3f}",
+        "cache": predictor.cache_summary(),
+    }
+    if cfg.outputs.report:
+        write_report(out / "report.html", report_rows, classes, summary, skipped)
+    return summary
+
+
+def _write_extras(
+    crop: CropResult, cfg: PredictConfig, out: Path, predictor: EnsemblePredictor, gradcam_model: Classifier | None
+) -> None:
+    name = Path(crop.image_id).name
+    if cfg.outputs.masks:
+        (out / "masks").mkdir(exist_ok=True)
+        mask = crop.full_mask(predictor.segmenter.predict_cfg.threshold) * 255
+        cv2.imwrite(str(out / "masks" / f"{name}_segmentation.png"), mask)
+    if cfg.outputs.crops:
+        (out / "crops").mkdir(exist_ok=True)
+        cv2.imwrite(str(out / "crops" / f"{name}.png"), cv2.cvtColor(crop.crop, cv2.COLOR_RGB2BGR))
+
+
+def _report_row(
+    crop: CropResult,
+    probs: np.ndarray,
+    classes: list[str],
+    refer: bool,
+    assets: Path,
+    out: Path,
+    gradcam_model: Classifier | None,
+) -> ReportRow:
+    from data.reading import read_image
+
+    stem = crop.crop_key[:16]
+    images = {}
+    thumb = read_image(crop.path, max_side=4 * 160)
+    mask = cv2.resize(crop.probability, thumb.shape[1::-1], interpolation=cv2.INTER_LINEAR) > 127
+    images["thumbnail"] = save_thumbnail(thumb, assets / f"{stem}_image.jpg", mask).relative_to(out).as_posix()
+    images["crop"] = save_thumbnail(crop.crop, assets / f"{stem}_crop.jpg").relative_to(out).as_posix()
+    if gradcam_model is not None:
+        from classification.gradcam import gradcam_overlays
+
+        overlay = gradcam_overlays(gradcam_model.model, [crop.crop])[0]
+        images["gradcam"] = save_thumbnail(overlay, assets / f"{stem}_gradcam.jpg").relative_to(out).as_posix()
+    top = int(np.argmax(probs))
+    return ReportRow(
+        crop.image_id,
+        {c: float(p) for c, p in zip(classes, probs)},
+        classes[top],
+        float(probs[top]),
+        refer,
+        crop.box.fallback,
+        images,
+    )
+
+
+def _write_table(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

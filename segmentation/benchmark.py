@@ -1,0 +1,151 @@
+"""Benchmarks of the segmentation stage (BENCHMARKS.md): quality on a real ISIC sample and prediction throughput.
+
+python segmentation/benchmark.py manifest --root ../shared/data/isic_real --out runs/bench/isic_real.csv
+python segmentation/benchmark.py throughput --size 256 --images 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from data.manifest import Manifest
+from data.synthetic import make_sample
+from segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
+from segmentation.inference import SegmentationPredictor, predict_probabilities
+from segmentation.model import IMAGENET_MEAN, IMAGENET_STD, build_unet, save_unet
+
+logger = logging.getLogger(__name__)
+
+
+def real_sample_manifest(root: Path, out: Path, train_images: int = 0, val_images: int = 0, seed: int = 0) -> Path:
+    """A manifest of the real sample (``images/``, ``masks/``, ``labels.csv`` with its grouped split), optionally with
+    a random subset of ``train_images`` training and ``val_images`` validation rows (test is always whole)."""
+    rows = []
+    with open(root / "labels.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            mask = root / "masks" / f"{r['image_id']}_segmentation.png"
+            rows.append(
+                {
+                    "image_id": r["image_id"],
+                    "image_path": str((root / "images" / f"{r['image_id']}.jpg").resolve()),
+                    "mask_path": str(mask.resolve()) if mask.is_file() else "",
+                    "label": r["dx"],
+                    "group": r["group"],
+                    "split": r["split"],
+                    "dataset": r["dataset"],
+                }
+            )
+    rng = np.random.default_rng(seed)
+    keep = []
+    for split, limit in (("train", train_images), ("val", val_images), ("test", 0)):
+        part = [r for r in rows if r["split"] == split]
+        if limit and limit < len(part):
+            part = [part[i] for i in sorted(rng.choice(len(part), limit, replace=False))]
+        keep.extend(part)
+    classes = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    return Manifest(rows=tuple(keep), classes=classes, info={"source": "isic_real sample"}).write(out)
+
+
+def throughput(size: int, n_images: int, batch: int, encoder: str, threads: int) -> dict[str, float]:
+    """Images per second of the whole prediction path (decode, resize, forward, post-process, crop, cache write) next
+    to the bare forward pass of the same U-Net on the same batches."""
+    if threads:
+        torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = []
+        for i in range(n_images):
+            image, _ = make_sample(rng, "nv", 512)
+            path = folder / f"img_{i:04d}.jpg"
+            cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            paths.append(path)
+        model_cfg = SegModelConfig(encoder=encoder, encoder_weights=None)
+        model = build_unet(model_cfg).eval()
+        ckpt = save_unet(folder / "unet.safetensors", model, model_cfg, size, "bench")
+        cfg = SegmentationConfig(model=model_cfg, predict=SegPredictConfig(tta=False, batch_size=batch, crop_size=224))
+        predictor = SegmentationPredictor(ckpt, cfg, torch.device("cpu"), folder / "cache")
+        x = [np.zeros((size, size, 3), np.uint8)] * batch
+        predict_probabilities(predictor.model, x, IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"))  # warm-up
+        start = time.perf_counter()
+        for i in range(0, n_images, batch):
+            predict_probabilities(
+                predictor.model, x[: min(batch, n_images - i)], IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu")
+            )
+        bare = time.perf_counter() - start
+        start = time.perf_counter()
+        results = list(predictor.crop((p.stem, str(p)) for p in paths))
+        full = time.perf_counter() - start
+        start = time.perf_counter()
+        list(predictor.crop((p.stem, str(p)) for p in paths))
+        warm = time.perf_counter() - start
+    assert len(results) == n_images
+    return {
+        "images": n_images,
+        "size": size,
+        "bare_forward_img_s": n_images / bare,
+        "pipeline_img_s": n_images / full,
+        "overhead": full / bare - 1,
+        "warm_cache_img_s": n_images / warm,
+        "warm_speedup": full / warm,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("manifest", help="manifest of the real sample")
+    m.add_argument("--root", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--train-images", type=int, default=0)
+    m.add_argument("--val-images", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("throughput", help="prediction images/s vs the bare forward pass")
+    t.add_argument("--size", type=int, default=256)
+    t.add_argument("--images", type=int, default=64)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--encoder", default="resnet34")
+    t.add_argument("--threads", type=int, default=0)
+    sc = sub.add_parser("score", help="ISIC scores of predicted masks for one split of a manifest")
+    sc.add_argument("--manifest", required=True)
+    sc.add_argument("--pred", required=True, help="folder of <image_id>_segmentation.png")
+    sc.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+    if args.command == "score":
+        from segmentation.metrics import image_scores, mean_scores, read_mask
+
+        rows = Manifest.read(args.manifest).select(args.split).rows
+        per_image = [
+            image_scores(
+                read_mask(Path(args.pred) / f"{r['image_id']}_segmentation.png"), read_mask(Path(r["mask_path"]))
+            )
+            for r in rows
+        ]
+        means = mean_scores(per_image)
+        print(f"{args.split} ({len(rows)} images): " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    elif args.command == "manifest":
+        path = real_sample_manifest(Path(args.root), Path(args.out), args.train_images, args.val_images, args.seed)
+        manifest = Manifest.read(path)
+        counts = {s: len(manifest.select(s)) for s in ("train", "val", "test")}
+        print(f"wrote {path}: {counts}")
+    else:
+        r = throughput(args.size, args.images, args.batch, args.encoder, args.threads)
+        print(
+            f"U-Net {args.encoder} at {r['size']} px on {r['images']} images: pipeline {r['pipeline_img_s']:.2f} "
+            f"img/s, bare forward {r['bare_forward_img_s']:.2f} img/s, overhead {100 * r['overhead']:.1f}%; "
+            f"warm cache {r['warm_cache_img_s']:.1f} img/s ({r['warm_speedup']:.0f}x)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

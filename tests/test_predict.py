@@ -1,0 +1,118 @@
+"""Batch prediction over a folder: bad files skipped and reported, cache reuse on rerun, identical predictions."""
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from classification.backbones import build_classifier, checkpoint_metadata
+from configs.loader import save_config
+from data.checkpoint import save_checkpoint
+from data.synthetic import make_sample
+from ensemble import predict as predict_script
+from ensemble.meta import LocallyConnectedVote, save_meta
+from segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
+from segmentation.model import build_unet, save_unet
+
+CLASSES = ["nv", "mel", "bcc"]
+BACKBONES = ["test_resnet", "test_efficientnet"]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """Untrained but complete stage folders: what the predictor loads is exercised, not what the models learned."""
+    root = tmp_path_factory.mktemp("stages")
+    torch.manual_seed(0)
+    seg_model = SegModelConfig(encoder="tu-test_resnet", encoder_weights=None, decoder_channels=(16, 8, 8, 8, 8))
+    seg_cfg = SegmentationConfig(model=seg_model, predict=SegPredictConfig(crop_size=32, tta=False, batch_size=4))
+    save_unet(root / "seg" / "best.safetensors", build_unet(seg_model), seg_model, 32, "test")
+    save_config(seg_cfg, root / "seg" / "config.yaml")
+    for name in BACKBONES:
+        model = build_classifier(name, len(CLASSES), False)
+        model.input_size = 32
+        save_checkpoint(root / "cls" / name / "best.safetensors", model, checkpoint_metadata(model, CLASSES))
+    vote = LocallyConnectedVote(len(BACKBONES), len(CLASSES), 4)
+    save_meta(root / "ens" / "meta.safetensors", vote, CLASSES, BACKBONES,
+              {"temperature": 1.5, "refer_threshold": 0.5, "refer_class": "mel"})  # fmt: skip
+    return root
+
+
+def _photos(folder, n=4, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image, _ = make_sample(rng, CLASSES[i % 3], 64)
+        cv2.imwrite(str(folder / f"photo_{i}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return rng
+
+
+def _args(stages, folder, out):
+    return ["--input", str(folder), "--output", str(out / "predictions.csv"), "--out", str(out), "--device", "cpu",
+            "--segmentation-run", str(stages / "seg"), "--classification-root", str(stages / "cls"),
+            "--ensemble-run", str(stages / "ens"), "--set", f"run.cache_dir={out.parent / 'cache'}"]  # fmt: skip
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_folder_with_bad_files_completes_and_reports(stages, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    rng = _photos(folder)
+    sub = folder / "clinic_b"
+    sub.mkdir()
+    image, _ = make_sample(rng, "mel", 64)
+    cv2.imwrite(str(sub / "gray.png"), cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
+    cv2.imwrite(str(sub / "rgba.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGRA))
+    good = cv2.imencode(".jpg", image)[1].tobytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "notes.png").write_text("not an image at all")
+    out = tmp_path / "out"
+    assert predict_script.main(_args(stages, folder, out)) == 0
+    rows = _read(out / "predictions.csv")
+    assert [r["image_id"] for r in rows] == ["clinic_b/gray", "clinic_b/rgba", *[f"photo_{i}" for i in range(4)]]
+    assert list(rows[0]) == ["image_id", "path", *CLASSES, "predicted", "confidence", "refer", "box", "fallback"]
+    for r in rows:
+        probs = [float(r[c]) for c in CLASSES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert r["predicted"] == CLASSES[int(np.argmax(probs))] and float(r["confidence"]) == max(probs)
+        assert r["refer"] == str(int(max(probs) < 0.5))
+        assert len(r["box"].split()) == 4
+    skipped = {r["image_id"]: r["reason"] for r in _read(out / "skipped.csv")}
+    assert set(skipped) == {"truncated", "notes"}
+    assert "truncated.jpg" in skipped["truncated"] and "notes.png" in skipped["notes"]
+    report = (out / "report.html").read_text()
+    assert "clinic_b/rgba" in report and "notes.png" in report and report.count("<tr data-id=") == 6
+    assert "6 images" in capsys.readouterr().out
+
+
+def test_rerun_reuses_cache_and_adding_images_computes_only_them(stages, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    _photos(folder, n=5)
+    out = tmp_path / "out"
+    assert predict_script.main(_args(stages, folder, out)) == 0
+    first = (out / "predictions.csv").read_text()
+    assert "0 reused, 15 computed" in capsys.readouterr().out  # 5 crops + 5 x 2 backbones
+    assert predict_script.main(_args(stages, folder, out)) == 0
+    assert "15 reused, 0 computed" in capsys.readouterr().out
+    assert (out / "predictions.csv").read_text() == first  # identical predictions across runs
+    rng = np.random.default_rng(99)
+    image, _ = make_sample(rng, "bcc", 64)
+    cv2.imwrite(str(folder / "new.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert predict_script.main(_args(stages, folder, out)) == 0
+    assert "15 reused, 3 computed" in capsys.readouterr().out
+    rows = {r["image_id"]: r for r in _read(out / "predictions.csv")}
+    assert len(rows) == 6 and all(rows[r["image_id"]] == r for r in _read(out / "predictions.csv"))
+
+
+def test_missing_stage_is_one_clear_error(stages, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    _photos(folder, n=1)
+    args = _args(stages, folder, tmp_path / "out")
+    args[args.index("--classification-root") + 1] = str(tmp_path / "nowhere")
+    assert predict_script.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "classification/train.py --backbone test_resnet" in err
