@@ -25,7 +25,7 @@ from classification.gradcam import gradcam_overlays
 from classification.metrics import classification_report
 from classification.probabilities import predict_probabilities, prediction_settings, probability_table
 from classification.train import main
-from configs.loader import default_config_path, load_config
+from configs.loader import load_config
 from data.cache import StageCache, file_digest
 from data.checkpoint import CheckpointError, save_checkpoint, weights_digest
 from data.manifest import Manifest
@@ -315,10 +315,6 @@ def test_gradcam_overlay_has_the_crop_size():
 
 
 # --- the script -----------------------------------------------------------------------------------------------------
-
-
-def test_config_yaml_mirrors_the_defaults():
-    assert load_config(ClassificationConfig, default_config_path("classification")) == ClassificationConfig()
 
 
 def test_main_trains_writes_everything_and_reuses_on_rerun(crops_manifest, tmp_path, capsys, caplog):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs.loader import default_config_path, load_config
 from ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
 from ensemble.calibration import (
     apply_temperature,
@@ -18,7 +17,7 @@ from ensemble.calibration import (
     referral_outcome,
     reliability_diagram,
 )
-from ensemble.config import EnsembleConfig, MetaConfig
+from ensemble.config import MetaConfig
 from ensemble.meta import LocallyConnectedVote, fit_meta, load_meta, meta_logits, save_meta, selection_score, softmax
 from ensemble.tables import LeakError, TableError, load_probability_tables
 from ensemble.vote import main
@@ -280,10 +279,6 @@ def test_leak_guard_refuses_tables_of_training_images(tmp_path, sidecar, split):
     ):
         write_tables(tmp_path, split, labels, probs, sidecar={"good_b": {"trained_on": trained_on}})
         assert load_probability_tables(tmp_path, BACKBONES, split).probs.shape == (10, 3, 4)
-
-
-def test_config_yaml_mirrors_the_defaults():
-    assert load_config(EnsembleConfig, default_config_path("ensemble")) == EnsembleConfig()
 
 
 # --- end to end ---
