@@ -25,7 +25,7 @@ from classification.probabilities import predict_probabilities
 from configs.loader import load_config
 from data.cache import StageCache, stage_key
 from data.checkpoint import CheckpointError, weights_digest
-from data.manifest import Manifest
+from data.manifest import Manifest, write_table
 from ensemble.calibration import apply_temperature
 from ensemble.config import PredictConfig
 from ensemble.meta import load_meta, meta_logits
@@ -185,9 +185,9 @@ def predict_folder(
             if cfg.outputs.report and len(report_rows) < cfg.outputs.report_max_images:
                 report_rows.append(_report_row(crop, probs, classes, refer, assets, out, gradcam_model))
     os.replace(partial, output)
-    _write_table(out / "skipped.csv", ["image_id", "path", "reason"], skipped)
+    write_table(out / "skipped.csv", ["image_id", "path", "reason"], skipped)
     if cfg.outputs.isic_csv:
-        _write_table(out / "isic_submission.csv", ["image", *[c.upper() for c in classes]], isic_rows)
+        write_table(out / "isic_submission.csv", ["image", *[c.upper() for c in classes]], isic_rows)
     summary = {
         "images": n,
         "skipped": len(skipped),
@@ -248,12 +248,3 @@ def _report_row(
         crop.box.fallback,
         images,
     )
-
-
-def _write_table(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)

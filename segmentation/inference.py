@@ -15,7 +15,7 @@ import torch
 from data.cache import StageCache, file_digest, stage_key
 from data.checkpoint import weights_digest
 from data.datasets import decode_size, resize_square
-from data.manifest import Manifest
+from data.manifest import Manifest, write_table
 from data.preprocess import PreprocessConfig, preprocess
 from data.reading import ImageReadError, image_size, read_image, read_mask
 from segmentation.config import SegmentationConfig, SegPredictConfig
@@ -274,8 +274,8 @@ def write_crops(
             }
         )
     Manifest(rows=tuple(rows), classes=manifest.classes, info=manifest.info).write(out / "crops.csv")
-    _write_csv(out / "boxes.csv", ["image_id", "box", "mask_area", "fallback"], boxes)
-    _write_csv(out / "skipped.csv", ["image_id", "path", "reason"], skipped)
+    write_table(out / "boxes.csv", ["image_id", "box", "mask_area", "fallback"], boxes)
+    write_table(out / "skipped.csv", ["image_id", "path", "reason"], skipped)
     predictor.cache.log_summary()
     return {
         "cropped": len(rows),
@@ -284,14 +284,3 @@ def write_crops(
         "reused": predictor.cache.reused,
         "computed": predictor.cache.computed,
     }
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    import csv
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
