@@ -51,7 +51,7 @@ from classification.probabilities import (
     write_probability_table,
 )
 from configs.loader import to_dict
-from data.augment import build_transform
+from data.augment import build_transform, transform_fingerprint
 from data.balance import balance_summary, class_weights, hybrid_indices, weighted_sampler
 from data.cache import StageCache, file_digest
 from data.checkpoint import (
@@ -637,7 +637,10 @@ def _after_training(
     if run.channels_last:
         model.to(memory_format=torch.channels_last)
     digest = weights_digest(best_path)
-    settings = prediction_settings(model, cfg.train.tta, cfg.data.preprocess, column)
+    settings = {
+        **prediction_settings(model, cfg.train.tta, cfg.data.preprocess, column),
+        "transform": transform_fingerprint(eval_tf),
+    }  # the eval transform's settings are part of the key
     cache = StageCache(cfg.run.cache_dir, "probabilities", force=cfg.run.force)
     batch_size = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     reports: dict[str, dict[str, Any]] = {}
