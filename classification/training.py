@@ -64,7 +64,7 @@ from data.checkpoint import (
     save_resume_state,
     weights_digest,
 )
-from data.datasets import ClassificationDataset
+from data.datasets import ClassificationDataset, seed_worker
 from data.manifest import Manifest, ManifestError
 from data.reading import read_image
 from data.run import Run, start_run
@@ -342,14 +342,8 @@ def _epoch_batches(
         drop_last=n > cfg.train.batch_size,  # a last batch of one image breaks BatchNorm
         num_workers=cfg.run.num_workers,
         pin_memory=pin,
-        worker_init_fn=_seed_worker if cfg.run.num_workers else None,
+        worker_init_fn=seed_worker if cfg.run.num_workers else None,
     )
-
-
-def _seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in DataLoader worker processes
-    info = torch.utils.data.get_worker_info()
-    if info is not None:
-        info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
 def _thumbnails(dataset: ClassificationDataset, side: int = 8) -> np.ndarray:

@@ -29,6 +29,13 @@ logger = logging.getLogger(__name__)
 IN_MEMORY_BYTES = 2 << 30
 
 
+def seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in DataLoader worker processes
+    """Give each DataLoader worker its own augmentation stream (albumentations does not reseed in forked workers)."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset.transform, "set_random_seed"):
+        info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
 def resize_square(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     """Resize to ``size`` x ``size`` (the aspect ratio is not kept, as the ISIC challenge pipelines do)."""
     if image.shape[:2] == (size, size):

@@ -49,9 +49,9 @@ def write_photo_folder(folder: Path, n: int, size: int, seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
-    parser.add_argument("--images", type=int, default=320, help="synthetic training images")
-    parser.add_argument("--seg-epochs", type=int, default=8)
-    parser.add_argument("--cls-epochs", type=int, default=8)
+    parser.add_argument("--images", type=int, default=240, help="synthetic training images")
+    parser.add_argument("--seg-epochs", type=int, default=6)
+    parser.add_argument("--cls-epochs", type=int, default=6)
     parser.add_argument("--backbones", default=",".join(DEMO_BACKBONES))
     parser.add_argument("--fresh", action="store_true", help="delete the demo folder first (else reruns reuse it)")
     args = parser.parse_args(argv)
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "--set", "model.pretrained=false", "--set", "data.image_size=48",
             "--set", f"train.epochs={args.cls_epochs}", "--set", "train.freeze_epochs=0",
             "--set", "train.batch_size=32", "--set", "train.lr=0.003", "--set", "train.gradcam_images=2",
+            "--set", "run.threads=1",  # tiny models run faster on one thread than on two contending ones
         ])  # fmt: skip
         _step(f"classification/train.py --backbone {backbone}", code, start)
 

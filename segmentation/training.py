@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 from torch.utils.data import DataLoader
@@ -18,10 +17,11 @@ from tqdm import tqdm
 
 from data.augment import build_transform
 from data.checkpoint import load_checkpoint, load_resume_state, load_weights, save_resume_state
-from data.datasets import SegmentationDataset
+from data.datasets import SegmentationDataset, seed_worker
 from data.manifest import Manifest, ManifestError
 from data.run import Run
 from segmentation.config import SegmentationConfig
+from segmentation.inference import validation_panel
 from segmentation.metrics import batch_scores_torch
 from segmentation.model import IMAGENET_MEAN, IMAGENET_STD, build_unet, load_unet, save_unet
 
@@ -143,6 +143,7 @@ def _loaders(cfg: SegmentationConfig, manifest: Manifest, run: Run) -> tuple[Dat
         drop_last=len(train_ds) > cfg.train.batch_size,
         num_workers=cfg.run.num_workers,
         generator=generator,
+        worker_init_fn=seed_worker,
         pin_memory=pin,
         persistent_workers=cfg.run.num_workers > 0,
     )
@@ -243,8 +244,6 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
             break
     plot_curves(history, run.dir / "curves.png")
     if cfg.train.panel_images:
-        from segmentation.inference import validation_panel
-
         validation_panel(
             load_unet(run.dir / "best.safetensors", run.device),
             val_manifest,
@@ -300,7 +299,3 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def seed_worker(worker_id: int) -> None:  # pragma: no cover - only in worker processes
-    np.random.seed(torch.initial_seed() % 2**32)  # noqa: NPY002
