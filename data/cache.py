@@ -7,6 +7,7 @@ arrays, and an entry that fails to load or to verify is recomputed, never truste
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -36,15 +37,20 @@ _DIGEST = "__digest__"
 _META = "__meta__"
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries whose change can change a stage's output."""
-    out = {}
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    out = []
     for name in VERSIONED_LIBRARIES:
         try:
-            out[name] = importlib.metadata.version(name)
+            out.append((name, importlib.metadata.version(name)))
         except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+            out.append((name, "absent"))
+    return tuple(out)
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries whose change can change a stage's output (read once per process)."""
+    return dict(_installed_versions())
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
