@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     parser.add_argument("--images", type=int, default=240, help="synthetic training images")
     parser.add_argument("--seg-epochs", type=int, default=6)
-    parser.add_argument("--cls-epochs", type=int, default=6)
+    parser.add_argument("--cls-epochs", type=int, default=20)
     parser.add_argument("--backbones", default=",".join(DEMO_BACKBONES))
     parser.add_argument("--fresh", action="store_true", help="delete the demo folder first (else reruns reuse it)")
     args = parser.parse_args(argv)

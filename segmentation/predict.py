@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="manifest CSV of the images to crop")
     source.add_argument("--input", help="a folder of images (recursive)")
+    parser.add_argument("--split", help="with --manifest: only the rows of this split (train, val or test)")
     parser.add_argument("--run", default="runs/segmentation", help="trained segmentation run folder")
     parser.add_argument("--checkpoint", help="U-Net checkpoint (default: RUN/best.safetensors)")
     parser.add_argument("--out", default="runs/crops", help="where crops.csv, boxes.csv and crops/ go")
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(SegmentationConfig, args, {"predict.write_masks": args.masks, "predict.tta": args.tta})
         setup_logging(Path(args.out))
         manifest = Manifest.read(args.manifest) if args.manifest else manifest_from_folder(args.input)
+        if args.split:
+            manifest = manifest.select(args.split)
         predictor = SegmentationPredictor(
             args.checkpoint or run_dir / "best.safetensors", cfg, choose_device(cfg.run.device), force=cfg.run.force
         )
