@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from data.cache import StageCache, file_digest, stage_key
+from data.cache import StageCache, stage_key
 from data.manifest import Manifest, ManifestError
 from data.preprocess import PreprocessConfig, preprocess
-from data.reading import image_size, read_image, read_mask
+from data.reading import file_digest, image_size, read_image, read_mask
 
 logger = logging.getLogger(__name__)
 

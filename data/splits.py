@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +26,9 @@ def _one_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
     if n_groups < n_splits:
         raise ManifestError(f"cannot split {n_groups} lesion groups into a fraction {fraction:.2f}: too few groups")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, held = next(iter(splitter.split(np.zeros(len(labels)), labels, groups)))
+    with warnings.catch_warnings():  # rare classes cannot reach every side; the split summary shows the counts
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        _, held = next(iter(splitter.split(np.zeros(len(labels)), labels, groups)))
     mask = np.zeros(len(labels), dtype=bool)
     mask[held] = True
     return mask
@@ -81,9 +84,11 @@ def assign_folds(manifest: Manifest, k: int, seed: int = 0, column: str = "fold"
         raise ManifestError(f"cannot make {k} folds from {len(set(groups.tolist()))} lesion groups")
     folds = [""] * len(manifest.rows)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for fold, (_, held) in enumerate(splitter.split(np.zeros(len(idx)), labels, groups)):
-        for i in idx[held]:
-            folds[i] = str(fold)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for fold, (_, held) in enumerate(splitter.split(np.zeros(len(idx)), labels, groups)):
+            for i in idx[held]:
+                folds[i] = str(fold)
     out = manifest.with_column(column, folds)
     check_grouping(out.select("train"), column)
     return out

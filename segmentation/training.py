@@ -7,6 +7,7 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,9 @@ def make_scheduler(
 
 def _loaders(cfg: SegmentationConfig, manifest: Manifest, run: Run) -> tuple[DataLoader, DataLoader, Manifest]:
     size = cfg.data.image_size
-    rows = manifest.select()
-    rows = type(manifest)(rows=tuple(r for r in manifest.rows if r.get("mask_path")), classes=manifest.classes)
+    rows = replace(manifest, rows=tuple(r for r in manifest.rows if r.get("mask_path")))
+    if len(rows) < len(manifest):
+        logger.info("segmentation uses the %d of %d images that have a mask", len(rows), len(manifest))
     train, val = rows.select("train"), rows.select("val")
     if len(train) == 0 or len(val) == 0:
         raise ManifestError(
