@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections import Counter
 
 from data.formats import BUILTIN_MAPS, FORMATS, ConversionError, convert_dataset, parse_class_map
@@ -72,19 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     drop = [c.strip() for spec in args.drop for c in spec.split(",") if c.strip()]
     try:
-        with warnings.catch_warnings():
-            # scikit-learn warns about every class rarer than the fold count; the table printed below shows those.
-            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-            manifest, report = convert_dataset(
-                args.format,
-                args.root,
-                class_map=parse_class_map(args.map),
-                drop=drop,
-                fractions=args.fractions,
-                seed=args.seed,
-                keep_official=args.keep_official,
-                folds=args.folds,
-            )
+        manifest, report = convert_dataset(
+            args.format,
+            args.root,
+            class_map=parse_class_map(args.map),
+            drop=drop,
+            fractions=args.fractions,
+            seed=args.seed,
+            keep_official=args.keep_official,
+            folds=args.folds,
+        )
         out = manifest.write(args.out)
     except (ConversionError, ManifestError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -31,7 +31,7 @@ from data.synthetic import (
 )
 
 # Tiny data sets leave scikit-learn's stratified splitter a few members per class; it warns, which is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+
 
 REPO = Path(__file__).resolve().parents[1]
 HAM_CLASSES = ("nv", "mel", "bkl", "bcc", "akiec", "df", "vasc")
