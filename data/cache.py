@@ -184,22 +184,6 @@ class StageCache:
         self.put(key, arrays, meta)
         return {k: np.asarray(v) for k, v in arrays.items()}, dict(meta)
 
-    def write_index(self, name: str, index: Mapping[str, Any]) -> Path:
-        """Write the stage's manifest of entries (image id -> key, ...) last and atomically."""
-        path = self.root / "index" / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-        return path
-
-    def read_index(self, name: str) -> dict[str, Any] | None:
-        path = self.root / "index" / f"{name}.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-
     def summary(self) -> str:
         extra = f", {self.corrupt} corrupt recomputed" if self.corrupt else ""
         return f"cache: {self.reused} reused, {self.computed} computed{extra} ({self.stage})"

@@ -126,11 +126,3 @@ def test_force_recomputes(tmp_path, image):
     assert forced.get(key) is None
     forced.get_or_compute(key, lambda: {"x": np.ones(2)})
     assert StageCache(tmp_path, "s").get(key)[0]["x"].tolist() == [1, 1]
-
-
-def test_index_written_atomically(tmp_path):
-    cache = StageCache(tmp_path, "s")
-    cache.write_index("val", {"ISIC_1": "k1"})
-    assert cache.read_index("val") == {"ISIC_1": "k1"}
-    assert cache.read_index("missing") is None
-    assert not list((tmp_path / "s" / "index").glob(".*tmp"))
