@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from data.manifest import SPLITS, Manifest
-from data.reading import IMAGE_EXTENSIONS
+from data.reading import IMAGE_EXTENSIONS, walk_files
 from data.splits import assign_folds, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -140,17 +140,7 @@ def _skipped(name: str) -> bool:
 
 def scan_files(root: Path) -> list[Path]:
     """Every file under ``root`` in a fixed order, following folder links once, without hidden entries."""
-    found: list[Path] = []
-    visited: set[str] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:  # a symlink loop would otherwise walk forever
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not _skipped(d))
-        found.extend(Path(folder) / name for name in sorted(files) if not _skipped(name))
-    return found
+    return walk_files(root, _skipped)
 
 
 def official_split(path: Path, root: Path, include_name: bool = False) -> str:

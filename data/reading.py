@@ -8,7 +8,7 @@ import logging
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,27 +295,29 @@ def _is_mask_name(path: Path) -> bool:
     return any(stem.endswith(suffix) for suffix in MASK_SUFFIXES)
 
 
+def walk_files(root: str | os.PathLike, skip: Callable[[str], bool] = lambda name: name.startswith(".")) -> list[Path]:
+    """Every file under ``root`` in a fixed order, following folder links once, leaving out names ``skip`` rejects."""
+    found: list[Path] = []
+    visited: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a symlink loop would otherwise walk forever
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not skip(d))
+        found.extend(Path(folder) / name for name in sorted(files) if not skip(name))
+    return found
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder``, recursively and sorted, without hidden entries and mask files."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise ImageReadError(f"{folder}: {what} (give the folder that holds the images)")
-    found: list[Path] = []
-    visited: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:  # a symlink loop would otherwise walk forever
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            candidate = Path(root) / name
-            if name.startswith(".") or candidate.suffix.lower() not in IMAGE_EXTENSIONS or _is_mask_name(candidate):
-                continue
-            found.append(candidate)
-    return sorted(found)
+    images = (p for p in walk_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_mask_name(p))
+    return sorted(images)
 
 
 def file_digest(path: str | os.PathLike) -> str:
