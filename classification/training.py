@@ -179,20 +179,11 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None)):
         if max_steps and step >= max_steps:
             break
-        images = images.to(run.device, non_blocking=True)
-        labels = labels.to(run.device, non_blocking=True)
-        if run.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = run.batch(images, labels)
         with run.autocast():
             logits = model(images)
         loss = loss_fn(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        run.optimise(loss, model, optimizer, scaler, grad_clip)
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss.detach() * labels.shape[0]
@@ -220,13 +211,11 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     model.eval()
     probs, labels = [], []
     for images, target in loader:
-        images = images.to(run.device, non_blocking=True)
-        if run.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, target = run.batch(images, target)
         with run.autocast():
             logits = model(images)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.append(target)
+        labels.append(target.cpu())
     p = torch.cat(probs).numpy() if probs else np.zeros((0, 0), dtype=np.float32)
     y = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
     known = y >= 0

@@ -317,16 +317,22 @@ def _require_root(root: Path) -> Path:
     return root
 
 
+def _isic_layout(root: Path) -> tuple[_Layout, list[Path]]:
+    """The checked root's files, with every ISIC-named image and mask already collected into a layout."""
+    root = _require_root(root)
+    files = scan_files(root)
+    layout = _Layout(root)
+    layout.collect_isic_files(files)
+    return layout, files
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # ISIC challenges
 
 
 def read_isic2016(root: Path) -> ConversionResult:
     """ISIC 2016 (ISBI): Part 3 ground truth is a header-less ``id,benign|malignant`` CSV (test: ``id,0.0|1.0``)."""
-    root = _require_root(root)
-    files = scan_files(root)
-    layout = _Layout(root)
-    layout.collect_isic_files(files)
+    layout, files = _isic_layout(root)
     values = {"benign": "benign", "malignant": "malignant", "0": "benign", "1": "malignant"}
     values |= {"0.0": "benign", "1.0": "malignant"}
     found = 0
@@ -354,10 +360,7 @@ def read_isic2016(root: Path) -> ConversionResult:
 
 def read_isic2017(root: Path) -> ConversionResult:
     """ISIC 2017: ``image_id,melanoma,seborrheic_keratosis`` one-hot floats (both 0 = nevus), Part 1 masks."""
-    root = _require_root(root)
-    files = scan_files(root)
-    layout = _Layout(root)
-    layout.collect_isic_files(files)
+    layout, files = _isic_layout(root)
     found = 0
     for table in _tables(files):
         header = _header(table)
@@ -400,10 +403,7 @@ def _add_ham_metadata(layout: _Layout, record: dict[str, str]) -> str | None:
 
 def read_isic2018(root: Path) -> ConversionResult:
     """ISIC 2018: Task 1 masks and/or Task 3 one-hot labels; lesion groups from HAM10000 metadata when present."""
-    root = _require_root(root)
-    files = scan_files(root)
-    layout = _Layout(root)
-    layout.collect_isic_files(files)
+    layout, files = _isic_layout(root)
     columns = tuple(c.lower() for c in ISIC2018_CLASSES)
     found = 0
     for table in _tables(files):
@@ -431,10 +431,7 @@ def read_isic2018(root: Path) -> ConversionResult:
 
 def read_isic2019(root: Path) -> ConversionResult:
     """ISIC 2019: one-hot ``image,MEL,...,SCC,UNK`` ground truth; lesion_id, age, sex, site from the metadata CSV."""
-    root = _require_root(root)
-    files = scan_files(root)
-    layout = _Layout(root)
-    layout.collect_isic_files(files)
+    layout, files = _isic_layout(root)
     found = 0
     for table in _tables(files):
         header = _header(table)
@@ -464,10 +461,7 @@ def read_isic2019(root: Path) -> ConversionResult:
 
 def read_isic2020(root: Path) -> ConversionResult:
     """SIIM-ISIC 2020: ``train.csv`` (``target`` 0/1 = benign/malignant), groups by ``patient_id``."""
-    root = _require_root(root)
-    files = scan_files(root)
-    layout = _Layout(root)
-    layout.collect_isic_files(files)
+    layout, files = _isic_layout(root)
     found = 0
     for table in _tables(files):
         header = _header(table)
@@ -499,7 +493,7 @@ def read_isic2020(root: Path) -> ConversionResult:
                     word = record.get("benign_malignant", "").strip().lower()
                     label = word if word in BINARY_CLASSES else None
                 layout.add_label(image_id, label, table, f"target {target!r} is not 0/1")
-            elif split := official_split(table, root, include_name=True):
+            elif split := official_split(table, layout.root, include_name=True):
                 layout.label_splits.setdefault(image_id, split)
     if not found:
         layout.report.notes.append("no train.csv with a target column found: images unlabelled")
@@ -508,10 +502,7 @@ def read_isic2020(root: Path) -> ConversionResult:
 
 def read_ham10000(root: Path) -> ConversionResult:
     """HAM10000: ``HAM10000_metadata.csv`` (lesion_id, image_id, dx, ...), optional tschandl lesion masks."""
-    root = _require_root(root)
-    files = scan_files(root)
-    layout = _Layout(root)
-    layout.collect_isic_files(files)
+    layout, files = _isic_layout(root)
     found = 0
     for table in _tables(files):
         if not {"image_id", "dx"} <= _header(table):

@@ -78,6 +78,30 @@ class Run:
         """bf16/fp16 autocast on CUDA when AMP is on; a no-op context elsewhere."""
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
 
+    def batch(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch moved to the run's device, images channels-last when that is on."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def optimise(
+        loss: torch.Tensor,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        grad_clip: float = 0.0,
+    ) -> None:
+        """One optimiser step through the AMP scaler, with the gradient norm clipped first when ``grad_clip`` > 0."""
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+
 
 def start_run(
     run_dir: str | os.PathLike,

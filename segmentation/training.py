@@ -57,27 +57,19 @@ def train_one_epoch(
     desc: str = "train",
 ) -> dict[str, float]:
     model.train()
-    total, count = 0.0, 0
-    for step, (images, masks) in enumerate(tqdm(loader, desc=desc, leave=False)):
+    total = torch.zeros((), device=run.device)  # summed on the device: no GPU stall per step
+    count = 0
+    for step, (images, masks) in enumerate(tqdm(loader, desc=desc, leave=False, disable=None)):
         if max_steps and step >= max_steps:
             break
-        images = images.to(run.device, non_blocking=True)
-        masks = masks.to(run.device, non_blocking=True)
-        if run.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, masks = run.batch(images, masks)
         with run.autocast():
             loss = loss_fn(model(images), masks)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        run.optimise(loss, model, optimizer, scaler, grad_clip)
         scheduler.step()
-        total += loss.item() * len(images)
+        total += loss.detach().float() * len(images)
         count += len(images)
-    return {"train_loss": total / max(count, 1)}
+    return {"train_loss": float(total) / max(count, 1)}
 
 
 @torch.inference_mode()
@@ -87,9 +79,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Modul
     total, count = 0.0, 0
     scores: dict[str, list[torch.Tensor]] = {"dice": [], "jaccard": [], "thresholded_jaccard": []}
     for images, masks in loader:
-        images, masks = images.to(run.device), masks.to(run.device)
-        if run.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, masks = run.batch(images, masks)
         with run.autocast():
             logits = model(images)
         total += loss_fn(logits.float(), masks).item() * len(images)
