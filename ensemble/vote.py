@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from configs.loader import ConfigError, default_config_path, load_config
-from data.checkpoint import CheckpointError
+from configs.cli import resolve_config, run_cli, stage_parser
 from data.run import start_run
 from ensemble.config import EnsembleConfig
-from ensemble.tables import TableError
 from ensemble.voting import run_vote
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Stack the classifiers' probabilities, fit the locally connected meta-network and the baselines "
-        "on the held-out split (settings chosen by cross-validation inside it), and score every method once on test."
-    )
-    parser.add_argument("--config", default=str(default_config_path("ensemble")), help="YAML config (defaults)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set meta.epochs=500 (repeatable)",
+    parser = stage_parser(
+        "ensemble",
+        "Stack the classifiers' probabilities, fit the locally connected meta-network and the baselines on the "
+        "held-out split (settings chosen by cross-validation inside it), and score every method once on test.",
     )
     parser.add_argument("--root", help="classification run folder holding <backbone>/probs_<split>.csv")
     parser.add_argument("--backbones", help="comma-separated backbones to stack, in order, e.g. resnet50,xception")
@@ -34,37 +24,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="held-out probabilities to learn from: val, or oof (classification/train.py --folds K)",
     )
     parser.add_argument("--out", help="run folder to write methods.csv, meta.safetensors, ... into")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(
-            EnsembleConfig,
-            args.config,
-            args.set,
-            {
-                "data.classification_root": args.root,
-                "data.backbones": args.backbones,
-                "data.fit_split": args.fit_split,
-                "run.out_dir": args.out,
-                "run.device": args.device,
-            },
-        )
-        run = start_run(
-            cfg.run.out_dir, cfg, cfg.run.seed, cfg.run.device, cfg.run.amp, cfg.run.channels_last, cfg.run.threads
-        )
-        summary = run_vote(cfg, run)
-    except (ConfigError, TableError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if str(e).startswith("--device"):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    return run_cli(lambda: _vote(args))
+
+
+def _vote(args: argparse.Namespace) -> int:
+    flags = {
+        "data.classification_root": args.root,
+        "data.backbones": args.backbones,
+        "data.fit_split": args.fit_split,
+        "run.out_dir": args.out,
+    }
+    cfg = resolve_config(EnsembleConfig, args, flags)
+    run = start_run(
+        cfg.run.out_dir, cfg, cfg.run.seed, cfg.run.device, cfg.run.amp, cfg.run.channels_last, cfg.run.threads
+    )
+    summary = run_vote(cfg, run)
     scores = {row["method"]: row["balanced_accuracy"] for row in summary["methods"]}
     referral = summary["referral_test"]
     refer = (
