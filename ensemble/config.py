@@ -47,11 +47,24 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    bootstrap: int = 1000  # stratified bootstrap resamples of the test images for confidence intervals; 0 = none
+    confidence: float = 0.95  # width of the intervals (percentile)
+
+    def __post_init__(self) -> None:
+        if self.bootstrap < 0:
+            raise ValueError(f"evaluation.bootstrap must be >= 0 (0 = no intervals), got {self.bootstrap}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"evaluation.confidence must be between 0 and 1, e.g. 0.95, got {self.confidence}")
+
+
+@dataclass(frozen=True)
 class EnsembleConfig:
     data: EnsembleDataConfig = field(default_factory=EnsembleDataConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/ensemble"))
 
 

@@ -44,7 +44,15 @@ def _vote(args: argparse.Namespace) -> int:
         cfg.run.out_dir, cfg, cfg.run.seed, cfg.run.device, cfg.run.amp, cfg.run.channels_last, cfg.run.threads
     )
     summary = run_vote(cfg, run)
-    scores = {row["method"]: row["balanced_accuracy"] for row in summary["methods"]}
+    rows = {row["method"]: row for row in summary["methods"]}
+    scores = {name: row["balanced_accuracy"] for name, row in rows.items()}
+    meta = rows["meta_network"]
+    interval = (
+        f" (difference {meta['delta_vs_best_single']:+.4f}, {cfg.evaluation.confidence:.0%} bootstrap interval "
+        f"{meta['delta_low']:+.4f} to {meta['delta_high']:+.4f})"
+        if "delta_low" in meta
+        else ""
+    )
     referral = summary["referral_test"]
     refer = (
         f"; {referral['referred_fraction']:.0%} referred below top probability {summary['refer_threshold']:.3f} "
@@ -54,8 +62,8 @@ def _vote(args: argparse.Namespace) -> int:
     )
     print(
         f"meta-network balanced accuracy {scores['meta_network']:.4f} vs best single backbone "
-        f"{summary['best_single']} {scores['best_single']:.4f} (mean vote {scores['mean_vote']:.4f}, logistic "
-        f"stacking {scores['logistic_stacking']:.4f}) on {summary['n_test']} test images{refer}; "
+        f"{summary['best_single']} {scores['best_single']:.4f}{interval} (mean vote {scores['mean_vote']:.4f}, "
+        f"logistic stacking {scores['logistic_stacking']:.4f}) on {summary['n_test']} test images{refer}; "
         f"wrote {summary['paths']['methods']}"
     )
     return 0

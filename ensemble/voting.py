@@ -63,6 +63,64 @@ def method_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]
     return out
 
 
+INTERVAL_COLUMNS: tuple[str, ...] = (
+    "balanced_accuracy_low",
+    "balanced_accuracy_high",
+    "delta_vs_best_single",
+    "delta_low",
+    "delta_high",
+    "p_better_than_best_single",
+)
+
+
+def bootstrap_balanced_accuracy(
+    labels: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    reference: str,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Paired, class-stratified bootstrap of balanced accuracy on the same test images.
+
+    Each resample draws images with replacement inside every true class (class sizes stay fixed, as balanced accuracy
+    weighs every class equally), and every method is scored on the same resample, so the interval of a method's
+    difference to ``reference`` accounts for their shared images. Returns per method the percentile interval of its
+    balanced accuracy, its point difference to the reference with the interval of that difference, and the share of
+    resamples in which it scored above the reference.
+    """
+    names = list(predictions)
+    correct = np.stack([np.asarray(predictions[n]) == labels for n in names])  # methods x images
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    rng = np.random.default_rng(seed)
+    scores = np.empty((samples, len(names)))
+    for i in range(samples):
+        recalls = [correct[:, rng.choice(m, size=m.size)].mean(axis=1) for m in members]
+        scores[i] = np.mean(recalls, axis=0)
+    point = np.mean([correct[:, m].mean(axis=1) for m in members], axis=0)
+    ref = names.index(reference)
+    diff = scores - scores[:, [ref]]
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(scores, [tail, 1.0 - tail], axis=0)
+    diff_low, diff_high = np.quantile(diff, [tail, 1.0 - tail], axis=0)
+    return {
+        name: dict(
+            zip(
+                INTERVAL_COLUMNS,
+                (
+                    float(low[j]),
+                    float(high[j]),
+                    float(point[j] - point[ref]),
+                    float(diff_low[j]),
+                    float(diff_high[j]),
+                    float((diff[:, j] > 0).mean()),
+                ),
+            )
+        )
+        for j, name in enumerate(names)
+    }
+
+
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
@@ -78,9 +136,11 @@ def _format(value: Any) -> Any:
 
 
 def write_methods_table(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> Path:
-    """``method, balanced_accuracy, macro_auc, macro_f1, accuracy, log_loss, ece, recall_<class>..., auc_<class>...,
-    detail`` with one row per method, all on the same test images."""
-    header = ["method", *METRIC_COLUMNS, *(f"recall_{c}" for c in classes), *(f"auc_{c}" for c in classes), "detail"]
+    """``method, balanced_accuracy, macro_auc, macro_f1, accuracy, log_loss, ece``, the bootstrap interval columns
+    when computed, ``recall_<class>..., auc_<class>..., detail``: one row per method, all on the same test images."""
+    intervals = [c for c in INTERVAL_COLUMNS if any(c in row for row in rows)]
+    header = ["method", *METRIC_COLUMNS, *intervals, *(f"recall_{c}" for c in classes), *(f"auc_{c}" for c in classes)]
+    header.append("detail")
     return _write_csv(path, header, [[_format(row.get(h, "")) for h in header] for row in rows])
 
 
@@ -201,6 +261,17 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         methods.append(("meta_network_calibrated", test_meta[labelled], f"temperature={temperature:.3f}"))
     n_bins = cfg.calibration.ece_bins
     rows = [{"method": m, **method_metrics(test.labels, p, classes, n_bins), "detail": det} for m, p, det in methods]
+    if cfg.evaluation.bootstrap:
+        intervals = bootstrap_balanced_accuracy(
+            test.labels,
+            {m: p.argmax(axis=1) for m, p, _ in methods},
+            "best_single",
+            cfg.evaluation.bootstrap,
+            cfg.evaluation.confidence,
+            cfg.meta.seed,
+        )
+        for row in rows:
+            row.update(intervals[row["method"]])
     referral_test = {}
     if refer_index is not None:
         referral_test = referral_outcome(test_meta[labelled], test.labels, refer_index, threshold)

@@ -21,6 +21,7 @@ from ensemble.config import MetaConfig
 from ensemble.meta import LocallyConnectedVote, fit_meta, load_meta, meta_logits, save_meta, selection_score, softmax
 from ensemble.tables import LeakError, TableError, load_probability_tables
 from ensemble.vote import main
+from ensemble.voting import bootstrap_balanced_accuracy
 
 CLASSES = ("nv", "mel", "bkl", "bcc")
 BACKBONES = ("good_a", "good_b", "noise")
@@ -281,6 +282,30 @@ def test_leak_guard_refuses_tables_of_training_images(tmp_path, sidecar, split):
         assert load_probability_tables(tmp_path, BACKBONES, split).probs.shape == (10, 3, 4)
 
 
+# --- bootstrap intervals ---
+
+
+def test_bootstrap_intervals_pair_methods_and_keep_every_class():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), [200, 100, 50, 2])  # a class of 2 images is in every resample
+    perfect = labels.copy()
+    half = np.where(rng.random(labels.size) < 0.5, labels, (labels + 1) % 4)
+    out = bootstrap_balanced_accuracy(
+        labels, {"ref": half, "same": half.copy(), "perfect": perfect}, "ref", samples=300, seed=1
+    )
+    # identical predictions: the paired difference is exactly zero in every resample
+    assert out["same"]["delta_low"] == out["same"]["delta_high"] == out["same"]["delta_vs_best_single"] == 0.0
+    assert out["same"]["p_better_than_best_single"] == 0.0
+    # a method right on every image: its interval is a point at 1, and it beats the reference in every resample
+    assert out["perfect"]["balanced_accuracy_low"] == out["perfect"]["balanced_accuracy_high"] == 1.0
+    assert out["perfect"]["delta_low"] > 0.0 and out["perfect"]["p_better_than_best_single"] == 1.0
+    point = np.mean([(half[labels == c] == c).mean() for c in range(4)])
+    assert out["perfect"]["delta_vs_best_single"] == pytest.approx(1.0 - point)
+    assert out["ref"]["balanced_accuracy_low"] < point < out["ref"]["balanced_accuracy_high"]
+    # the 2-image class makes the reference's interval wide: a resample can hold that class's image twice
+    assert out["ref"]["balanced_accuracy_high"] - out["ref"]["balanced_accuracy_low"] > 0.05
+
+
 # --- end to end ---
 
 
@@ -306,6 +331,15 @@ def test_vote_end_to_end_writes_every_method(tables, tmp_path, capsys):
         assert {f"recall_{c}" for c in CLASSES} <= set(r)
     assert float(rows["meta_network"]["balanced_accuracy"]) > float(rows["mean_vote"]["balanced_accuracy"])
     assert float(rows["noise"]["balanced_accuracy"]) < 0.4
+    assert float(rows["best_single"]["delta_vs_best_single"]) == 0.0
+    meta = rows["meta_network"]
+    assert (
+        float(meta["balanced_accuracy_low"])
+        <= float(meta["balanced_accuracy"])
+        <= float(meta["balanced_accuracy_high"])
+    )
+    assert float(meta["delta_low"]) <= float(meta["delta_vs_best_single"]) <= float(meta["delta_high"])
+    assert "bootstrap interval" in line
     for name in (
         "confusion_meta.csv",
         "confusion_meta.png",
