@@ -62,8 +62,8 @@ def _vote(args: argparse.Namespace) -> int:
     )
     print(
         f"meta-network balanced accuracy {scores['meta_network']:.4f} vs best single backbone "
-        f"{summary['best_single']} {scores['best_single']:.4f}{interval} (mean vote {scores['mean_vote']:.4f}, "
-        f"logistic stacking {scores['logistic_stacking']:.4f}) on {summary['n_test']} test images{refer}; "
+        f"{summary['best_single']} {scores['best_single']:.4f}{interval}; mean vote {scores['mean_vote']:.4f}, "
+        f"logistic stacking {scores['logistic_stacking']:.4f}; {summary['n_test']} test images{refer}; "
         f"wrote {summary['paths']['methods']}"
     )
     return 0
