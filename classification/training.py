@@ -67,7 +67,7 @@ from data.checkpoint import (
 from data.datasets import ClassificationDataset, seed_worker
 from data.manifest import Manifest, ManifestError
 from data.reading import read_image
-from data.run import Run, start_run
+from data.run import Run, optimiser_step, start_run
 from data.splits import assign_folds
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def train_one_epoch(
         with run.autocast():
             logits = model(images)
         loss = loss_fn(logits.float(), labels)
-        run.optimise(loss, model, optimizer, scaler, grad_clip)
+        optimiser_step(loss, model, optimizer, scaler, grad_clip)
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss.detach() * labels.shape[0]

@@ -20,7 +20,7 @@ from data.augment import build_transform
 from data.checkpoint import load_checkpoint, load_resume_state, load_weights, save_resume_state
 from data.datasets import SegmentationDataset, seed_worker
 from data.manifest import Manifest, ManifestError
-from data.run import Run
+from data.run import Run, optimiser_step
 from segmentation.config import SegmentationConfig
 from segmentation.inference import validation_panel
 from segmentation.metrics import batch_scores_torch
@@ -65,7 +65,7 @@ def train_one_epoch(
         images, masks = run.batch(images, masks)
         with run.autocast():
             loss = loss_fn(model(images), masks)
-        run.optimise(loss, model, optimizer, scaler, grad_clip)
+        optimiser_step(loss, model, optimizer, scaler, grad_clip)
         scheduler.step()
         total += loss.detach().float() * len(images)
         count += len(images)
