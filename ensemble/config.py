@@ -24,6 +24,8 @@ class MetaConfig:
     weight_decay: float = 1.0e-3  # used when weight_decay_grid is empty
     hidden_grid: tuple[int, ...] = (4, 20)  # settings tried by cross-validation inside the fit set
     weight_decay_grid: tuple[float, ...] = (1.0e-3, 1.0e-1)
+    inputs: Literal["probs", "log_probs"] = "probs"  # what each class's MLP sees; used when inputs_grid is empty
+    inputs_grid: tuple[Literal["probs", "log_probs"], ...] = ("probs", "log_probs")
     epochs: int = 300  # full-batch AdamW steps
     lr: float = 0.02
     cv_folds: int = 5  # stratified, inside the fit set

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "ensemble"
 ARCHITECTURE = "LocallyConnectedVote"
+INPUTS = ("probs", "log_probs")
 
 
 class LocallyConnectedVote(nn.Module):
@@ -41,12 +42,24 @@ class LocallyConnectedVote(nn.Module):
     Seed 004 squashed each class score through a sigmoid before the softmax. That caps the top probability at
     e / (e + C - 1) (0.31 for seven classes), so its outputs cannot be calibrated and log-loss training saturates;
     it is off by default and kept as ``sigmoid_output`` to reproduce the original.
+
+    ``inputs="log_probs"`` feeds each MLP log-probabilities instead (clamped at 1e-6): a backbone's 0.001 and 0.01 are
+    far apart on that scale, close on the probability scale, which is what logistic stacking gains from.
     """
 
-    def __init__(self, n_backbones: int, n_classes: int, hidden: int = 20, sigmoid_output: bool = False) -> None:
+    def __init__(
+        self,
+        n_backbones: int,
+        n_classes: int,
+        hidden: int = 20,
+        sigmoid_output: bool = False,
+        inputs: str = "probs",
+    ) -> None:
         super().__init__()
+        if inputs not in INPUTS:
+            raise ValueError(f"meta-network inputs must be one of {INPUTS}, got {inputs!r}")
         self.n_backbones, self.n_classes, self.hidden = n_backbones, n_classes, hidden
-        self.sigmoid_output = sigmoid_output
+        self.sigmoid_output, self.inputs = sigmoid_output, inputs
         self.w1 = nn.Parameter(torch.empty(n_classes, hidden, n_backbones))
         self.b1 = nn.Parameter(torch.zeros(n_classes, hidden))
         self.w2 = nn.Parameter(torch.empty(n_classes, hidden))
@@ -65,6 +78,8 @@ class LocallyConnectedVote(nn.Module):
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         """(images, backbones, classes) probabilities -> (images, classes) logits."""
+        if self.inputs == "log_probs":
+            probs = torch.log(probs.clamp_min(1e-6))
         hidden = torch.relu(torch.einsum("nbc,chb->nch", probs, self.w1) + self.b1)
         scores = torch.einsum("nch,ch->nc", hidden, self.w2) + self.b2
         return torch.sigmoid(scores) if self.sigmoid_output else scores
@@ -79,6 +94,7 @@ class MetaSettings:
 
     hidden: int
     weight_decay: float
+    inputs: str = "probs"
 
 
 @dataclass(frozen=True)
@@ -149,12 +165,12 @@ def fit_meta(
     """Full-batch AdamW on class-weighted log-loss (so the optimum serves balanced accuracy); deterministic by seed.
 
     ``probs`` is (images, backbones, classes), ``labels`` class indices (no -1); ``settings`` default to
-    ``cfg.hidden`` and ``cfg.weight_decay``.
+    ``cfg.hidden``, ``cfg.weight_decay`` and ``cfg.inputs``.
     """
-    settings = settings or MetaSettings(cfg.hidden, cfg.weight_decay)
+    settings = settings or MetaSettings(cfg.hidden, cfg.weight_decay, cfg.inputs)
     seed = cfg.seed if seed is None else seed
     n_classes = probs.shape[2]
-    model = LocallyConnectedVote(probs.shape[1], n_classes, settings.hidden, cfg.sigmoid_output)
+    model = LocallyConnectedVote(probs.shape[1], n_classes, settings.hidden, cfg.sigmoid_output, settings.inputs)
     model.reset_parameters(torch.Generator().manual_seed(seed))
     model.to(device)
     x = torch.as_tensor(probs, dtype=torch.float32, device=device)
@@ -186,10 +202,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def candidate_settings(cfg: MetaConfig) -> list[MetaSettings]:
-    """The grid hidden_grid x weight_decay_grid; an empty grid stands for the single configured value."""
+    """The grid hidden_grid x weight_decay_grid x inputs_grid; an empty grid stands for the single configured value."""
     hiddens = cfg.hidden_grid or (cfg.hidden,)
     decays = cfg.weight_decay_grid or (cfg.weight_decay,)
-    return [MetaSettings(h, wd) for h, wd in itertools.product(hiddens, decays)]
+    inputs = cfg.inputs_grid or (cfg.inputs,)
+    return [MetaSettings(h, wd, i) for h, wd, i in itertools.product(hiddens, decays, inputs)]
 
 
 def select_meta_settings(
@@ -211,6 +228,7 @@ def select_meta_settings(
             {
                 "hidden": settings.hidden,
                 "weight_decay": settings.weight_decay,
+                "inputs": settings.inputs,
                 "cv_balanced_accuracy": bacc,
                 "cv_log_loss": loss,
             }
@@ -238,6 +256,7 @@ def save_meta(
         "classes": list(classes),
         "hidden": model.hidden,
         "sigmoid_output": model.sigmoid_output,
+        "inputs": model.inputs,
         **(metadata or {}),
     }
     return save_checkpoint(path, model, meta)
@@ -258,7 +277,11 @@ def load_meta(
         expect["classes"] = list(classes)
     state, meta = load_checkpoint(path, expect=expect)
     model = LocallyConnectedVote(
-        len(meta["backbones"]), len(meta["classes"]), int(meta["hidden"]), bool(meta.get("sigmoid_output", False))
+        len(meta["backbones"]),
+        len(meta["classes"]),
+        int(meta["hidden"]),
+        bool(meta.get("sigmoid_output", False)),
+        str(meta.get("inputs", "probs")),
     )
     load_weights(model, state, path)
     model.eval()

@@ -158,6 +158,40 @@ def test_fit_is_deterministic_and_checkpoint_round_trips(tmp_path):
         load_meta(path, backbones=BACKBONES[::-1])
 
 
+def test_log_prob_inputs_are_applied_and_survive_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(5, 3, 4) * 3, dim=-1)
+    on_logs = LocallyConnectedVote(3, 4, hidden=5, inputs="log_probs")
+    on_probs = LocallyConnectedVote(3, 4, hidden=5)
+    on_probs.load_state_dict(on_logs.state_dict())
+    # same weights: the log-prob model sees log(p), so it equals the prob model fed log(p), not the prob model fed p
+    torch.testing.assert_close(on_logs(probs), on_probs(torch.log(probs)))
+    assert not torch.allclose(on_logs(probs), on_probs(probs))
+    path = save_meta(tmp_path / "meta.safetensors", on_logs, CLASSES[:4], BACKBONES)
+    loaded, meta = load_meta(path)
+    assert meta["inputs"] == "log_probs" and loaded.inputs == "log_probs"
+    torch.testing.assert_close(loaded(probs), on_logs(probs))
+    with pytest.raises(ValueError, match="log_probs"):
+        LocallyConnectedVote(3, 4, inputs="logits")
+
+
+def test_cross_validation_tries_both_input_scales():
+    from ensemble.meta import select_meta_settings
+
+    rng = np.random.default_rng(4)
+    labels, probs = synthetic_probs(120, rng)
+    cfg = MetaConfig(epochs=20, hidden_grid=(4,), weight_decay_grid=(1e-3,))
+    selection = select_meta_settings(probs, labels, cfg)
+    assert [row["inputs"] for row in selection.scores] == ["probs", "log_probs"]
+    assert selection.settings.inputs in ("probs", "log_probs")
+    only = select_meta_settings(
+        probs,
+        labels,
+        MetaConfig(epochs=20, hidden_grid=(4,), weight_decay_grid=(1e-3,), inputs_grid=(), inputs="log_probs"),
+    )
+    assert [row["inputs"] for row in only.scores] == ["log_probs"]
+
+
 # --- baselines ---
 
 
