@@ -5,6 +5,7 @@ once on the test split, and write the comparison table, confusion matrix, reliab
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
-from configs.loader import config_hash
+from configs.loader import config_hash, to_dict
+from data.cache import stage_key
 from data.run import Run
 from ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
 from ensemble.calibration import (
@@ -202,18 +204,51 @@ def _refer_class_index(cfg: EnsembleConfig, classes: Sequence[str], fit_labels: 
     return index
 
 
+def table_digest(table: StackedTable) -> str:
+    """sha256 over what the vote reads from one split: ids, labels, classes, backbone order and probabilities."""
+    h = hashlib.sha256()
+    for part in (table.split, table.ids, table.classes, table.backbones):
+        h.update(json.dumps(part).encode())
+    h.update(np.ascontiguousarray(table.labels, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(table.probs, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def vote_key(cfg: EnsembleConfig, fit: StackedTable, test: StackedTable) -> str:
+    """The key of a finished vote: every setting but the run section's, and the contents of both splits' tables."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "run"}
+    settings["seed"] = cfg.run.seed
+    return stage_key("ensemble", settings=settings, upstream=(table_digest(fit), table_digest(test)))
+
+
+def finished_vote(out: Path, key: str) -> dict[str, Any] | None:
+    """The summary of a vote already written into ``out`` for ``key`` with all its files, else None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("vote_key") != key or not all(Path(p).is_file() for p in summary.get("paths", {}).values()):
+        return None
+    return summary
+
+
 def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     """Fit the meta-network and the baselines on the held-out split, evaluate each once on the test split, write
     the comparison into ``run.dir`` and return a summary.
 
     Every choice (meta-network settings, logistic C, best single backbone, temperature, refer threshold) is made
     inside the fit split; the test tables are read up front only to check that they agree, and scored once after
-    every choice is fixed.
+    every choice is fixed. A vote already finished in ``run.dir`` on the same tables and settings is reused (its
+    summary returned, nothing refitted) unless ``run.force``.
     """
     d = cfg.data
     fit_all = load_probability_tables(d.classification_root, d.backbones, d.fit_split)
     test_all = load_probability_tables(d.classification_root, d.backbones, d.test_split)
     check_fit_and_test_agree(fit_all, test_all)
+    key = vote_key(cfg, fit_all, test_all)
+    if not cfg.run.force and (done := finished_vote(run.dir, key)) is not None:
+        logger.info("reused the finished vote in %s (same tables and settings; --force refits)", run.dir)
+        return done
     fit = _fit_rows(fit_all)
     test = test_all.labelled()
     if len(test) == 0:
@@ -315,6 +350,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         },
     )
     summary = {
+        "vote_key": key,
         "fit_split": d.fit_split,
         "n_fit": len(fit),
         "n_test": len(test),

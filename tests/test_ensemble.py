@@ -396,6 +396,35 @@ def test_vote_end_to_end_writes_every_method(tables, tmp_path, capsys):
     assert all((float(p["top_probability"]) < summary["refer_threshold"]) == (p["refer"] == "1") for p in preds)
 
 
+def test_a_finished_vote_is_reused_and_refitted_when_asked_or_changed(tables, tmp_path, monkeypatch):
+    import ensemble.voting
+
+    out = tmp_path / "run"
+    assert main(_args(tables, out)) == 0
+    first = (out / "summary.json").read_text()
+    calls = []
+    real = ensemble.voting.select_meta_settings
+    monkeypatch.setattr(ensemble.voting, "select_meta_settings", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(_args(tables, out)) == 0
+    assert calls == [] and (out / "summary.json").read_text() == first
+    assert main([*_args(tables, out), "--force"]) == 0
+    assert calls == [1]
+    assert main([*_args(tables, out), "--set", "meta.epochs=50"]) == 0
+    assert calls == [1, 1]
+    # new tables (two probabilities of one image swapped) are a new vote too
+    path = tables / BACKBONES[0] / "probs_test.csv"
+    text = path.read_text().splitlines()
+    cells = text[1].split(",")
+    cells[3], cells[4] = cells[4], cells[3]
+    path.write_text("\n".join([text[0], ",".join(cells), *text[2:]]) + "\n")
+    assert main([*_args(tables, out), "--set", "meta.epochs=50"]) == 0
+    assert calls == [1, 1, 1]
+    # a summary whose files are gone is not a finished vote
+    (out / "methods.csv").unlink()
+    assert main([*_args(tables, out), "--set", "meta.epochs=50"]) == 0
+    assert calls == [1, 1, 1, 1] and (out / "methods.csv").is_file()
+
+
 def test_test_labels_never_influence_any_choice(tables, tmp_path):
     assert main(_args(tables, tmp_path / "a")) == 0
     path = tables / "good_a" / "probs_test.csv"
