@@ -36,6 +36,7 @@ class SegTrainConfig:
     warmup_epochs: float = 1.0
     dice_weight: float = 1.0
     bce_weight: float = 1.0
+    dice_per_image: bool = False  # one soft Dice per image, averaged (as ISIC scores); false: Dice over the batch
     patience: int = 10  # early stopping on validation Jaccard
     grad_clip: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = whole epoch

@@ -32,16 +32,29 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_dice", "val_jacc
 
 
 class DiceBCELoss(torch.nn.Module):
-    """Soft Dice (smp, binary mode) plus binary cross-entropy on the logits."""
+    """Soft Dice plus binary cross-entropy on the logits.
 
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
+    Dice over the whole batch (smp's binary mode) lets a large lesion outweigh a missed small one; ``per_image``
+    averages one soft Dice per image instead, as the ISIC score averages one Jaccard per image.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, per_image: bool = False) -> None:
         super().__init__()
         self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
         self.bce = torch.nn.BCEWithLogitsLoss()
-        self.dice_weight, self.bce_weight = dice_weight, bce_weight
+        self.dice_weight, self.bce_weight, self.per_image = dice_weight, bce_weight, per_image
+
+    def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not self.per_image:
+            return self.dice(logits, target)
+        prob = torch.sigmoid(logits.float()).flatten(1)
+        target = target.float().flatten(1)
+        overlap = (prob * target).sum(1)
+        total = prob.sum(1) + target.sum(1)
+        return (1.0 - (2.0 * overlap + 1.0) / (total + 1.0)).mean()  # +1: an empty mask predicted empty scores 1
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.dice_weight * self.dice(logits, target) + self.bce_weight * self.bce(logits, target)
+        return self.dice_weight * self.dice_loss(logits, target) + self.bce_weight * self.bce(logits, target)
 
 
 def train_one_epoch(
@@ -150,7 +163,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
     model = build_unet(cfg.model).to(run.device)
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)
+    loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight, cfg.train.dice_per_image)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:

@@ -163,3 +163,21 @@ def test_script_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error:") and "none.csv" in err and len(err.splitlines()) == 1
     assert train_script.main(["--set", "train.epoch=3"]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_per_image_dice_does_not_let_a_large_lesion_hide_a_missed_small_one():
+    from segmentation.training import DiceBCELoss
+
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, :, 2:30, 2:30] = 1  # a large lesion, found exactly
+    target[1, :, 10:13, 10:13] = 1  # a small lesion, missed entirely
+    logits = torch.full_like(target, -20.0)
+    logits[0, :, 2:30, 2:30] = 20.0
+    batch = DiceBCELoss(1.0, 0.0).dice_loss(logits, target)
+    per_image = DiceBCELoss(1.0, 0.0, per_image=True).dice_loss(logits, target)
+    assert batch < 0.02  # 9 missed pixels out of 793
+    assert per_image == pytest.approx(0.5, abs=0.06)  # one image of two scores 0
+    perfect = torch.where(target > 0, 20.0, -20.0)
+    assert DiceBCELoss(1.0, 0.0, per_image=True).dice_loss(perfect, target) < 1e-3
+    empty = torch.zeros(1, 1, 8, 8)
+    assert DiceBCELoss(1.0, 0.0, per_image=True).dice_loss(torch.full_like(empty, -20.0), empty) < 1e-3
