@@ -12,11 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ensemble.meta import cross_validation_folds, selection_score
+from ensemble.meta import LOG_FLOOR, cross_validation_folds, selection_score
 
 logger = logging.getLogger(__name__)
-
-LOG_FLOOR = 1.0e-6  # probabilities written as 0 in a CSV would give -inf log-probabilities
 
 
 def _normalise(scores: np.ndarray) -> np.ndarray:

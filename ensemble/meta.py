@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 STAGE = "ensemble"
 ARCHITECTURE = "LocallyConnectedVote"
 INPUTS = ("probs", "log_probs")
+LOG_FLOOR = 1.0e-6  # probabilities written as 0 in a CSV would give -inf log-probabilities
 
 
 class LocallyConnectedVote(nn.Module):
@@ -43,8 +44,8 @@ class LocallyConnectedVote(nn.Module):
     e / (e + C - 1) (0.31 for seven classes), so its outputs cannot be calibrated and log-loss training saturates;
     it is off by default and kept as ``sigmoid_output`` to reproduce the original.
 
-    ``inputs="log_probs"`` feeds each MLP log-probabilities instead (clamped at 1e-6): a backbone's 0.001 and 0.01 are
-    far apart on that scale, close on the probability scale, which is what logistic stacking gains from.
+    ``inputs="log_probs"`` feeds each MLP log-probabilities instead (floored at ``LOG_FLOOR``, as logistic stacking
+    does): a backbone's 0.001 and 0.01 are far apart on that scale, close on the probability scale.
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class LocallyConnectedVote(nn.Module):
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         """(images, backbones, classes) probabilities -> (images, classes) logits."""
         if self.inputs == "log_probs":
-            probs = torch.log(probs.clamp_min(1e-6))
+            probs = torch.log(probs.clamp_min(LOG_FLOOR))
         hidden = torch.relu(torch.einsum("nbc,chb->nch", probs, self.w1) + self.b1)
         scores = torch.einsum("nch,ch->nc", hidden, self.w2) + self.b2
         return torch.sigmoid(scores) if self.sigmoid_output else scores

@@ -215,9 +215,9 @@ def table_digest(table: StackedTable) -> str:
 
 
 def vote_key(cfg: EnsembleConfig, fit: StackedTable, test: StackedTable) -> str:
-    """The key of a finished vote: every setting but the run section's, and the contents of both splits' tables."""
+    """The key of a finished vote: every setting but the run section's (device, threads, force: none changes the
+    result; the seeds in use are meta.seed), and the contents of both splits' tables."""
     settings = {k: v for k, v in to_dict(cfg).items() if k != "run"}
-    settings["seed"] = cfg.run.seed
     return stage_key("ensemble", settings=settings, upstream=(table_digest(fit), table_digest(test)))
 
 
