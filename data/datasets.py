@@ -36,6 +36,21 @@ def seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in DataLoade
         info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+def seed_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
+    """Reseed torch, the loader's shuffling and its dataset's augmentation for one epoch.
+
+    Every epoch draws from its own seed, so a run resumed at epoch ``e`` sees the same batches, augmentations and
+    dropout as an uninterrupted run (albumentations' Compose keeps a generator of its own, unseeded by torch).
+    """
+    value = seed * 100_003 + epoch
+    torch.manual_seed(value)
+    if loader.generator is not None:
+        loader.generator.manual_seed(value)
+    transform = getattr(loader.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(value % 2**32)
+
+
 def resize_square(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     """Resize to ``size`` x ``size`` (the aspect ratio is not kept, as the ISIC challenge pipelines do)."""
     if image.shape[:2] == (size, size):

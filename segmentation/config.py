@@ -39,6 +39,7 @@ class SegTrainConfig:
     dice_per_image: bool = False  # one soft Dice per image, averaged (as ISIC scores); false: Dice over the batch
     patience: int = 10  # early stopping on validation Jaccard
     grad_clip: float = 0.0
+    ema_decay: float = 0.0  # > 0: validate and keep as best an exponential moving average of the weights (timm)
     max_steps_per_epoch: int = 0  # 0 = whole epoch
     panel_images: int = 8
 

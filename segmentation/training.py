@@ -13,12 +13,13 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.augment import build_transform
-from data.checkpoint import load_checkpoint, load_resume_state, load_weights, save_resume_state
-from data.datasets import SegmentationDataset, seed_worker
+from data.checkpoint import CheckpointError, load_checkpoint, load_resume_state, load_weights, save_resume_state
+from data.datasets import SegmentationDataset, seed_epoch, seed_worker
 from data.manifest import Manifest, ManifestError
 from data.run import Run, optimiser_step
 from segmentation.config import SegmentationConfig
@@ -68,6 +69,7 @@ def train_one_epoch(
     grad_clip: float = 0.0,
     max_steps: int = 0,
     desc: str = "train",
+    ema: ModelEmaV3 | None = None,
 ) -> dict[str, float]:
     model.train()
     total = torch.zeros((), device=run.device)  # summed on the device: no GPU stall per step
@@ -80,6 +82,8 @@ def train_one_epoch(
             loss = loss_fn(model(images), masks)
         optimiser_step(loss, model, optimizer, scaler, grad_clip)
         scheduler.step()
+        if ema is not None:
+            ema.update(model, step=scheduler.last_epoch)  # the scheduler counts optimiser steps, resume included
         total += loss.detach().float() * len(images)
         count += len(images)
     return {"train_loss": float(total) / max(count, 1)}
@@ -176,6 +180,10 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         int(cfg.train.warmup_epochs * steps_per_epoch),
     )
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp)
+    # with EMA, validation, best.safetensors and prediction use the averaged weights; last.safetensors keeps the
+    # trained ones (what --resume continues from), the average travels in last_state.pt
+    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay > 0 else None
+    scored = ema.module if ema is not None else model
     start, best, stale = 0, -1.0, 0
     state_path, metrics_path = run.dir / "last_state.pt", run.dir / "metrics.csv"
     if resume:
@@ -185,6 +193,10 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
+        if ema is not None:
+            if "ema" not in state:
+                raise CheckpointError(f"{state_path} has no weight average: resume with train.ema_decay=0 or start anew")
+            ema.module.load_state_dict(state["ema"])
         start, best, stale = int(state["epoch"]) + 1, float(state["best"]), int(state["stale"])
         # rebuild the schedule for the (possibly extended) epoch count and replay it up to where training stopped
         with warnings.catch_warnings():
@@ -196,6 +208,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         metrics_path.unlink()
     history = _read_history(metrics_path)
     for epoch in range(start, cfg.train.epochs):
+        seed_epoch(train_loader, cfg.run.seed, epoch)
         t0 = time.time()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row.update(
@@ -210,9 +223,10 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
                 cfg.train.grad_clip,
                 cfg.train.max_steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                ema=ema,
             )
         )
-        row.update(evaluate(model, val_loader, loss_fn, run))
+        row.update(evaluate(scored, val_loader, loss_fn, run))
         row["sec"] = round(time.time() - t0, 2)
         history.append(row)
         _append_metrics(metrics_path, row)
@@ -220,7 +234,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         save_unet(run.dir / "last.safetensors", model, cfg.model, cfg.data.image_size, run.config_hash, extra)
         if row["val_jaccard"] > best:
             best, stale = row["val_jaccard"], 0
-            save_unet(run.dir / "best.safetensors", model, cfg.model, cfg.data.image_size, run.config_hash, extra)
+            save_unet(run.dir / "best.safetensors", scored, cfg.model, cfg.data.image_size, run.config_hash, extra)
         else:
             stale += 1
         save_resume_state(
@@ -233,6 +247,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                **({"ema": ema.module.state_dict()} if ema is not None else {}),
             },
         )
         logger.info(

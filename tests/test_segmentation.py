@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from data.checkpoint import CheckpointError, save_checkpoint
+from data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from data.manifest import Manifest
 from data.synthetic import generate_dataset, make_sample
 from segmentation import predict as predict_script
 from segmentation import train as train_script
+from segmentation import training
 from segmentation.config import SegmentationConfig, SegModelConfig
 from segmentation.inference import SegmentationPredictor, manifest_from_folder
 from segmentation.lesion import FALLBACK_ALL_BORDERS, FALLBACK_NO_LESION, FALLBACK_TOO_SMALL, crop_to_lesion, lesion_box
@@ -181,3 +182,37 @@ def test_per_image_dice_does_not_let_a_large_lesion_hide_a_missed_small_one():
     assert DiceBCELoss(1.0, 0.0, per_image=True).dice_loss(perfect, target) < 1e-3
     empty = torch.zeros(1, 1, 8, 8)
     assert DiceBCELoss(1.0, 0.0, per_image=True).dice_loss(torch.full_like(empty, -20.0), empty) < 1e-3
+
+
+def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_path, monkeypatch):
+    root, manifest = synthetic
+    base = ["--manifest", str(manifest), "--device", "cpu", "--set", f"run.cache_dir={root / 'cache'}",
+            "--set", "train.panel_images=0", "--set", "train.max_steps_per_epoch=3", "--epochs", "2", *TINY]  # fmt: skip
+    args = [*base, "--set", "train.ema_decay=0.9"]
+    assert train_script.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    best, _ = load_checkpoint(tmp_path / "whole" / "best.safetensors")
+    last, _ = load_checkpoint(tmp_path / "whole" / "last.safetensors")
+    whole = torch.load(tmp_path / "whole" / "last_state.pt", weights_only=False)["ema"]
+    name = next(k for k in best if k.endswith("weight") and best[k].dtype.is_floating_point)
+    assert not torch.equal(best[name], last[name])  # best holds the average, last the trained weights
+    assert torch.equal(best[name], whole[name].cpu())  # (val Jaccard rises over the two epochs: best is the last)
+
+    # interrupted in epoch 2 and resumed: the average continues from the saved one, as if never interrupted
+    real, calls = training.train_one_epoch, []
+
+    def stop_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_one_epoch", stop_in_second_epoch)
+    assert train_script.main([*args, "--out", str(tmp_path / "cut")]) != 0  # interrupted, epoch 1 kept
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    assert train_script.main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    resumed = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=False)["ema"]
+    assert all(torch.allclose(resumed[k].float(), whole[k].float(), atol=1e-6) for k in whole)
+
+    # a run saved without an average cannot resume with one: refused, not silently restarted
+    assert train_script.main([*base, "--out", str(tmp_path / "plain"), "--epochs", "1"]) == 0
+    assert train_script.main([*args, "--out", str(tmp_path / "plain"), "--resume"]) != 0
