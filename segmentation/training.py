@@ -195,7 +195,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         torch.set_rng_state(state["torch_rng"])
         if ema is not None:
             if "ema" not in state:
-                raise CheckpointError(f"{state_path} has no weight average: resume with train.ema_decay=0 or start anew")
+                raise CheckpointError(f"{state_path} has no weight average: resume with train.ema_decay=0 or anew")
             ema.module.load_state_dict(state["ema"])
         start, best, stale = int(state["epoch"]) + 1, float(state["best"]), int(state["stale"])
         # rebuild the schedule for the (possibly extended) epoch count and replay it up to where training stopped

@@ -187,7 +187,8 @@ def test_per_image_dice_does_not_let_a_large_lesion_hide_a_missed_small_one():
 def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_path, monkeypatch):
     root, manifest = synthetic
     base = ["--manifest", str(manifest), "--device", "cpu", "--set", f"run.cache_dir={root / 'cache'}",
-            "--set", "train.panel_images=0", "--set", "train.max_steps_per_epoch=3", "--epochs", "2", *TINY]  # fmt: skip
+            "--set", "train.panel_images=0", "--set", "train.max_steps_per_epoch=3", "--epochs", "2",
+            *TINY]  # fmt: skip
     args = [*base, "--set", "train.ema_decay=0.9"]
     assert train_script.main([*args, "--out", str(tmp_path / "whole")]) == 0
     best, _ = load_checkpoint(tmp_path / "whole" / "best.safetensors")
