@@ -48,6 +48,7 @@ class SegTrainConfig:
 class SegPredictConfig:
     threshold: float = 0.5
     tta: bool = True  # horizontal and vertical flips
+    tta_rotations: bool = False  # with tta: all 8 flips and quarter turns (3 views without)
     margin: float = 0.1  # box margin, fraction of the box side
     crop_size: int = 299  # square crops for the classifiers
     min_area: float = 0.005  # a lesion smaller than this fraction of the image falls back to the whole image

@@ -65,14 +65,26 @@ def predict_probabilities(
     std: Sequence[float],
     device: torch.device,
     tta: bool = False,
+    rotations: bool = False,
 ) -> np.ndarray:
-    """Lesion probabilities (N x H x W float32) for square images at the model's size; TTA averages flips."""
+    """Lesion probabilities (N x H x W float32) for square images at the model's size.
+
+    ``tta`` averages the image with its horizontal and vertical flips; with ``rotations`` too, over all eight flips
+    and quarter turns (lesions have no up or down). Each view's output is turned back before averaging.
+    """
     x = _to_tensor(images, mean, std).to(device)
-    prob = torch.sigmoid(model(x))
-    if tta:
-        prob = prob + torch.sigmoid(model(x.flip(-1))).flip(-1) + torch.sigmoid(model(x.flip(-2))).flip(-2)
-        prob = prob / 3
-    return prob[:, 0].float().cpu().numpy()
+    if tta and rotations:
+        views = [(flip, turns) for flip in ((), (-1,)) for turns in range(4)]
+    elif tta:
+        views = [((), 0), ((-1,), 0), ((-2,), 0)]
+    else:
+        views = [((), 0)]
+    prob = torch.zeros_like(x[:, :1], dtype=torch.float32)
+    for flip, turns in views:
+        view = torch.rot90(x.flip(flip) if flip else x, turns, dims=(-2, -1))
+        out = torch.rot90(torch.sigmoid(model(view)).float(), -turns, dims=(-2, -1))
+        prob += out.flip(flip) if flip else out
+    return (prob[:, 0] / len(views)).cpu().numpy()
 
 
 class SegmentationPredictor:
@@ -98,7 +110,7 @@ class SegmentationPredictor:
         self.settings = {
             "size": self.size,
             "threshold": p.threshold,
-            "tta": p.tta,
+            "tta": "dihedral" if p.tta and p.tta_rotations else p.tta,
             "margin": p.margin,
             "crop_size": p.crop_size,
             "min_area": p.min_area,
@@ -143,7 +155,13 @@ class SegmentationPredictor:
     def _run_batch(self, batch: list[tuple[str, str, str, np.ndarray, tuple[int, int]]]) -> Iterator[CropResult]:
         p = self.predict_cfg
         probs = predict_probabilities(
-            self.model, [resize_square(b[3], self.size) for b in batch], self.mean, self.std, self.device, p.tta
+            self.model,
+            [resize_square(b[3], self.size) for b in batch],
+            self.mean,
+            self.std,
+            self.device,
+            p.tta,
+            p.tta_rotations,
         )
         for (image_id, path, key, image, (height, width)), prob in zip(batch, probs):
             h, w = image.shape[:2]

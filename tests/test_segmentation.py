@@ -14,7 +14,7 @@ from segmentation import predict as predict_script
 from segmentation import train as train_script
 from segmentation import training
 from segmentation.config import SegmentationConfig, SegModelConfig
-from segmentation.inference import SegmentationPredictor, manifest_from_folder
+from segmentation.inference import SegmentationPredictor, manifest_from_folder, predict_probabilities
 from segmentation.lesion import FALLBACK_ALL_BORDERS, FALLBACK_NO_LESION, FALLBACK_TOO_SMALL, crop_to_lesion, lesion_box
 from segmentation.model import ModelBuildError, build_unet, load_unet
 
@@ -217,3 +217,29 @@ def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_pat
     # a run saved without an average cannot resume with one: refused, not silently restarted
     assert train_script.main([*base, "--out", str(tmp_path / "plain"), "--epochs", "1"]) == 0
     assert train_script.main([*args, "--out", str(tmp_path / "plain"), "--resume"]) != 0
+
+
+def test_tta_turns_each_view_back():
+    torch.manual_seed(0)
+    cfg = SegModelConfig(encoder="tu-test_resnet", encoder_weights=None, decoder_channels=(32, 16, 16, 8, 8))
+    model = build_unet(cfg).eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    norm = ((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+
+    def plain(transform):
+        return predict_probabilities(model, [np.ascontiguousarray(transform(i)) for i in images], *norm)
+
+    # flips: the mean of the image and its two flips, each flipped back
+    flips = predict_probabilities(model, images, *norm, tta=True)
+    expected = (plain(lambda i: i) + plain(lambda i: i[:, ::-1])[:, :, ::-1] + plain(lambda i: i[::-1])[:, ::-1]) / 3
+    assert np.allclose(flips, expected, atol=1e-5)
+    assert not np.allclose(flips, plain(lambda i: i), atol=1e-3)
+
+    # all eight flips and quarter turns: the average no longer depends on how the image was turned or flipped
+    dihedral = predict_probabilities(model, images, *norm, tta=True, rotations=True)
+    turned = predict_probabilities(model, [np.ascontiguousarray(np.rot90(i)) for i in images], *norm, True, True)
+    mirrored = predict_probabilities(model, [np.ascontiguousarray(i[:, ::-1]) for i in images], *norm, True, True)
+    assert np.allclose(np.rot90(turned, -1, axes=(1, 2)), dihedral, atol=1e-5)
+    assert np.allclose(mirrored[:, :, ::-1], dihedral, atol=1e-5)
+    assert not np.allclose(np.rot90(plain(np.rot90), -1, axes=(1, 2)), plain(lambda i: i), atol=1e-3)
