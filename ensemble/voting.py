@@ -227,7 +227,9 @@ def finished_vote(out: Path, key: str) -> dict[str, Any] | None:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    if summary.get("vote_key") != key or not all(Path(p).is_file() for p in summary.get("paths", {}).values()):
+    # every file lies in ``out``: look there by name, so a vote rerun from another working directory is still found
+    files = [out / Path(p).name for p in summary.get("paths", {}).values()]
+    if summary.get("vote_key") != key or not all(f.is_file() for f in files):
         return None
     return summary
 

@@ -425,6 +425,20 @@ def test_a_finished_vote_is_reused_and_refitted_when_asked_or_changed(tables, tm
     assert calls == [1, 1, 1, 1] and (out / "methods.csv").is_file()
 
 
+def test_a_finished_vote_is_found_from_another_working_directory(tables, tmp_path, monkeypatch):
+    import ensemble.voting
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(_args(tables, "run")) == 0  # a relative run folder
+    calls = []
+    real = ensemble.voting.select_meta_settings
+    monkeypatch.setattr(ensemble.voting, "select_meta_settings", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(_args(tables, tmp_path / "run")) == 0
+    assert calls == []
+
+
 def test_test_labels_never_influence_any_choice(tables, tmp_path):
     assert main(_args(tables, tmp_path / "a")) == 0
     path = tables / "good_a" / "probs_test.csv"
