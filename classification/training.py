@@ -64,7 +64,7 @@ from data.checkpoint import (
     save_resume_state,
     weights_digest,
 )
-from data.datasets import ClassificationDataset, seed_worker
+from data.datasets import ClassificationDataset, epoch_seed, seed_worker
 from data.manifest import Manifest, ManifestError
 from data.reading import read_image
 from data.run import Run, optimiser_step, start_run
@@ -312,7 +312,7 @@ def _epoch_batches(
     pin: bool,
 ) -> DataLoader:
     """This epoch's loader; every random draw is seeded from (seed, epoch), so a resumed run repeats it exactly."""
-    seed = cfg.run.seed * 100_003 + epoch
+    seed = epoch_seed(cfg.run.seed, epoch)
     balance = cfg.data.balance
     generator = torch.Generator().manual_seed(seed)
     sampler: Any = None
@@ -516,7 +516,7 @@ def _fit(
         model.set_backbone_trainable(not frozen)
         if epoch == t.freeze_epochs and t.freeze_epochs:
             stale = 0  # patience counts from the unfreeze: the head-only phase plateaus by design
-        torch.manual_seed(cfg.run.seed * 100_003 + epoch)  # dropout draws, reproducible across --resume
+        torch.manual_seed(epoch_seed(cfg.run.seed, epoch))  # dropout draws, reproducible across --resume
         t0 = time.time()
         row: dict[str, Any] = {
             "epoch": epoch + 1,

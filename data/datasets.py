@@ -36,13 +36,18 @@ def seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in DataLoade
         info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's random draws: each epoch its own, so a resumed run repeats an uninterrupted one."""
+    return seed * 100_003 + epoch
+
+
 def seed_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
     """Reseed torch, the loader's shuffling and its dataset's augmentation for one epoch.
 
     Every epoch draws from its own seed, so a run resumed at epoch ``e`` sees the same batches, augmentations and
     dropout as an uninterrupted run (albumentations' Compose keeps a generator of its own, unseeded by torch).
     """
-    value = seed * 100_003 + epoch
+    value = epoch_seed(seed, epoch)
     torch.manual_seed(value)
     if loader.generator is not None:
         loader.generator.manual_seed(value)

@@ -357,23 +357,14 @@ def test_main_trains_writes_everything_and_reuses_on_rerun(crops_manifest, tmp_p
     assert "cache: 2 reused, 0 computed (probabilities)" in caplog.text
 
 
-def test_resume_continues_to_the_same_result(crops_manifest, tmp_path, monkeypatch):
+def test_resume_continues_to_the_same_result(crops_manifest, tmp_path, interrupt_epoch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ("--set", "train.gradcam_images=0", "--set", "train.freeze_epochs=0")
     assert main(_args(crops_manifest, straight, *extra)) == 0
-    original = training.train_one_epoch
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_one_epoch", interrupted)
+    restore = interrupt_epoch(training, 2)
     assert main(_args(crops_manifest, resumed, *extra)) == 130
     assert len(_rows(resumed / TINY / "metrics.csv")) == 1
-    monkeypatch.setattr(training, "train_one_epoch", original)
+    restore()
     assert main(_args(crops_manifest, resumed, *extra, "--resume")) == 0
     assert [r["epoch"] for r in _rows(resumed / TINY / "metrics.csv")] == ["1", "2"]
     a = load_file(straight / TINY / "last.safetensors")

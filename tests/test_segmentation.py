@@ -184,7 +184,7 @@ def test_per_image_dice_does_not_let_a_large_lesion_hide_a_missed_small_one():
     assert DiceBCELoss(1.0, 0.0, per_image=True).dice_loss(torch.full_like(empty, -20.0), empty) < 1e-3
 
 
-def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_path, monkeypatch):
+def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_path, interrupt_epoch):
     root, manifest = synthetic
     base = ["--manifest", str(manifest), "--device", "cpu", "--set", f"run.cache_dir={root / 'cache'}",
             "--set", "train.panel_images=0", "--set", "train.max_steps_per_epoch=3", "--epochs", "2",
@@ -199,17 +199,9 @@ def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_pat
     assert torch.equal(best[name], whole[name].cpu())  # (val Jaccard rises over the two epochs: best is the last)
 
     # interrupted in epoch 2 and resumed: the average continues from the saved one, as if never interrupted
-    real, calls = training.train_one_epoch, []
-
-    def stop_in_second_epoch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(training, "train_one_epoch", stop_in_second_epoch)
+    restore = interrupt_epoch(training, 2)
     assert train_script.main([*args, "--out", str(tmp_path / "cut")]) != 0  # interrupted, epoch 1 kept
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    restore()
     assert train_script.main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     resumed = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=False)["ema"]
     assert all(torch.allclose(resumed[k].float(), whole[k].float(), atol=1e-6) for k in whole)

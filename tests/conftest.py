@@ -1,0 +1,23 @@
+"""Shared test helpers."""
+
+import pytest
+
+
+@pytest.fixture
+def interrupt_epoch(monkeypatch):
+    """``interrupt_epoch(module, n)``: the n-th call of ``module.train_one_epoch`` raises KeyboardInterrupt, as Ctrl-C
+    in that epoch would; earlier calls train as usual. Returns a function that restores the real one."""
+
+    def install(module, n: int):
+        real, calls = module.train_one_epoch, []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "train_one_epoch", interrupted)
+        return lambda: monkeypatch.setattr(module, "train_one_epoch", real)
+
+    return install
