@@ -37,6 +37,7 @@ class SegTrainConfig:
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     dice_per_image: bool = True  # one soft Dice per image, averaged (as ISIC scores); false: Dice over the batch
+    lovasz_weight: float = 0.0  # > 0: add smp's Lovasz hinge, per image (a surrogate of the per-image Jaccard)
     patience: int = 10  # early stopping on validation Jaccard
     grad_clip: float = 0.0
     ema_decay: float = 0.0  # > 0: validate and keep as best an exponential moving average of the weights (timm)

@@ -33,17 +33,22 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_dice", "val_jacc
 
 
 class DiceBCELoss(torch.nn.Module):
-    """Soft Dice plus binary cross-entropy on the logits.
+    """Soft Dice plus binary cross-entropy on the logits, optionally plus a per-image Lovasz hinge.
 
     Dice over the whole batch (smp's binary mode) lets a large lesion outweigh a missed small one; ``per_image``
-    averages one soft Dice per image instead, as the ISIC score averages one Jaccard per image.
+    averages one soft Dice per image instead, as the ISIC score averages one Jaccard per image. ``lovasz_weight``
+    adds smp's Lovasz hinge computed per image, a convex surrogate of the Jaccard index itself.
     """
 
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, per_image: bool = False) -> None:
+    def __init__(
+        self, dice_weight: float = 1.0, bce_weight: float = 1.0, per_image: bool = False, lovasz_weight: float = 0.0
+    ) -> None:
         super().__init__()
         self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
         self.bce = torch.nn.BCEWithLogitsLoss()
+        self.lovasz = smp.losses.LovaszLoss(mode="binary", per_image=True, from_logits=True)
         self.dice_weight, self.bce_weight, self.per_image = dice_weight, bce_weight, per_image
+        self.lovasz_weight = lovasz_weight
 
     def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not self.per_image:
@@ -55,7 +60,10 @@ class DiceBCELoss(torch.nn.Module):
         return (1.0 - (2.0 * overlap + 1.0) / (total + 1.0)).mean()  # +1: an empty mask predicted empty scores 1
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.dice_weight * self.dice_loss(logits, target) + self.bce_weight * self.bce(logits, target)
+        loss = self.dice_weight * self.dice_loss(logits, target) + self.bce_weight * self.bce(logits, target)
+        if self.lovasz_weight:
+            loss = loss + self.lovasz_weight * self.lovasz(logits.float(), target)
+        return loss
 
 
 def train_one_epoch(
@@ -167,7 +175,9 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
     model = build_unet(cfg.model).to(run.device)
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight, cfg.train.dice_per_image)
+    loss_fn = DiceBCELoss(
+        cfg.train.dice_weight, cfg.train.bce_weight, cfg.train.dice_per_image, cfg.train.lovasz_weight
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:

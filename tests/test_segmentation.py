@@ -184,6 +184,25 @@ def test_per_image_dice_does_not_let_a_large_lesion_hide_a_missed_small_one():
     assert DiceBCELoss(1.0, 0.0, per_image=True).dice_loss(torch.full_like(empty, -20.0), empty) < 1e-3
 
 
+def test_lovasz_term_is_per_image_and_added_to_dice_and_bce():
+    from segmentation.training import DiceBCELoss
+
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, :, 2:30, 2:30] = 1  # a large lesion, found exactly
+    target[1, :, 10:13, 10:13] = 1  # a small lesion, missed entirely
+    logits = torch.where(target[:1] > 0, 20.0, -20.0)
+    logits = torch.cat([logits, torch.full_like(target[1:], -20.0)])
+    lovasz = DiceBCELoss(0.0, 0.0, lovasz_weight=1.0)
+    found, missed = lovasz(logits[:1], target[:1]), lovasz(logits[1:], target[1:])
+    assert found < 1e-6 and missed > 10  # hinge: 1 + 20 per missed pixel, spread by the Jaccard's gradient
+    assert lovasz(logits, target) == pytest.approx((found + missed) / 2)  # one Jaccard surrogate per image, averaged
+    plain = DiceBCELoss(1.0, 1.0, per_image=True)
+    assert DiceBCELoss(1.0, 1.0, True, 0.5)(logits, target) == pytest.approx(
+        plain(logits, target) + 0.5 * (found + missed) / 2
+    )
+    assert DiceBCELoss(1.0, 1.0, True, 0.0)(logits, target) == pytest.approx(plain(logits, target))
+
+
 def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_path, interrupt_epoch):
     root, manifest = synthetic
     base = ["--manifest", str(manifest), "--device", "cpu", "--set", f"run.cache_dir={root / 'cache'}",
