@@ -7,7 +7,6 @@ ensemble stacks (validation and test, plus out-of-fold ones with K folds).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -67,7 +66,7 @@ from data.checkpoint import (
 from data.datasets import ClassificationDataset, epoch_seed, seed_worker
 from data.manifest import Manifest, ManifestError
 from data.reading import read_image
-from data.run import Run, optimiser_step, start_run
+from data.run import Run, append_metrics, optimiser_step, read_metrics, start_run
 from data.splits import assign_folds
 
 logger = logging.getLogger(__name__)
@@ -344,27 +343,6 @@ def _thumbnails(dataset: ClassificationDataset, side: int = 8) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def _read_history(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
-    """Rows of metrics.csv up to ``up_to_epoch`` (later ones belong to an interrupted epoch); rewrites the file."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= up_to_epoch]
-    path.unlink()
-    for r in rows:
-        _append_metrics(path, r)
-    return rows
-
-
 def _save_report(report: dict[str, Any], run_dir: Path, name: str, classes: Sequence[str]) -> None:
     (run_dir / f"metrics_{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     write_confusion_csv(report["confusion_matrix"], classes, run_dir / f"confusion_{name}.csv")
@@ -407,7 +385,7 @@ def train_fold(
     monitor_ds = dataset(rows.monitor, eval_tf)
     if model is None:
         logger.info("training already finished with these settings in %s; reusing it (--force retrains)", run.dir)
-        history = _read_history(run.dir / "metrics.csv", 10**9)
+        history = read_metrics(run.dir / "metrics.csv", METRIC_COLUMNS, 10**9)
     else:
         train_tf = build_transform(cfg.data.augment, size, train=True, mean=mean, std=std)
         fit_ds = dataset(rows.fit, train_tf)
@@ -500,7 +478,7 @@ def _fit(
             best,
             best_epoch,
         )
-    history = _read_history(metrics_path, start)
+    history = read_metrics(metrics_path, METRIC_COLUMNS, start)
     meta_extra = {
         "config_hash": run.config_hash,
         "fold": fold,
@@ -551,7 +529,7 @@ def _fit(
             }
         )
         history.append(row)
-        _append_metrics(metrics_path, row)
+        append_metrics(metrics_path, row, METRIC_COLUMNS)
         meta = checkpoint_metadata(
             model, classes, **meta_extra, epoch=epoch + 1, val_balanced_accuracy=report["balanced_accuracy"]
         )

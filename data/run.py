@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import random
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,3 +136,28 @@ def start_run(
     )
     logger.info("run %s on %s (amp=%s, channels_last=%s)", path, dev, run.amp, run.channels_last)
     return run
+
+
+def append_metrics(path: Path, row: Mapping[str, Any], columns: Sequence[str]) -> None:
+    """Append one epoch's row to a run's ``metrics.csv`` (header on the first row; floats to 6 significant digits)."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_metrics(path: Path, columns: Sequence[str], up_to_epoch: int) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv`` for epochs up to ``up_to_epoch``; later rows belong to an epoch that was cut off
+    after its row was written but before its state was saved: the file is rewritten without them."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = [r for r in rows if int(float(r["epoch"])) <= up_to_epoch]
+    if len(kept) < len(rows):
+        path.unlink()
+        for r in kept:
+            append_metrics(path, r, columns)
+    return kept

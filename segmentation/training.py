@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -21,7 +20,7 @@ from data.augment import build_transform
 from data.checkpoint import CheckpointError, load_checkpoint, load_resume_state, load_weights, save_resume_state
 from data.datasets import SegmentationDataset, seed_epoch, seed_worker
 from data.manifest import Manifest, ManifestError
-from data.run import Run, optimiser_step
+from data.run import Run, append_metrics, optimiser_step, read_metrics
 from segmentation.config import SegmentationConfig
 from segmentation.inference import validation_panel
 from segmentation.metrics import batch_scores_torch
@@ -216,7 +215,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         logger.info("resuming at epoch %d (best val Jaccard %.4f)", start + 1, best)
     elif metrics_path.exists():
         metrics_path.unlink()
-    history = _read_history(metrics_path)
+    history = [{k: float(v) for k, v in r.items()} for r in read_metrics(metrics_path, METRIC_COLUMNS, start)]
     for epoch in range(start, cfg.train.epochs):
         seed_epoch(train_loader, cfg.run.seed, epoch)
         t0 = time.time()
@@ -239,7 +238,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         row.update(evaluate(scored, val_loader, loss_fn, run))
         row["sec"] = round(time.time() - t0, 2)
         history.append(row)
-        _append_metrics(metrics_path, row)
+        append_metrics(metrics_path, row, METRIC_COLUMNS)
         extra = {"epoch": epoch + 1, "val_jaccard": row["val_jaccard"]}
         save_unet(run.dir / "last.safetensors", model, cfg.model, cfg.data.image_size, run.config_hash, extra)
         if row["val_jaccard"] > best:
@@ -288,22 +287,6 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         "epochs_run": len(history),
         "checkpoint": str(run.dir / "best.safetensors"),
     }
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:

@@ -230,6 +230,26 @@ def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_pat
     assert train_script.main([*args, "--out", str(tmp_path / "plain"), "--resume"]) != 0
 
 
+def test_resume_drops_the_metrics_row_of_an_epoch_cut_off_before_its_state_was_saved(
+    synthetic, tmp_path, interrupt_epoch
+):
+    root, manifest = synthetic
+    args = ["--manifest", str(manifest), "--device", "cpu", "--set", f"run.cache_dir={root / 'cache'}",
+            "--set", "train.panel_images=0", "--set", "train.max_steps_per_epoch=2", "--epochs", "2",
+            "--out", str(tmp_path / "run"), *TINY]  # fmt: skip
+    restore = interrupt_epoch(training, 2)
+    assert train_script.main(args) != 0
+    restore()
+    metrics = tmp_path / "run" / "metrics.csv"
+    with open(metrics, "a") as f:  # epoch 2's row written, then the process died before last_state.pt was saved
+        f.write("2,0.001,9,9,0,0,0,1\n")
+    assert train_script.main([*args, "--resume"]) == 0
+    with open(metrics, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["train_loss"]) != 9
+
+
 def test_tta_turns_each_view_back():
     torch.manual_seed(0)
     cfg = SegModelConfig(encoder="tu-test_resnet", encoder_weights=None, decoder_channels=(32, 16, 16, 8, 8))
