@@ -95,6 +95,32 @@ def test_boxes_cover_true_lesions_and_cache_is_reused(trained, tmp_path, capsys)
     assert (out / "crops.csv").read_text() == before
 
 
+def test_mask_variants_score_the_pipelines_own_masks_at_the_trained_size(trained, tmp_path):
+    from segmentation.benchmark import mask_variants
+    from segmentation.metrics import image_scores, mean_scores, read_mask
+
+    root, manifest, run = trained
+    out = tmp_path / "val"
+    args = ["--manifest", str(manifest), "--split", "val", "--run", str(run), "--out", str(out), "--device", "cpu",
+            "--set", f"run.cache_dir={tmp_path / 'cache'}", "--masks"]  # fmt: skip
+    assert predict_script.main(args) == 0
+    rows = Manifest.read(manifest).select("val").rows
+    assert rows
+    pipeline = mean_scores(
+        [
+            image_scores(read_mask(out / "masks" / f"{r['image_id']}_segmentation.png"), read_mask(r["mask_path"]))
+            for r in rows
+        ]  # fmt: skip
+    )
+    variants = mask_variants(run, manifest, "val", [48, 64])
+    assert variants["size 48"] == pytest.approx(pipeline, abs=1e-9)
+    assert {"size 64", "mean of sizes 48 and 64", "threshold 0.4", "convex hull"} <= set(variants)
+    # a grown mask finds at least as much lesion, a shrunk one at most as much
+    assert variants["dilation 1%"]["sensitivity"] >= variants["size 48"]["sensitivity"]
+    assert variants["erosion 1%"]["sensitivity"] <= variants["size 48"]["sensitivity"]
+    assert variants["convex hull"]["sensitivity"] >= variants["size 48"]["sensitivity"]
+
+
 def test_changed_pixel_or_weights_miss_the_cache(trained, tmp_path):
     root, manifest, run = trained
     cfg = SegmentationConfig()
