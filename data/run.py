@@ -156,8 +156,13 @@ def read_metrics(path: Path, columns: Sequence[str], up_to_epoch: int) -> list[d
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     kept = [r for r in rows if int(float(r["epoch"])) <= up_to_epoch]
-    if len(kept) < len(rows):
-        path.unlink()
+    if len(kept) < len(rows):  # rewrite beside it, then swap: an interruption here never loses the kept rows
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
         for r in kept:
-            append_metrics(path, r, columns)
+            append_metrics(tmp, r, columns)
+        if kept:
+            os.replace(tmp, path)
+        else:
+            path.unlink()
     return kept
