@@ -435,3 +435,30 @@ def test_local_pretrained_weights_file_is_loaded_without_its_head(tmp_path):
     assert torch.equal(model.backbone.conv1[0].weight, source.conv1[0].weight)
     with pytest.raises(CheckpointError, match="not found"):
         build_classifier(TINY, 2, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_bare_reference_flips_each_image_one_of_four_ways():
+    from classification.benchmark_bare import random_flips
+
+    images = torch.arange(64 * 3 * 4 * 4, dtype=torch.float32).reshape(64, 3, 4, 4)
+    flipped = random_flips(images, torch.Generator().manual_seed(0))
+    seen = set()
+    for before, after in zip(images, flipped):
+        variants = [before, before.flip(2), before.flip(1), before.flip(1).flip(2)]
+        matches = [i for i, v in enumerate(variants) if torch.equal(v, after)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}
+
+
+def test_bare_reference_trains_and_scores_the_test_rows(tmp_path, capsys):
+    from classification.benchmark_bare import main as bare_main
+
+    manifest = generate_dataset(tmp_path / "syn", n_images=40, size=32, seed=0, classes=("nv", "mel"), imbalance=1.0)
+    options = f"--model {TINY} --size 32 --epochs 4 --batch-size 8 --threads 1".split()
+    result = bare_main(["--manifest", str(manifest), "--out", str(tmp_path / "bare"), *options])
+    lines = capsys.readouterr().out.splitlines()
+    losses = [float(line.split("loss ")[1].split()[0]) for line in lines if " loss " in line]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert json.loads((tmp_path / "bare" / "metrics_test.json").read_text()) == result
+    assert 0.0 <= result["balanced_accuracy"] <= 1.0 and 0.0 <= result["macro_auc"] <= 1.0

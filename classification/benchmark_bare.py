@@ -1,0 +1,121 @@
+"""The classification bar re-run on our split: a bare timm script, none of the stage's code in the loop.
+
+``python classification/benchmark_bare.py --manifest M --size 64 --epochs 8 --out DIR`` trains timm's resnet18 from
+scratch on the manifest's ``train`` rows (whole images squashed to ``size``), with inverse-frequency class-weighted
+cross-entropy, AdamW under torch's ``OneCycleLR`` and random flips, then scores the last epoch's model once on the
+``test`` rows: balanced accuracy, accuracy, macro ROC AUC. It is the reference the stage's own runs are compared
+against in BENCHMARKS.md, so the stage's gap to the bar is measured on the same images, not quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import timm
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+from data.manifest import Manifest
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def load_split(manifest: Manifest, size: int) -> torch.Tensor:
+    """Every image of ``manifest`` decoded and resized to ``size`` x ``size``, normalised, as one NCHW float tensor."""
+    out = np.empty((len(manifest), 3, size, size), dtype=np.float32)
+    for i, path in enumerate(r["image_path"] for r in manifest.rows):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise SystemExit(f"{path}: not a readable image; fix or drop its manifest row")
+        image = cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA)
+        out[i] = ((image.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+def random_flips(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image flipped left-right and up-down, each with probability 1/2."""
+    h = torch.rand(len(images), generator=generator) < 0.5
+    v = torch.rand(len(images), generator=generator) < 0.5
+    images = torch.where(h[:, None, None, None], images.flip(3), images)
+    return torch.where(v[:, None, None, None], images.flip(2), images)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]).softmax(1) for i in range(0, len(images), batch_size)]).numpy()
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest ROC AUC averaged over the classes that occur (and do not make up every row) in ``labels``."""
+    present = [c for c in range(probs.shape[1]) if 0 < (labels == c).sum() < len(labels)]
+    return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    manifest = Manifest.read(args.manifest)
+    train, test = manifest.select("train", labelled=True), manifest.select("test", labelled=True)
+    x_train, x_test = load_split(train, args.size), load_split(test, args.size)
+    y_train, y_test = torch.tensor(train.label_indices()), np.array(test.label_indices())
+    classes = manifest.classes
+
+    counts = np.bincount(y_train.numpy(), minlength=len(classes))
+    weights = torch.tensor(len(y_train) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
+    model = timm.create_model(args.model, pretrained=False, num_classes=len(classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    steps = (len(x_train) + args.batch_size - 1) // args.batch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        total = 0.0
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i : i + args.batch_size]
+            loss = loss_fn(model(random_flips(x_train[idx], generator)), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(x_train):.4f} ({time.perf_counter() - start:.0f} s)")
+
+    probs = predict(model, x_test, 2 * args.batch_size)
+    result = {
+        "balanced_accuracy": float(balanced_accuracy_score(y_test, probs.argmax(1))),
+        "accuracy": float(accuracy_score(y_test, probs.argmax(1))),
+        "macro_auc": macro_auc(y_test, probs),
+        "train_seconds": time.perf_counter() - start,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics_test.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(" ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
