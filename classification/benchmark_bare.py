@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -58,14 +59,15 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bare_arguments(argv: list[str] | None, doc: str, model: str, size: int, epochs: int, batch: int):
+    """The options both bare scripts share, parsed; sets the thread count and the seed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--model", default=model, help="timm model (classification) or smp encoder (segmentation)")
+    parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
@@ -73,7 +75,57 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    return args
 
+
+def fit(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    args: argparse.Namespace,
+    flip_targets: bool = False,
+) -> float:
+    """The bare loop: shuffled batches, random flips (of the target masks too with ``flip_targets``), AdamW under
+    ``OneCycleLR`` at ``args.lr``; prints the loss per epoch and returns the training seconds. A last batch of one
+    image is skipped (batch norm cannot train on it)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    steps = (len(x) + args.batch_size - 1) // args.batch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i : i + args.batch_size]
+            if len(idx) < 2:
+                continue
+            if flip_targets:
+                both = random_flips(torch.cat([x[idx], y[idx]], 1), generator)
+                inputs, targets = both[:, : x.shape[1]], both[:, x.shape[1] :]
+            else:
+                inputs, targets = random_flips(x[idx], generator), y[idx]
+            loss = loss_fn(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(x):.4f} ({time.perf_counter() - start:.0f} s)")
+    return time.perf_counter() - start
+
+
+def write_result(out: str, name: str, result: dict[str, float]) -> dict[str, float]:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(" ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = bare_arguments(argv, __doc__, model="resnet18", size=64, epochs=8, batch=64)
     manifest = Manifest.read(args.manifest)
     train, test = manifest.select("train", labelled=True), manifest.select("test", labelled=True)
     x_train, x_test = load_split(train, args.size), load_split(test, args.size)
@@ -83,38 +135,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     counts = np.bincount(y_train.numpy(), minlength=len(classes))
     weights = torch.tensor(len(y_train) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
     model = timm.create_model(args.model, pretrained=False, num_classes=len(classes))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    steps = (len(x_train) + args.batch_size - 1) // args.batch_size
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    generator = torch.Generator().manual_seed(args.seed)
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(x_train), generator=generator)
-        total = 0.0
-        for i in range(0, len(order), args.batch_size):
-            idx = order[i : i + args.batch_size]
-            loss = loss_fn(model(random_flips(x_train[idx], generator)), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(idx)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(x_train):.4f} ({time.perf_counter() - start:.0f} s)")
+    seconds = fit(model, x_train, y_train, torch.nn.CrossEntropyLoss(weight=weights), args)
 
     probs = predict(model, x_test, 2 * args.batch_size)
-    result = {
-        "balanced_accuracy": float(balanced_accuracy_score(y_test, probs.argmax(1))),
-        "accuracy": float(accuracy_score(y_test, probs.argmax(1))),
-        "macro_auc": macro_auc(y_test, probs),
-        "train_seconds": time.perf_counter() - start,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics_test.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(" ".join(f"{k} {v:.4f}" for k, v in result.items()))
-    return result
+    return write_result(
+        args.out,
+        "metrics_test.json",
+        {
+            "balanced_accuracy": float(balanced_accuracy_score(y_test, probs.argmax(1))),
+            "accuracy": float(accuracy_score(y_test, probs.argmax(1))),
+            "macro_auc": macro_auc(y_test, probs),
+            "train_seconds": seconds,
+        },
+    )
 
 
 if __name__ == "__main__":

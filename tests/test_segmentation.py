@@ -300,3 +300,21 @@ def test_tta_turns_each_view_back():
     assert np.allclose(np.rot90(turned, -1, axes=(1, 2)), dihedral, atol=1e-5)
     assert np.allclose(mirrored[:, :, ::-1], dihedral, atol=1e-5)
     assert not np.allclose(np.rot90(plain(np.rot90), -1, axes=(1, 2)), plain(lambda i: i), atol=1e-3)
+
+
+def test_bare_reference_trains_and_scores_every_test_image_at_its_size(tmp_path, capsys):
+    import json
+
+    from segmentation.benchmark_bare import load_masks
+    from segmentation.benchmark_bare import main as bare_main
+
+    manifest = generate_dataset(tmp_path / "syn", n_images=40, size=48, seed=0)
+    options = ["--size", "32", "--epochs", "3", "--batch-size", "4"]
+    result = bare_main(["--manifest", str(manifest), "--out", str(tmp_path / "bare"), *options])
+    lines = capsys.readouterr().out.splitlines()
+    losses = [float(line.split("loss ")[1].split()[0]) for line in lines if " loss " in line]
+    test = Manifest.read(manifest).select("test")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result["images"] == len(test) and json.loads((tmp_path / "bare" / "scores_test.json").read_text()) == result
+    masks = load_masks(test, 32)
+    assert masks.shape == (len(test), 1, 32, 32) and set(masks.unique().tolist()) == {0.0, 1.0}
