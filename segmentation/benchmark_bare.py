@@ -4,8 +4,8 @@
 ResNet-18 encoder (``--model``) from scratch on the manifest's ``train`` rows (images and masks squashed to ``size``),
 Dice + BCE, AdamW under torch's ``OneCycleLR``, random flips; then the last epoch's model predicts each ``test`` image
 once (no TTA, no post-processing), the probability is resized to the stored mask's size and thresholded at 0.5, and
-the masks are scored per image as the ISIC challenge does (mean Jaccard and thresholded Jaccard). BENCHMARKS.md compares the
-stage's runs with this on the same images.
+the masks are scored per image as the ISIC challenge does (mean Jaccard and thresholded Jaccard). BENCHMARKS.md
+compares the stage's runs with this on the same images.
 """
 
 from __future__ import annotations
