@@ -131,7 +131,8 @@ class LesionClassifier(nn.Module):
         self.backbone_frozen = False
         self.backbone = _create_backbone(spec, pretrained)
         channels = int(self.backbone.num_features)
-        self.se = SEBlock(channels, se_reduction)
+        # se_reduction 0 leaves the SE block out: an ablation, to measure what the block adds.
+        self.se = SEBlock(channels, se_reduction) if se_reduction else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(channels, num_classes)

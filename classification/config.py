@@ -26,13 +26,13 @@ class ClsModelConfig:
     backbone: str = "resnet50"  # resnet50 | densenet169 | inception_v3 | inception_resnet_v2 | xception | any timm name
     pretrained: bool | str = True  # true: timm's ImageNet weights (downloaded once); false; or a local weights file
     drop_rate: float = 0.3  # dropout before the linear head
-    se_reduction: int = 16  # SE block bottleneck ratio r (Hu et al. 2018)
+    se_reduction: int = 16  # SE block bottleneck ratio r (Hu et al. 2018); 0 = no SE block (ablation)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
-        if self.se_reduction < 1:
-            raise ValueError(f"model.se_reduction must be >= 1, got {self.se_reduction}")
+        if self.se_reduction < 0:
+            raise ValueError(f"model.se_reduction must be >= 1, or 0 for no SE block; got {self.se_reduction}")
 
 
 @dataclass(frozen=True)

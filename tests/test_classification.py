@@ -135,14 +135,16 @@ def test_segmentation_checkpoint_is_refused_as_classifier(tmp_path):
         load_classifier(path)
 
 
-def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
-    model = build_classifier(TINY, 3, drop_rate=0.1).eval()
+@pytest.mark.parametrize("se_reduction", [16, 0])
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, se_reduction):
+    model = build_classifier(TINY, 3, drop_rate=0.1, se_reduction=se_reduction).eval()
+    assert isinstance(model.se, SEBlock) == bool(se_reduction)  # 0: the ablation without the SE block
     model.input_size = 48
     path = save_checkpoint(tmp_path / "best.safetensors", model, checkpoint_metadata(model, ["a", "b", "c"]))
     loaded, meta = load_classifier(path)
     x = torch.randn(2, 3, 48, 48)
     assert meta["classes"] == ["a", "b", "c"] and loaded.input_size == 48
-    assert torch.equal(model(x), loaded(x))
+    assert torch.equal(model(x), loaded(x)) and type(loaded.se) is type(model.se)
 
 
 # --- training pieces ------------------------------------------------------------------------------------------------
