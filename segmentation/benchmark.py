@@ -24,7 +24,7 @@ from data.manifest import Manifest
 from data.reading import read_image
 from data.synthetic import make_sample
 from segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
-from segmentation.inference import SegmentationPredictor, predict_probabilities
+from segmentation.inference import SegmentationPredictor, full_probability, predict_probabilities
 from segmentation.lesion import clean_mask
 from segmentation.model import IMAGENET_MEAN, IMAGENET_STD, build_unet, load_unet, save_unet
 
@@ -136,7 +136,7 @@ def mask_variants(run: Path, manifest: Path, split: str, sizes: Sequence[int]) -
             view = [resize_square(image, size)]
             (prob,) = predict_probabilities(model, view, meta["mean"], meta["std"], device, tta=True)
             stored = np.round(prob * 255).astype(np.uint8)  # as the crop cache keeps it, and written masks use it
-            probs.append(cv2.resize(stored, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255)
+            probs.append(full_probability(stored, h, w).astype(np.float32) / 255)
         base = clean_mask(probs[0] > 0.5)
         masks = {f"size {sizes[0]}": base}
         for size, prob in zip(sizes[1:], probs[1:]):

@@ -17,7 +17,7 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 
-from classification.benchmark_bare import bare_arguments, fit, load_split, write_result
+from data.bare import bare_arguments, fit, load_split, write_result
 from data.manifest import Manifest
 from segmentation.metrics import image_scores, mean_scores, read_mask
 

@@ -25,6 +25,11 @@ from segmentation.model import load_unet
 logger = logging.getLogger(__name__)
 
 
+def full_probability(probability: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A stored low-resolution probability (uint8, x 255) resized bilinearly to the original image size."""
+    return cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 @dataclass(frozen=True)
 class CropResult:
     """One image's lesion: the square crop, its cache key, the box in original pixels and the low-res probability."""
@@ -40,8 +45,7 @@ class CropResult:
 
     def full_mask(self, threshold: float = 0.5) -> np.ndarray:
         """The cleaned lesion mask at the original image size (0/1 uint8)."""
-        prob = cv2.resize(self.probability, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
-        return clean_mask(prob > threshold * 255)
+        return clean_mask(full_probability(self.probability, self.height, self.width) > threshold * 255)
 
 
 @dataclass(frozen=True)

@@ -440,7 +440,7 @@ def test_local_pretrained_weights_file_is_loaded_without_its_head(tmp_path):
 
 
 def test_bare_reference_flips_each_image_one_of_four_ways():
-    from classification.benchmark_bare import random_flips
+    from data.bare import random_flips
 
     images = torch.arange(64 * 3 * 4 * 4, dtype=torch.float32).reshape(64, 3, 4, 4)
     flipped = random_flips(images, torch.Generator().manual_seed(0))
