@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 
+from data.cache import write_text_atomic
 from data.manifest import Manifest
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -103,7 +104,6 @@ def fit(
 
 
 def write_result(out: str, name: str, result: dict[str, float]) -> dict[str, float]:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(Path(out) / name, json.dumps(result, indent=2) + "\n")
     print(" ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return result

@@ -14,6 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data.cache import write_text_atomic
+
 THUMB = 160
 
 
@@ -113,7 +115,5 @@ Images marked <b>refer</b> had a confidence below the threshold chosen for the t
 <th onclick="sortBy('confidence',true)">confidence</th>{sort_heads}</tr></thead>
 <tbody>{"".join(body)}</tbody></table>{skipped_html}
 <script>const meta={json.dumps({"images": len(rows)})};</script></body></html>"""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    write_text_atomic(path, page)
     return path

@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
 from configs.loader import config_hash, to_dict
-from data.cache import stage_key
+from data.cache import stage_key, write_text_atomic
 from data.run import Run
 from ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
 from ensemble.calibration import (
@@ -377,9 +377,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         "methods": rows,
         "paths": {k: str(v) for k, v in paths.items()},
     }
-    tmp = out / f".summary.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, out / "summary.json")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
     logger.info("wrote %s", paths["methods"])
     return summary
 

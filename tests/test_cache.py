@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data.cache import StageCache, file_digest, stage_key
+from data.cache import StageCache, file_digest, stage_key, write_text_atomic
 
 VERSIONS = {"torch": "x"}
 
@@ -126,3 +126,11 @@ def test_force_recomputes(tmp_path, image):
     assert forced.get(key) is None
     forced.get_or_compute(key, lambda: {"x": np.ones(2)})
     assert StageCache(tmp_path, "s").get(key)[0]["x"].tolist() == [1, 1]
+
+
+def test_write_text_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "result.json"
+    write_text_atomic(path, "first, a longer text\n")
+    write_text_atomic(path, "second\n")
+    assert path.read_text() == "second\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
