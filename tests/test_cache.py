@@ -134,3 +134,17 @@ def test_write_text_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path)
     write_text_atomic(path, "second\n")
     assert path.read_text() == "second\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
+
+
+def test_write_text_atomic_keeps_the_old_file_when_the_write_is_cut_off(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    write_text_atomic(path, "finished\n")
+
+    def cut_off(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("data.cache.os.replace", cut_off)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(path, "half")
+    assert path.read_text() == "finished\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
