@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m ensemble.demo --out runs/demo
+	$(BIN)/python -m dermpipe.ensemble.demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -14,14 +14,15 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from data.checkpoint import CheckpointError, load_checkpoint, load_weights
+from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
+from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
 
 STAGE = "classification"
 
 
-class BackboneError(ValueError):
+class BackboneError(DermpipeError):
     """A backbone name that neither the registry nor timm knows, or one that gives no convolutional feature map."""
 
 

@@ -14,8 +14,8 @@ import timm
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from data.bare import bare_arguments, fit, load_split, write_result
-from data.manifest import Manifest
+from dermpipe.data.bare import bare_arguments, fit, load_split, write_result
+from dermpipe.data.manifest import Manifest
 
 
 @torch.no_grad()

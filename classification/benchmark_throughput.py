@@ -15,11 +15,11 @@ from pathlib import Path
 import timm
 import torch
 
-from classification.backbones import build_classifier
-from classification.config import ClassificationConfig
-from classification.training import build_optimizer, lr_factor, train_one_epoch
-from configs.loader import load_config
-from data.run import Run, choose_device
+from dermpipe.classification.backbones import build_classifier
+from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.training import build_optimizer, lr_factor, train_one_epoch
+from dermpipe.configs.loader import load_config
+from dermpipe.engine.run import Run, choose_device
 
 
 def bare_timm_images_per_sec(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:

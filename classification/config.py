@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from configs.schema import RunConfig
-from data.augment import AugmentConfig
-from data.balance import BalanceConfig
-from data.preprocess import PreprocessConfig
+from dermpipe.configs.schema import RunConfig
+from dermpipe.data.augment import AugmentConfig
+from dermpipe.data.balance import BalanceConfig
+from dermpipe.data.preprocess import PreprocessConfig
 
 
 @dataclass(frozen=True)

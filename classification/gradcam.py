@@ -14,9 +14,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from classification.backbones import LesionClassifier
-from classification.probabilities import images_to_batches, predict_probabilities
-from data.preprocess import PreprocessConfig
+from dermpipe.classification.backbones import LesionClassifier
+from dermpipe.classification.probabilities import images_to_batches, predict_probabilities
+from dermpipe.data.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from classification.backbones import LesionClassifier
-from data.cache import StageCache, stage_key
-from data.datasets import resize_square
-from data.preprocess import PreprocessConfig, preprocess
+from dermpipe.classification.backbones import LesionClassifier
+from dermpipe.data.datasets import resize_square
+from dermpipe.data.manifest import ManifestError
+from dermpipe.data.preprocess import PreprocessConfig, preprocess
+from dermpipe.engine.cache import StageCache, stage_key
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def write_probability_table(
         raise ValueError(f"probability table source {meta['source']!r} is not one of {list(SOURCES)}")
     clash = [c for c in classes if c in ID_COLUMNS]
     if clash:
-        raise ValueError(f"class name {clash[0]!r} clashes with a table column; rename the class in the manifest")
+        raise ManifestError(f"class name {clash[0]!r} clashes with a table column; rename the class in the manifest")
     probs = np.asarray(probs, dtype=np.float32)
     n = len(ids)
     if not (len(crop_keys) == len(labels) == n and probs.shape == (n, len(classes))):

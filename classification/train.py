@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from classification.config import ClassificationConfig
-from classification.training import run_classification
-from configs.cli import resolve_config, run_cli, stage_parser
+from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.training import run_classification
+from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 
 
 def _score(value: float | None) -> str:

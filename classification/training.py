@@ -25,16 +25,16 @@ from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler
 from tqdm import tqdm
 
-from classification.backbones import (
+from dermpipe.classification.backbones import (
     LesionClassifier,
     build_classifier,
     checkpoint_metadata,
     load_classifier,
     resolve_backbone,
 )
-from classification.config import ClassificationConfig
-from classification.gradcam import save_gradcam_images
-from classification.metrics import (
+from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.gradcam import save_gradcam_images
+from dermpipe.classification.metrics import (
     classification_report,
     format_report,
     per_class_table,
@@ -42,18 +42,22 @@ from classification.metrics import (
     write_confusion_csv,
     write_confusion_png,
 )
-from classification.probabilities import (
+from dermpipe.classification.probabilities import (
     combined_digest,
     prediction_settings,
     probability_table,
     read_probability_table,
     write_probability_table,
 )
-from configs.loader import to_dict
-from data.augment import build_transform, transform_fingerprint
-from data.balance import balance_summary, class_weights, hybrid_indices, weighted_sampler
-from data.cache import StageCache, file_digest
-from data.checkpoint import (
+from dermpipe.configs.loader import ConfigError, to_dict
+from dermpipe.data.augment import build_transform, transform_fingerprint
+from dermpipe.data.balance import balance_summary, class_weights, hybrid_indices, weighted_sampler
+from dermpipe.data.datasets import ClassificationDataset, epoch_seed, seed_worker
+from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.data.reading import read_image
+from dermpipe.data.splits import assign_folds
+from dermpipe.engine.cache import StageCache
+from dermpipe.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_resume_state,
@@ -63,11 +67,8 @@ from data.checkpoint import (
     save_resume_state,
     weights_digest,
 )
-from data.datasets import ClassificationDataset, epoch_seed, seed_worker
-from data.manifest import Manifest, ManifestError
-from data.reading import read_image
-from data.run import Run, append_metrics, optimiser_step, read_metrics, start_run
-from data.splits import assign_folds
+from dermpipe.engine.files import file_digest
+from dermpipe.engine.run import Run, append_metrics, optimiser_step, read_metrics, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +370,7 @@ def train_fold(
         )
         size = cfg.data.image_size or model.input_size
         if size < model.min_input_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.image_size {size} is below the {model.min_input_size} px that {model.backbone_name} needs"
             )
         model.input_size = size

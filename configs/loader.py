@@ -6,7 +6,6 @@ Unknown keys and wrong types fail naming the key (with a "did you mean"); the re
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -18,23 +17,20 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dermpipe.errors import DermpipeError, did_you_mean
+
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
-class ConfigError(ValueError):
+class ConfigError(DermpipeError):
     """A config key that does not exist or a value of the wrong type."""
 
 
 def default_config_path(stage: str) -> Path:
     """The YAML shipped for a stage, e.g. ``configs/segmentation.yaml``."""
     return CONFIG_DIR / f"{stage}.yaml"
-
-
-def _did_you_mean(key: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=3)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -57,7 +53,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{_did_you_mean(str(value), map(str, args))}")
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{did_you_mean(str(value), map(str, args))}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -121,7 +117,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
-        raise ConfigError(f"unknown config key '{prefix}{k}'{_did_you_mean(k, fields)}")
+        raise ConfigError(f"unknown config key '{prefix}{k}'{did_you_mean(k, fields)}")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -205,13 +201,3 @@ def config_hash(config: Any) -> str:
     """A short stable hash of the resolved config."""
     blob = json.dumps(to_dict(config), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def save_config(config: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (atomically) so the run can be repeated from it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
-    return path

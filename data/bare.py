@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import torch
 
-from data.cache import write_text_atomic
-from data.manifest import Manifest
+from dermpipe.data.manifest import Manifest
+from dermpipe.engine.files import write_text_atomic
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections import Counter
 
-from data.formats import BUILTIN_MAPS, FORMATS, ConversionError, convert_dataset, parse_class_map
-from data.manifest import SPLITS, Manifest, ManifestError
+from dermpipe.data.formats import BUILTIN_MAPS, FORMATS, ConversionError, convert_dataset, parse_class_map
+from dermpipe.data.manifest import SPLITS, Manifest, ManifestError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,10 +18,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from data.cache import StageCache, stage_key
-from data.manifest import Manifest, ManifestError
-from data.preprocess import PreprocessConfig, preprocess
-from data.reading import file_digest, image_size, read_image, read_mask
+from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.data.preprocess import PreprocessConfig, preprocess
+from dermpipe.data.reading import image_size, read_image, read_mask
+from dermpipe.engine.cache import StageCache, stage_key
+from dermpipe.engine.files import file_digest
 
 logger = logging.getLogger(__name__)
 

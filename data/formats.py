@@ -16,9 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from data.manifest import SPLITS, Manifest
-from data.reading import IMAGE_EXTENSIONS, walk_files
-from data.splits import assign_folds, assign_splits
+from dermpipe.data.manifest import SPLITS, Manifest
+from dermpipe.data.reading import IMAGE_EXTENSIONS, walk_files
+from dermpipe.data.splits import assign_folds, assign_splits
+from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ _MISSING_VALUES = {"", "unknown", "nan", "na", "n/a", "none", "null"}
 _TABLE_SUFFIXES = (".csv", ".tab", ".tsv")
 
 
-class ConversionError(ValueError):
+class ConversionError(DermpipeError):
     """A dataset layout, class map or option the converter cannot use; the message names the thing and the fix."""
 
 

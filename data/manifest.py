@@ -10,11 +10,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dermpipe.errors import DermpipeError
+
 MANIFEST_COLUMNS: tuple[str, ...] = ("image_id", "image_path", "mask_path", "label", "group", "split")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(DermpipeError):
     """A manifest that cannot be read or does not fit what a stage needs."""
 
 

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data.cache import file_digest as cache_file_digest
+from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _FIX_CORRUPT = "re-download or re-export the file, or remove it from the manifes
 _EXIF_ORIENTATION_TAG = 274
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DermpipeError):
     """An image or mask file that cannot be read; the message is ``"<path>: <what is wrong> (<fix>)"``."""
 
 
@@ -318,14 +318,3 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         raise ImageReadError(f"{folder}: {what} (give the folder that holds the images)")
     images = (p for p in walk_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_mask_name(p))
     return sorted(images)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of the file's bytes, read in 1 MiB chunks (the cache keys on content, not on paths)."""
-    path = Path(path)
-    try:
-        return cache_file_digest(path)
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: no such file (check the path)") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"{path}: is a folder, not a file (point to the file itself)") from None

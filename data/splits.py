@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from data.manifest import Manifest, ManifestError
+from dermpipe.data.manifest import Manifest, ManifestError
 
 logger = logging.getLogger(__name__)
 

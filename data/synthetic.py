@@ -15,8 +15,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.manifest import Manifest, ManifestError
-from data.splits import assign_splits
+from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.data.splits import assign_splits
+from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ RGB = tuple[int, int, int]
 Range = tuple[float, float]
 
 
-class SyntheticDataError(ValueError):
+class SyntheticDataError(DermpipeError):
     """Arguments that cannot make a synthetic data set."""
 
 

@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ensemble.meta import LOG_FLOOR, cross_validation_folds, selection_score
+from dermpipe.ensemble.meta import LOG_FLOOR, cross_validation_folds, selection_score
 
 logger = logging.getLogger(__name__)
 

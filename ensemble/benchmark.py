@@ -18,17 +18,17 @@ import cv2
 import numpy as np
 import torch
 
-from classification.backbones import DEFAULT_BACKBONES, build_classifier, checkpoint_metadata
-from configs.loader import save_config
-from configs.schema import RunConfig
-from data.checkpoint import save_checkpoint
-from data.synthetic import make_sample
-from ensemble.config import PredictConfig, PredictOutputs
-from ensemble.meta import LocallyConnectedVote, save_meta
-from ensemble.prediction import EnsemblePredictor, predict_folder
-from segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
-from segmentation.inference import manifest_from_folder
-from segmentation.model import build_unet, save_unet
+from dermpipe.classification.backbones import DEFAULT_BACKBONES, build_classifier, checkpoint_metadata
+from dermpipe.configs.schema import RunConfig
+from dermpipe.data.synthetic import make_sample
+from dermpipe.engine.checkpoint import save_checkpoint
+from dermpipe.engine.run import save_config
+from dermpipe.ensemble.config import PredictConfig, PredictOutputs
+from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
+from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
+from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
+from dermpipe.segmentation.inference import manifest_from_folder
+from dermpipe.segmentation.model import build_unet, save_unet
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from configs.schema import RunConfig
+from dermpipe.configs.schema import RunConfig
 
 DEFAULT_BACKBONES: tuple[str, ...] = ("resnet50", "densenet169", "inception_v3", "inception_resnet_v2", "xception")
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from classification import train as classification_train
-from data.synthetic import generate_dataset, make_sample
-from ensemble import predict as ensemble_predict
-from ensemble import vote as ensemble_vote
-from segmentation import predict as segmentation_predict
-from segmentation import train as segmentation_train
+from dermpipe.classification import train as classification_train
+from dermpipe.data.synthetic import generate_dataset, make_sample
+from dermpipe.ensemble import predict as ensemble_predict
+from dermpipe.ensemble import vote as ensemble_vote
+from dermpipe.segmentation import predict as segmentation_predict
+from dermpipe.segmentation import train as segmentation_train
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from sklearn.metrics import balanced_accuracy_score, log_loss
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from data.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from ensemble.config import MetaConfig
+from dermpipe.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from dermpipe.ensemble.config import MetaConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from configs.cli import resolve_config, run_cli, stage_parser
-from data.manifest import Manifest
-from data.run import choose_device, setup_logging
-from ensemble.config import PredictConfig
-from ensemble.prediction import EnsemblePredictor, predict_folder
-from segmentation.inference import manifest_from_folder
+from dermpipe.data.manifest import Manifest
+from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
+from dermpipe.engine.run import choose_device, setup_logging
+from dermpipe.ensemble.config import PredictConfig
+from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
+from dermpipe.segmentation.inference import manifest_from_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from classification.backbones import load_classifier
-from classification.config import ClassificationConfig
-from classification.probabilities import predict_probabilities
-from configs.loader import load_config
-from data.cache import StageCache, stage_key
-from data.checkpoint import CheckpointError, weights_digest
-from data.manifest import Manifest, write_table
-from ensemble.calibration import apply_temperature
-from ensemble.config import PredictConfig
-from ensemble.meta import load_meta, meta_logits
-from ensemble.report import ReportRow, save_thumbnail, write_report
-from segmentation.config import SegmentationConfig
-from segmentation.inference import CropResult, SegmentationPredictor, Skipped
+from dermpipe.classification.backbones import load_classifier
+from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.probabilities import predict_probabilities
+from dermpipe.configs.loader import load_config
+from dermpipe.data.manifest import Manifest, write_table
+from dermpipe.engine.cache import StageCache, stage_key
+from dermpipe.engine.checkpoint import CheckpointError, weights_digest
+from dermpipe.ensemble.calibration import apply_temperature
+from dermpipe.ensemble.config import PredictConfig
+from dermpipe.ensemble.meta import load_meta, meta_logits
+from dermpipe.ensemble.report import ReportRow, save_thumbnail, write_report
+from dermpipe.segmentation.config import SegmentationConfig
+from dermpipe.segmentation.inference import CropResult, SegmentationPredictor, Skipped
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def _report_row(
     out: Path,
     gradcam_model: Classifier | None,
 ) -> ReportRow:
-    from data.reading import read_image
+    from dermpipe.data.reading import read_image
 
     stem = crop.crop_key[:16]
     images = {}
@@ -234,7 +234,7 @@ def _report_row(
     images["thumbnail"] = save_thumbnail(thumb, assets / f"{stem}_image.jpg", mask).relative_to(out).as_posix()
     images["crop"] = save_thumbnail(crop.crop, assets / f"{stem}_crop.jpg").relative_to(out).as_posix()
     if gradcam_model is not None:
-        from classification.gradcam import gradcam_overlays
+        from dermpipe.classification.gradcam import gradcam_overlays
 
         overlay = gradcam_overlays(gradcam_model.model, [crop.crop])[0]
         images["gradcam"] = save_thumbnail(overlay, assets / f"{stem}_gradcam.jpg").relative_to(out).as_posix()

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.cache import write_text_atomic
+from dermpipe.engine.files import write_text_atomic
 
 THUMB = 160
 

@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from dermpipe.errors import DermpipeError
+
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS: tuple[str, ...] = ("image_id", "crop_key", "label")
 
 
-class TableError(ValueError):
+class TableError(DermpipeError):
     """A probability table that is missing, unreadable, or disagrees with the others."""
 
 

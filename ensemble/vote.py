@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from configs.cli import resolve_config, run_cli, stage_parser
-from data.run import start_run
-from ensemble.config import EnsembleConfig
-from ensemble.voting import run_vote
+from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
+from dermpipe.engine.run import start_run
+from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.ensemble.voting import run_vote
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
-from configs.loader import config_hash, to_dict
-from data.cache import stage_key, write_text_atomic
-from data.run import Run
-from ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
-from ensemble.calibration import (
+from dermpipe.configs.loader import config_hash, to_dict
+from dermpipe.engine.cache import stage_key
+from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.run import Run
+from dermpipe.ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
+from dermpipe.ensemble.calibration import (
     apply_temperature,
     expected_calibration_error,
     fit_temperature,
@@ -28,9 +29,9 @@ from ensemble.calibration import (
     referral_outcome,
     reliability_diagram,
 )
-from ensemble.config import EnsembleConfig
-from ensemble.meta import fit_meta, meta_logits, save_meta, select_meta_settings, softmax
-from ensemble.tables import StackedTable, TableError, check_fit_and_test_agree, load_probability_tables
+from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.ensemble.meta import fit_meta, meta_logits, save_meta, select_meta_settings, softmax
+from dermpipe.ensemble.tables import StackedTable, TableError, check_fit_and_test_agree, load_probability_tables
 
 logger = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ import cv2
 import numpy as np
 import torch
 
-from data.datasets import decode_size, resize_square
-from data.manifest import Manifest
-from data.reading import read_image
-from data.synthetic import make_sample
-from segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
-from segmentation.inference import SegmentationPredictor, full_probability, predict_probabilities
-from segmentation.lesion import clean_mask
-from segmentation.model import IMAGENET_MEAN, IMAGENET_STD, build_unet, load_unet, save_unet
+from dermpipe.data.datasets import decode_size, resize_square
+from dermpipe.data.manifest import Manifest
+from dermpipe.data.reading import read_image
+from dermpipe.data.synthetic import make_sample
+from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
+from dermpipe.segmentation.inference import SegmentationPredictor, full_probability, predict_probabilities
+from dermpipe.segmentation.lesion import clean_mask
+from dermpipe.segmentation.model import IMAGENET_MEAN, IMAGENET_STD, build_unet, load_unet, save_unet
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def mask_variants(run: Path, manifest: Path, split: str, sizes: Sequence[int]) -
     """Mean ISIC scores of one trained U-Net's masks (flip TTA) under prediction-time variants: other input sizes
     alone and averaged with the first, and on the first size other thresholds and shapes of the cleaned mask.
     Meant for the validation split: a variant is worth adopting only if it wins there."""
-    from segmentation.metrics import image_scores, mean_scores, read_mask
+    from dermpipe.segmentation.metrics import image_scores, mean_scores, read_mask
 
     device = torch.device("cpu")
     model, meta = load_unet(run / "best.safetensors", device)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in mask_variants(Path(args.run), Path(args.manifest), args.split, sizes).items():
             print(f"{name:28s} jaccard {m['jaccard']:.4f}, thresholded_jaccard {m['thresholded_jaccard']:.4f}")
     elif args.command == "score":
-        from segmentation.metrics import image_scores, mean_scores, read_mask
+        from dermpipe.segmentation.metrics import image_scores, mean_scores, read_mask
 
         rows = Manifest.read(args.manifest).select(args.split).rows
         per_image = [

@@ -17,9 +17,9 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 
-from data.bare import bare_arguments, fit, load_split, write_result
-from data.manifest import Manifest
-from segmentation.metrics import image_scores, mean_scores, read_mask
+from dermpipe.data.bare import bare_arguments, fit, load_split, write_result
+from dermpipe.data.manifest import Manifest
+from dermpipe.segmentation.metrics import image_scores, mean_scores, read_mask
 
 
 def load_masks(manifest: Manifest, size: int) -> torch.Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from configs.schema import RunConfig
-from data.augment import AugmentConfig
-from data.preprocess import PreprocessConfig
+from dermpipe.configs.schema import RunConfig
+from dermpipe.data.augment import AugmentConfig
+from dermpipe.data.preprocess import PreprocessConfig
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from segmentation.metrics import METRICS, MaskScoringError, score_folders
+from dermpipe.segmentation.metrics import METRICS, MaskScoringError, score_folders
 
 
 def write_per_image_csv(path: Path, per_image: list[tuple[str, dict[str, float]]]) -> None:

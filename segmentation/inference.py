@@ -12,15 +12,16 @@ import cv2
 import numpy as np
 import torch
 
-from data.cache import StageCache, file_digest, stage_key
-from data.checkpoint import weights_digest
-from data.datasets import decode_size, resize_square
-from data.manifest import Manifest, write_table
-from data.preprocess import PreprocessConfig, preprocess
-from data.reading import ImageReadError, image_size, read_image, read_mask
-from segmentation.config import SegmentationConfig, SegPredictConfig
-from segmentation.lesion import LesionBox, clean_mask, crop_to_lesion, lesion_box
-from segmentation.model import load_unet
+from dermpipe.data.datasets import decode_size, resize_square
+from dermpipe.data.manifest import Manifest, write_table
+from dermpipe.data.preprocess import PreprocessConfig, preprocess
+from dermpipe.data.reading import ImageReadError, image_size, read_image, read_mask
+from dermpipe.engine.cache import StageCache, stage_key
+from dermpipe.engine.checkpoint import weights_digest
+from dermpipe.engine.files import file_digest
+from dermpipe.segmentation.config import SegmentationConfig, SegPredictConfig
+from dermpipe.segmentation.lesion import LesionBox, clean_mask, crop_to_lesion, lesion_box
+from dermpipe.segmentation.model import load_unet
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def validation_panel(
 
 def manifest_from_folder(folder: str | os.PathLike) -> Manifest:
     """An unlabelled manifest of every image under ``folder`` (recursive); ids are paths relative to it."""
-    from data.reading import list_images
+    from dermpipe.data.reading import list_images
 
     root = Path(folder)
     if not root.is_dir():

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dermpipe.errors import DermpipeError
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,7 +33,7 @@ _ISIC_ID = re.compile(r"ISIC_[0-9]{7}")
 _MISSING_LISTED = 5
 
 
-class MaskScoringError(ValueError):
+class MaskScoringError(DermpipeError):
     """Mask folders or files that cannot be scored (missing prediction, wrong size, not a greyscale mask)."""
 
 

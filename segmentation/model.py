@@ -11,8 +11,9 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 
-from data.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from segmentation.config import SegModelConfig
+from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from dermpipe.errors import DermpipeError
+from dermpipe.segmentation.config import SegModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ModelBuildError(ValueError):
+class ModelBuildError(DermpipeError):
     """An unknown architecture or encoder, or weights that cannot be had."""
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from configs.cli import resolve_config, run_cli, stage_parser
-from configs.loader import default_config_path
-from data.manifest import Manifest
-from data.run import choose_device, setup_logging
-from segmentation.config import SegmentationConfig
-from segmentation.inference import SegmentationPredictor, manifest_from_folder, write_crops
+from dermpipe.configs.loader import default_config_path
+from dermpipe.data.manifest import Manifest
+from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
+from dermpipe.engine.run import choose_device, setup_logging
+from dermpipe.segmentation.config import SegmentationConfig
+from dermpipe.segmentation.inference import SegmentationPredictor, manifest_from_folder, write_crops
 
 
 def main(argv: list[str] | None = None) -> int:

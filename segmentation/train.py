@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from configs.cli import resolve_config, run_cli, stage_parser
-from data.manifest import Manifest
-from data.run import start_run
-from segmentation.config import SegmentationConfig
-from segmentation.training import train_segmentation
+from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
+from dermpipe.engine.run import start_run
+from dermpipe.segmentation.config import SegmentationConfig
+from dermpipe.segmentation.training import train_segmentation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
             {"data.manifest": args.manifest, "run.out_dir": args.out, "train.epochs": args.epochs},
         )
         if not cfg.data.manifest:
-            raise ValueError("no manifest: pass --manifest FILE.csv (make one with `python data/convert.py`)")
+            raise ManifestError("no manifest: pass --manifest FILE.csv (make one with `python data/convert.py`)")
         Manifest.read(cfg.data.manifest)  # fail on a wrong path before a run folder is made
         run = start_run(
             cfg.run.out_dir, cfg, cfg.run.seed, cfg.run.device, cfg.run.amp, cfg.run.channels_last, cfg.run.threads

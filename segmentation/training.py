@@ -16,15 +16,21 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.augment import build_transform
-from data.checkpoint import CheckpointError, load_checkpoint, load_resume_state, load_weights, save_resume_state
-from data.datasets import SegmentationDataset, seed_epoch, seed_worker
-from data.manifest import Manifest, ManifestError
-from data.run import Run, append_metrics, optimiser_step, read_metrics
-from segmentation.config import SegmentationConfig
-from segmentation.inference import validation_panel
-from segmentation.metrics import batch_scores_torch
-from segmentation.model import IMAGENET_MEAN, IMAGENET_STD, build_unet, load_unet, save_unet
+from dermpipe.data.augment import build_transform
+from dermpipe.data.datasets import SegmentationDataset, seed_epoch, seed_worker
+from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_resume_state,
+    load_weights,
+    save_resume_state,
+)
+from dermpipe.engine.run import Run, append_metrics, optimiser_step, read_metrics
+from dermpipe.segmentation.config import SegmentationConfig
+from dermpipe.segmentation.inference import validation_panel
+from dermpipe.segmentation.metrics import batch_scores_torch
+from dermpipe.segmentation.model import IMAGENET_MEAN, IMAGENET_STD, build_unet, load_unet, save_unet
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.balance import (
+from dermpipe.data.balance import (
     BalanceConfig,
     balance_summary,
     class_weights,

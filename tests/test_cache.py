@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from data.cache import StageCache, file_digest, stage_key, write_text_atomic
+from dermpipe.engine.cache import StageCache, stage_key
+from dermpipe.engine.files import file_digest, write_text_atomic
 
 VERSIONS = {"torch": "x"}
 
@@ -143,7 +144,7 @@ def test_write_text_atomic_keeps_the_old_file_when_the_write_is_cut_off(tmp_path
     def cut_off(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("data.cache.os.replace", cut_off)
+    monkeypatch.setattr("dermpipe.engine.files.os.replace", cut_off)
     with pytest.raises(OSError, match="disk full"):
         write_text_atomic(path, "half")
     assert path.read_text() == "finished\n"

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from data.checkpoint import (
+from dermpipe.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_resume_state,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from classification import training
-from classification.backbones import (
+from dermpipe.classification import training
+from dermpipe.classification.backbones import (
     BACKBONES,
     TEST_BACKBONE,
     BackboneError,
@@ -20,17 +20,18 @@ from classification.backbones import (
     load_classifier,
     resolve_backbone,
 )
-from classification.config import ClassificationConfig
-from classification.gradcam import gradcam_overlays
-from classification.metrics import classification_report
-from classification.probabilities import predict_probabilities, prediction_settings, probability_table
-from classification.train import main
-from configs.loader import load_config
-from data.cache import StageCache, file_digest
-from data.checkpoint import CheckpointError, save_checkpoint, weights_digest
-from data.manifest import Manifest
-from data.run import Run
-from data.synthetic import generate_dataset
+from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.gradcam import gradcam_overlays
+from dermpipe.classification.metrics import classification_report
+from dermpipe.classification.probabilities import predict_probabilities, prediction_settings, probability_table
+from dermpipe.classification.train import main
+from dermpipe.configs.loader import load_config
+from dermpipe.data.manifest import Manifest
+from dermpipe.data.synthetic import generate_dataset
+from dermpipe.engine.cache import StageCache
+from dermpipe.engine.checkpoint import CheckpointError, save_checkpoint, weights_digest
+from dermpipe.engine.files import file_digest
+from dermpipe.engine.run import Run
 
 TINY = TEST_BACKBONE
 
@@ -440,7 +441,7 @@ def test_local_pretrained_weights_file_is_loaded_without_its_head(tmp_path):
 
 
 def test_bare_reference_flips_each_image_one_of_four_ways():
-    from data.bare import random_flips
+    from dermpipe.data.bare import random_flips
 
     images = torch.arange(64 * 3 * 4 * 4, dtype=torch.float32).reshape(64, 3, 4, 4)
     flipped = random_flips(images, torch.Generator().manual_seed(0))
@@ -454,7 +455,7 @@ def test_bare_reference_flips_each_image_one_of_four_ways():
 
 
 def test_bare_reference_trains_and_scores_the_test_rows(tmp_path, capsys):
-    from classification.benchmark_bare import main as bare_main
+    from dermpipe.classification.benchmark_bare import main as bare_main
 
     manifest = generate_dataset(tmp_path / "syn", n_images=40, size=32, seed=0, classes=("nv", "mel"), imbalance=1.0)
     options = f"--model {TINY} --size 32 --epochs 4 --batch-size 8 --threads 1".split()

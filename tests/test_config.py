@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from configs.loader import ConfigError, config_hash, load_config, save_config, to_dict
+from dermpipe.configs.loader import ConfigError, config_hash, load_config, to_dict
+from dermpipe.engine.run import save_config
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data.convert import main
-from data.formats import (
+from dermpipe.data.convert import main
+from dermpipe.data.formats import (
     FORMATS,
     ConversionError,
     apply_class_map,
@@ -22,7 +22,7 @@ from data.formats import (
     get_reader,
     parse_class_map,
 )
-from data.manifest import Manifest
+from dermpipe.data.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

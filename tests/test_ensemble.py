@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
-from ensemble.calibration import (
+from dermpipe.ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
+from dermpipe.ensemble.calibration import (
     apply_temperature,
     expected_calibration_error,
     fit_temperature,
@@ -17,11 +17,19 @@ from ensemble.calibration import (
     referral_outcome,
     reliability_diagram,
 )
-from ensemble.config import MetaConfig
-from ensemble.meta import LocallyConnectedVote, fit_meta, load_meta, meta_logits, save_meta, selection_score, softmax
-from ensemble.tables import LeakError, TableError, load_probability_tables
-from ensemble.vote import main
-from ensemble.voting import bootstrap_balanced_accuracy
+from dermpipe.ensemble.config import MetaConfig
+from dermpipe.ensemble.meta import (
+    LocallyConnectedVote,
+    fit_meta,
+    load_meta,
+    meta_logits,
+    save_meta,
+    selection_score,
+    softmax,
+)
+from dermpipe.ensemble.tables import LeakError, TableError, load_probability_tables
+from dermpipe.ensemble.vote import main
+from dermpipe.ensemble.voting import bootstrap_balanced_accuracy
 
 CLASSES = ("nv", "mel", "bkl", "bcc")
 BACKBONES = ("good_a", "good_b", "noise")
@@ -152,7 +160,7 @@ def test_fit_is_deterministic_and_checkpoint_round_trips(tmp_path):
     loaded, meta = load_meta(path, backbones=BACKBONES, classes=CLASSES)
     np.testing.assert_allclose(meta_logits(loaded, probs), meta_logits(a, probs))
     assert meta["temperature"] == 1.5 and meta["hidden"] == cfg.hidden
-    from data.checkpoint import CheckpointError
+    from dermpipe.engine.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="backbones"):
         load_meta(path, backbones=BACKBONES[::-1])
@@ -176,7 +184,7 @@ def test_log_prob_inputs_are_applied_and_survive_a_checkpoint(tmp_path):
 
 
 def test_cross_validation_tries_both_input_scales():
-    from ensemble.meta import select_meta_settings
+    from dermpipe.ensemble.meta import select_meta_settings
 
     rng = np.random.default_rng(4)
     labels, probs = synthetic_probs(120, rng)
@@ -397,14 +405,16 @@ def test_vote_end_to_end_writes_every_method(tables, tmp_path, capsys):
 
 
 def test_a_finished_vote_is_reused_and_refitted_when_asked_or_changed(tables, tmp_path, monkeypatch):
-    import ensemble.voting
+    import dermpipe.ensemble.voting
 
     out = tmp_path / "run"
     assert main(_args(tables, out)) == 0
     first = (out / "summary.json").read_text()
     calls = []
-    real = ensemble.voting.select_meta_settings
-    monkeypatch.setattr(ensemble.voting, "select_meta_settings", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dermpipe.ensemble.voting.select_meta_settings
+    monkeypatch.setattr(
+        dermpipe.ensemble.voting, "select_meta_settings", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     assert main(_args(tables, out)) == 0
     assert calls == [] and (out / "summary.json").read_text() == first
     assert main([*_args(tables, out), "--force"]) == 0
@@ -426,14 +436,16 @@ def test_a_finished_vote_is_reused_and_refitted_when_asked_or_changed(tables, tm
 
 
 def test_a_finished_vote_is_found_from_another_working_directory(tables, tmp_path, monkeypatch):
-    import ensemble.voting
+    import dermpipe.ensemble.voting
 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path)
     assert main(_args(tables, "run")) == 0  # a relative run folder
     calls = []
-    real = ensemble.voting.select_meta_settings
-    monkeypatch.setattr(ensemble.voting, "select_meta_settings", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dermpipe.ensemble.voting.select_meta_settings
+    monkeypatch.setattr(
+        dermpipe.ensemble.voting, "select_meta_settings", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(_args(tables, tmp_path / "run")) == 0
     assert calls == []

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from classification.backbones import build_classifier, checkpoint_metadata
-from configs.loader import save_config
-from data.checkpoint import save_checkpoint
-from data.synthetic import make_sample
-from ensemble import predict as predict_script
-from ensemble.meta import LocallyConnectedVote, save_meta
-from segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
-from segmentation.model import build_unet, save_unet
+from dermpipe.classification.backbones import build_classifier, checkpoint_metadata
+from dermpipe.data.synthetic import make_sample
+from dermpipe.engine.checkpoint import save_checkpoint
+from dermpipe.engine.run import save_config
+from dermpipe.ensemble import predict as predict_script
+from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
+from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
+from dermpipe.segmentation.model import build_unet, save_unet
 
 CLASSES = ["nv", "mel", "bcc"]
 BACKBONES = ["test_resnet", "test_efficientnet"]

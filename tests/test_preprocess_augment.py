@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.augment import AugmentConfig, SyntheticHair, build_transform, transform_fingerprint
-from data.preprocess import PreprocessConfig, preprocess, remove_hair, shades_of_gray
+from dermpipe.data.augment import AugmentConfig, SyntheticHair, build_transform, transform_fingerprint
+from dermpipe.data.preprocess import PreprocessConfig, preprocess, remove_hair, shades_of_gray
 
 
 def _textured_gray(size: int = 96, seed: int = 0) -> np.ndarray:

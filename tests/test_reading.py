@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from data.reading import (
+from dermpipe.data.reading import (
     IMAGE_EXTENSIONS,
     ImageReadError,
-    file_digest,
     image_size,
     list_images,
     read_image,
     read_mask,
 )
+from dermpipe.engine.files import FileInputError, file_digest
 
 
 def _smooth_rgb(height: int, width: int) -> np.ndarray:
@@ -260,14 +260,14 @@ def test_file_digest_is_sha256_of_bytes(tmp_path: Path) -> None:
     assert file_digest(path) == hashlib.sha256(data).hexdigest()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert file_digest(path) != hashlib.sha256(data).hexdigest()
-    with pytest.raises(ImageReadError, match="no such file"):
+    with pytest.raises(FileInputError, match="no such file"):
         file_digest(tmp_path / "gone.bin")
 
 
 _PEAK_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
-    from data.reading import read_image
+    from dermpipe.data.reading import read_image
     image = read_image(sys.argv[1], max_side=int(sys.argv[2]) or None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux

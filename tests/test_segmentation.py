@@ -7,16 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from data.manifest import Manifest
-from data.synthetic import generate_dataset, make_sample
-from segmentation import predict as predict_script
-from segmentation import train as train_script
-from segmentation import training
-from segmentation.config import SegmentationConfig, SegModelConfig
-from segmentation.inference import SegmentationPredictor, manifest_from_folder, predict_probabilities
-from segmentation.lesion import FALLBACK_ALL_BORDERS, FALLBACK_NO_LESION, FALLBACK_TOO_SMALL, crop_to_lesion, lesion_box
-from segmentation.model import ModelBuildError, build_unet, load_unet
+from dermpipe.data.manifest import Manifest
+from dermpipe.data.synthetic import generate_dataset, make_sample
+from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dermpipe.segmentation import predict as predict_script
+from dermpipe.segmentation import train as train_script
+from dermpipe.segmentation import training
+from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig
+from dermpipe.segmentation.inference import SegmentationPredictor, manifest_from_folder, predict_probabilities
+from dermpipe.segmentation.lesion import (
+    FALLBACK_ALL_BORDERS,
+    FALLBACK_NO_LESION,
+    FALLBACK_TOO_SMALL,
+    crop_to_lesion,
+    lesion_box,
+)
+from dermpipe.segmentation.model import ModelBuildError, build_unet, load_unet
 
 TINY = [
     "--set", "model.encoder=tu-test_resnet", "--set", "model.encoder_weights=null",
@@ -96,8 +102,8 @@ def test_boxes_cover_true_lesions_and_cache_is_reused(trained, tmp_path, capsys)
 
 
 def test_mask_variants_score_the_pipelines_own_masks_at_the_trained_size(trained, tmp_path):
-    from segmentation.benchmark import mask_variants
-    from segmentation.metrics import image_scores, mean_scores, read_mask
+    from dermpipe.segmentation.benchmark import mask_variants
+    from dermpipe.segmentation.metrics import image_scores, mean_scores, read_mask
 
     root, manifest, run = trained
     out = tmp_path / "val"
@@ -193,7 +199,7 @@ def test_script_errors_are_one_line(tmp_path, capsys):
 
 
 def test_per_image_dice_does_not_let_a_large_lesion_hide_a_missed_small_one():
-    from segmentation.training import DiceBCELoss
+    from dermpipe.segmentation.training import DiceBCELoss
 
     target = torch.zeros(2, 1, 32, 32)
     target[0, :, 2:30, 2:30] = 1  # a large lesion, found exactly
@@ -211,7 +217,7 @@ def test_per_image_dice_does_not_let_a_large_lesion_hide_a_missed_small_one():
 
 
 def test_lovasz_term_is_per_image_and_added_to_dice_and_bce():
-    from segmentation.training import DiceBCELoss
+    from dermpipe.segmentation.training import DiceBCELoss
 
     target = torch.zeros(2, 1, 32, 32)
     target[0, :, 2:30, 2:30] = 1  # a large lesion, found exactly
@@ -305,8 +311,8 @@ def test_tta_turns_each_view_back():
 def test_bare_reference_trains_and_scores_every_test_image_at_its_size(tmp_path, capsys):
     import json
 
-    from segmentation.benchmark_bare import load_masks
-    from segmentation.benchmark_bare import main as bare_main
+    from dermpipe.segmentation.benchmark_bare import load_masks
+    from dermpipe.segmentation.benchmark_bare import main as bare_main
 
     manifest = generate_dataset(tmp_path / "syn", n_images=40, size=48, seed=0)
     options = ["--size", "32", "--epochs", "3", "--batch-size", "4"]

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from segmentation.evaluate import main
-from segmentation.metrics import (
+from dermpipe.segmentation.evaluate import main
+from dermpipe.segmentation.metrics import (
     METRICS,
     MaskScoringError,
     batch_scores_torch,

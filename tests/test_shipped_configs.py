@@ -3,10 +3,10 @@
 import pytest
 import yaml
 
-from classification.config import ClassificationConfig
-from configs.loader import default_config_path, load_config, to_dict
-from ensemble.config import EnsembleConfig, PredictConfig
-from segmentation.config import SegmentationConfig
+from dermpipe.classification.config import ClassificationConfig
+from dermpipe.configs.loader import default_config_path, load_config, to_dict
+from dermpipe.ensemble.config import EnsembleConfig, PredictConfig
+from dermpipe.segmentation.config import SegmentationConfig
 
 
 @pytest.mark.parametrize(

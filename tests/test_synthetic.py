@@ -16,9 +16,9 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from data.manifest import SPLITS, Manifest
-from data.splits import check_grouping
-from data.synthetic import (
+from dermpipe.data.manifest import SPLITS, Manifest
+from dermpipe.data.splits import check_grouping
+from dermpipe.data.synthetic import (
     DEFAULT_CLASSES,
     LesionProfile,
     SyntheticDataError,

@@ -17,14 +17,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from data.cache import file_digest, library_versions
+from dermpipe.engine.cache import library_versions
+from dermpipe.engine.files import atomic_path, file_digest
+from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DermpipeError):
     """A checkpoint that is missing, unreadable, or made for another stage, backbone or class set."""
 
 
@@ -51,7 +53,6 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: M
     meta = {k: _encode(v) for k, v in metadata.items()}
     meta.setdefault("versions", json.dumps(library_versions()))
     meta["format_version"] = FORMAT_VERSION
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # safetensors refuses tensors that share memory (tied weights); clone those
     seen: dict[int, str] = {}
     for k, v in state.items():
@@ -59,8 +60,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: M
         if ptr in seen and ptr != -1:
             state[k] = v.clone()
         seen[ptr] = k
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 
@@ -129,9 +130,8 @@ def save_resume_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path
     """Optimizer, scheduler, scaler, epoch and best score, apart from the weights; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(dict(state), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
     return path
 
 

@@ -1,4 +1,4 @@
-"""What every stage script shares: the common flags, config resolution, and one-line errors for user mistakes."""
+"""CLI plumbing every stage script shares: the common flags, config resolution, one-line errors for user mistakes."""
 
 from __future__ import annotations
 
@@ -8,19 +8,22 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from configs.loader import ConfigError, default_config_path, load_config
+from dermpipe.configs.loader import default_config_path, load_config
+from dermpipe.errors import DermpipeError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The error types that mean the user's input is wrong (printed as one line, no stack trace)."""
-    from data.checkpoint import CheckpointError
-    from data.manifest import ManifestError
-    from data.reading import ImageReadError
-
-    return (ConfigError, ManifestError, CheckpointError, ImageReadError, FileNotFoundError, ValueError, RuntimeError)
+# A user mistake: the project's own errors, and a path that is missing, of the wrong kind or not readable (the OS
+# message names it). Anything else (a shape mismatch, CUDA out of memory) is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    DermpipeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -52,7 +55,7 @@ def run_cli(body: Callable[[], int]) -> int:
     """Run a script body; a user mistake becomes ``error: <one line>`` on stderr and exit status 2."""
     try:
         return body()
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from dermpipe.engine.files import write_bytes_atomic
+
 logger = logging.getLogger(__name__)
 
 VERSIONED_LIBRARIES = (
@@ -53,15 +55,6 @@ def library_versions() -> dict[str, str]:
     return dict(_installed_versions())
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _canonical(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
@@ -74,19 +67,6 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return repr(value)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary name beside ``path``, then rename it: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write or the rename failed
-    return path
 
 
 def stage_key(
@@ -174,12 +154,7 @@ class StageCache:
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         buf = io.BytesIO()
         np.savez(buf, **arrays, **{_DIGEST: np.array(arrays_digest(arrays)), _META: np.array(json.dumps(meta or {}))})
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, buf.getvalue(), fsync=True)
         self.computed += 1
         return path
 

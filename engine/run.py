@@ -14,12 +14,24 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from configs.loader import config_hash, save_config
+from dermpipe.configs.loader import config_hash, to_dict
+from dermpipe.engine.files import write_text_atomic
+from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class DeviceError(DermpipeError):
+    """A ``--device`` that is not a device name, or not available on this machine."""
+
+
+def save_config(config: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically) so the run can be repeated from it."""
+    return write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def seed_everything(seed: int) -> None:
@@ -39,13 +51,13 @@ def choose_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
+        raise DeviceError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+        raise DeviceError("--device mps: Apple MPS is not available here; use --device cpu or auto")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise RuntimeError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+        raise DeviceError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> None:

@@ -1,0 +1,5 @@
+"""``python -m dermpipe``: the same as the ``dermpipe`` command."""
+
+from dermpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The machinery every stage uses: run setup, the one training loop, the stage cache, checkpoints, CLI plumbing."""
