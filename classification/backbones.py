@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
-from dermpipe.errors import DermpipeError
+from dermpipe.errors import DermpipeError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +61,9 @@ def resolve_backbone(name: str) -> BackboneSpec:
         size = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
         return BackboneSpec(name, size)
     choices = list(dict.fromkeys([*BACKBONES, *timm.list_models()]))
-    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
     raise BackboneError(
-        f"unknown backbone {name!r}: {hint}use one of {', '.join(BACKBONES)} or any name from timm.list_models()"
+        f"unknown backbone {name!r}{did_you_mean(name, choices, n=5)}: use one of {', '.join(BACKBONES)} or any "
+        "name from timm.list_models()"
     )
 
 

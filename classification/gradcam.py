@@ -15,8 +15,9 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from dermpipe.classification.backbones import LesionClassifier
-from dermpipe.classification.probabilities import images_to_batches, predict_probabilities
+from dermpipe.classification.prediction import classifier_input, predict_probabilities
 from dermpipe.data.preprocess import PreprocessConfig
+from dermpipe.data.reading import write_image
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def gradcam_overlays(
         with GradCAM(model=model, target_layers=[model.se]) as cam:
             for i, image in enumerate(images):
                 # An input that needs grad keeps a graph even when every weight is frozen (a loaded model).
-                batch = next(iter(images_to_batches(model, [image], 1, preprocess_cfg))).to(device).requires_grad_()
+                batch = classifier_input(model, [image], preprocess_cfg).to(device).requires_grad_()
                 targets = None if target_classes is None else [ClassifierOutputTarget(int(target_classes[i]))]
                 with torch.enable_grad():
                     heat = cam(input_tensor=batch, targets=targets)[0]
@@ -78,8 +79,6 @@ def save_gradcam_images(
         truth = f"_true-{labels[i]}" if labels is not None and labels[i] else ""
         path = out_dir / f"{ids[i]}_pred-{classes[predicted[i]]}{truth}.png"
         panel = np.concatenate([image, overlay], axis=1)
-        if not cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {path}: is the run folder writable?")
-        paths.append(path)
+        paths.append(write_image(path, panel))
     logger.info("wrote %d Grad-CAM overlays to %s", len(paths), out_dir)
     return paths

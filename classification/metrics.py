@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -20,6 +19,9 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+
+from dermpipe.data.manifest import write_table
+from dermpipe.engine.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -110,17 +112,16 @@ def per_class_table(report: dict[str, Any]) -> str:
 
 
 def write_confusion_csv(
-    matrix: Sequence[Sequence[int]] | np.ndarray, classes: Sequence[str], path: str | os.PathLike
+    matrix: Sequence[Sequence[int]] | np.ndarray,
+    classes: Sequence[str],
+    path: str | os.PathLike,
+    corner: str = "true \\ predicted",
 ) -> Path:
-    """Rows = true class, columns = predicted class, with class names as header and first column."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *classes])
-        for name, row in zip(classes, np.asarray(matrix).tolist()):
-            writer.writerow([name, *row])
-    return path
+    """Rows = true class, columns = predicted class, with class names as header and first column (``corner`` heads
+    the first column), written atomically."""
+    header = [corner, *classes]
+    rows = [dict(zip(header, [name, *row])) for name, row in zip(classes, np.asarray(matrix).tolist())]
+    return write_table(path, header, rows)
 
 
 def _pyplot() -> Any:
@@ -153,10 +154,10 @@ def write_confusion_png(
         ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
@@ -181,6 +182,7 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     score_ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dermpipe.engine.files import atomic_path, write_text_atomic
 from dermpipe.errors import DermpipeError
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("image_id", "image_path", "mask_path", "label", "group", "split")
@@ -23,13 +24,10 @@ class ManifestError(DermpipeError):
 def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> Path:
     """Write a CSV table atomically (temporary name, then rename), so a reader never sees half of it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 
@@ -97,19 +95,17 @@ class Manifest:
     def write(self, path: str | os.PathLike) -> Path:
         """Write the CSV and its class sidecar atomically (temporary name, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         columns = self.columns  # a property that walks every row: compute once, not once per row
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({c: row.get(c, "") for c in columns})
-        side = sidecar_path(path)
-        side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
-        side_tmp.write_text(json.dumps({"classes": list(self.classes), **self.info}, indent=2) + "\n")
-        os.replace(side_tmp, side)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                for row in self.rows:
+                    writer.writerow({c: row.get(c, "") for c in columns})
+            # the class sidecar lands first, the CSV last: a manifest that exists has its classes beside it
+            write_text_atomic(
+                sidecar_path(path), json.dumps({"classes": list(self.classes), **self.info}, indent=2) + "\n"
+            )
         return path
 
     @classmethod
@@ -139,3 +135,17 @@ class Manifest:
         if classes is None:
             classes = sorted({r.get("label", "") for r in rows} - {""})
         return cls(rows=tuple(rows), classes=tuple(classes), info=info)
+
+
+def manifest_from_folder(folder: str | os.PathLike) -> Manifest:
+    """An unlabelled manifest of every image under ``folder`` (recursive); ids are paths relative to it."""
+    from dermpipe.data.reading import ImageReadError, list_images  # reading sits beside, not below, manifests
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ImageReadError(f"{root}: not a folder of images (check --input)")
+    rows = []
+    for path in list_images(root):
+        rel = path.relative_to(root).with_suffix("")
+        rows.append({"image_id": rel.as_posix(), "image_path": str(path.resolve())})
+    return Manifest(rows=tuple(rows), classes=())

@@ -8,7 +8,7 @@ import logging
 import os
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dermpipe.engine.files import write_atomic
 from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
@@ -318,3 +319,15 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         raise ImageReadError(f"{folder}: {what} (give the folder that holds the images)")
     images = (p for p in walk_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_mask_name(p))
     return sorted(images)
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, params: Sequence[int] = ()) -> Path:
+    """Write an RGB (H x W x 3) or greyscale (H x W) uint8 image, atomically; the suffix picks the format and
+    ``params`` are OpenCV's encoder flags (e.g. ``[cv2.IMWRITE_JPEG_QUALITY, 95]``)."""
+    pixels = np.ascontiguousarray(image[..., ::-1] if image.ndim == 3 else image)
+
+    def encode(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), pixels, list(params)):
+            raise OSError(f"could not write {path}: is the folder writable and the suffix an image format?")
+
+    return write_atomic(path, encode)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import random
 import sys
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,23 +98,6 @@ class Run:
         return images, targets.to(self.device, non_blocking=True)
 
 
-def optimiser_step(
-    loss: torch.Tensor,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    grad_clip: float = 0.0,
-) -> None:
-    """One optimiser step through the AMP scaler, with the gradient norm clipped first when ``grad_clip`` > 0."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-
-
 def start_run(
     run_dir: str | os.PathLike,
     config: Any,
@@ -148,33 +129,3 @@ def start_run(
     )
     logger.info("run %s on %s (amp=%s, channels_last=%s)", path, dev, run.amp, run.channels_last)
     return run
-
-
-def append_metrics(path: Path, row: Mapping[str, Any], columns: Sequence[str]) -> None:
-    """Append one epoch's row to a run's ``metrics.csv`` (header on the first row; floats to 6 significant digits)."""
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def read_metrics(path: Path, columns: Sequence[str], up_to_epoch: int) -> list[dict[str, str]]:
-    """The rows of ``metrics.csv`` for epochs up to ``up_to_epoch``; later rows belong to an epoch that was cut off
-    after its row was written but before its state was saved: the file is rewritten without them."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    kept = [r for r in rows if int(float(r["epoch"])) <= up_to_epoch]
-    if len(kept) < len(rows):  # rewrite beside it, then swap: an interruption here never loses the kept rows
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        for r in kept:
-            append_metrics(tmp, r, columns)
-        if kept:
-            os.replace(tmp, path)
-        else:
-            path.unlink()
-    return kept

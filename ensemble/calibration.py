@@ -1,6 +1,4 @@
-"""Temperature scaling and reliability diagrams (Guo et al. 2017, "On Calibration of Modern Neural Networks"), and
-abstention: refer low-confidence images to a dermatologist at a threshold chosen for a target melanoma sensitivity.
-"""
+"""Temperature scaling, reliability diagrams (Guo et al. 2017) and referral at a threshold for a target sensitivity."""
 
 from __future__ import annotations
 
@@ -13,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
+
+from dermpipe.engine.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +99,9 @@ def reliability_diagram(
     ax.legend(loc="upper left", fontsize=8)
     hist.set(xlabel="top probability (confidence)", ylabel="images")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from dermpipe.classification import train as classification_train
-from dermpipe.data.synthetic import generate_dataset, make_sample
+from dermpipe.data.generator import generate_dataset, make_sample
+from dermpipe.data.reading import write_image
 from dermpipe.ensemble import predict as ensemble_predict
 from dermpipe.ensemble import vote as ensemble_vote
 from dermpipe.segmentation import predict as segmentation_predict
@@ -42,7 +42,7 @@ def write_photo_folder(folder: Path, n: int, size: int, seed: int) -> None:
     classes = ("nv", "mel", "bkl", "bcc")
     for i in range(n):
         image, _ = make_sample(rng, classes[i % len(classes)], size)
-        cv2.imwrite(str(folder / f"photo_{i:03d}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        write_image(folder / f"photo_{i:03d}.jpg", image)
     (folder / "notes.jpg").write_text("this is not a photo")
 
 

@@ -1,6 +1,4 @@
-"""The locally connected meta-network that votes over stacked backbone probabilities (seed 004's two
-LocallyConnected1D layers), its class-weighted full-batch training, and settings chosen by stratified K-fold CV.
-"""
+"""The locally connected meta-network vote (seed 004's LocallyConnected1D pair), its training and CV-chosen settings."""
 
 from __future__ import annotations
 

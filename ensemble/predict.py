@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dermpipe.data.manifest import Manifest
+from dermpipe.data.manifest import Manifest, manifest_from_folder
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 from dermpipe.engine.run import choose_device, setup_logging
 from dermpipe.ensemble.config import PredictConfig
 from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
-from dermpipe.segmentation.inference import manifest_from_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ import csv
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,30 @@ from tqdm import tqdm
 
 from dermpipe.classification.backbones import load_classifier
 from dermpipe.classification.config import ClassificationConfig
-from dermpipe.classification.probabilities import predict_probabilities
+from dermpipe.classification.prediction import STAGE, CropProbabilities
 from dermpipe.configs.loader import load_config
 from dermpipe.data.manifest import Manifest, write_table
-from dermpipe.engine.cache import StageCache, stage_key
+from dermpipe.data.preprocess import PreprocessConfig
+from dermpipe.data.reading import read_image, write_image
+from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import CheckpointError, weights_digest
+from dermpipe.engine.files import atomic_path
 from dermpipe.ensemble.calibration import apply_temperature
 from dermpipe.ensemble.config import PredictConfig
 from dermpipe.ensemble.meta import load_meta, meta_logits
 from dermpipe.ensemble.report import ReportRow, save_thumbnail, write_report
 from dermpipe.segmentation.config import SegmentationConfig
-from dermpipe.segmentation.inference import CropResult, SegmentationPredictor, Skipped
+from dermpipe.segmentation.prediction import CropResult, SegmentationPredictor, SkipLog
 
 logger = logging.getLogger(__name__)
 
 
 class Classifier:
-    """One trained backbone with its per-image probability cache (keyed by crop key and weights digest)."""
+    """One trained backbone and its per-crop probability cache (shared with the training run's tables)."""
 
-    def __init__(self, backbone_dir: Path, device: torch.device, tta: bool, cache_root: Path, force: bool) -> None:
+    def __init__(
+        self, backbone_dir: Path, device: torch.device, tta: bool, cache_root: Path, force: bool, batch_size: int
+    ) -> None:
         path = backbone_dir / "best.safetensors"
         if not path.is_file():
             raise CheckpointError(
@@ -47,42 +51,27 @@ class Classifier:
             )
         self.model, self.meta = load_classifier(path, device)
         self.name = backbone_dir.name
-        self.device = device
-        self.tta = tta
-        cfg_path = backbone_dir / "config.yaml"
-        self.preprocess = load_config(ClassificationConfig, cfg_path).data.preprocess if cfg_path.is_file() else None
-        self.weights = weights_digest(path)
-        self.cache = StageCache(cache_root, "image_probabilities", force=force)
-        self.settings = {
-            "tta": tta,
-            "size": self.meta["input_size"],
-            "preprocess": asdict(self.preprocess) if self.preprocess else None,
-        }
+        self.predictor = CropProbabilities(
+            self.model,
+            weights_digest(path),
+            StageCache(cache_root, STAGE, force=force),
+            tta=tta,
+            preprocess_cfg=_preprocess_of(self.meta, backbone_dir),
+            batch_size=batch_size,
+            device=device,
+        )
+        self.cache = self.predictor.cache
 
-    def probabilities(self, crops: Sequence[CropResult], batch_size: int) -> np.ndarray:
-        keys = [
-            stage_key("image_probabilities", upstream=[c.crop_key], model=self.weights, settings=self.settings)
-            for c in crops
-        ]
-        out: list[np.ndarray | None] = []
-        for key in keys:
-            hit = self.cache.get(key)
-            out.append(hit[0]["probs"] if hit is not None else None)
-        todo = [i for i, p in enumerate(out) if p is None]
-        if todo:
-            probs = predict_probabilities(
-                self.model,
-                [crops[i].crop for i in todo],
-                tta=self.tta,
-                batch_size=batch_size,
-                device=self.device,
-                preprocess_cfg=self.preprocess,
-                desc=self.name,
-            )
-            for i, p in zip(todo, probs):
-                self.cache.put(keys[i], {"probs": p})
-                out[i] = p
-        return np.stack(out)  # type: ignore[arg-type]
+    def probabilities(self, crops: Sequence[CropResult]) -> np.ndarray:
+        return self.predictor([c.crop_key for c in crops], lambda i: crops[i].crop, desc=self.name)
+
+
+def _preprocess_of(meta: dict[str, Any], backbone_dir: Path) -> PreprocessConfig | None:
+    """The preprocessing the backbone was trained with: from its checkpoint, else from its run's config.yaml."""
+    if isinstance(meta.get("preprocess"), dict):
+        return PreprocessConfig(**meta["preprocess"])
+    cfg_path = backbone_dir / "config.yaml"
+    return load_config(ClassificationConfig, cfg_path).data.preprocess if cfg_path.is_file() else None
 
 
 class EnsemblePredictor:
@@ -99,7 +88,9 @@ class EnsemblePredictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.backbones: list[str] = list(self.meta["backbones"])
         root = Path(cfg.classification_root)
-        self.classifiers = [Classifier(root / b, device, cfg.tta, cache, cfg.run.force) for b in self.backbones]
+        self.classifiers = [
+            Classifier(root / b, device, cfg.tta, cache, cfg.run.force, cfg.batch_size) for b in self.backbones
+        ]
         for c in self.classifiers:
             if list(c.meta["classes"]) != self.classes:
                 raise CheckpointError(
@@ -111,17 +102,15 @@ class EnsemblePredictor:
 
     def vote(self, crops: Sequence[CropResult]) -> tuple[np.ndarray, np.ndarray]:
         """(stacked N x B x C backbone probabilities, final N x C probabilities)."""
-        stacked = np.stack([c.probabilities(crops, self.cfg.batch_size) for c in self.classifiers], axis=1)
+        stacked = np.stack([c.probabilities(crops) for c in self.classifiers], axis=1)
         logits = meta_logits(self.meta_model, stacked)
         return stacked, apply_temperature(logits, self.temperature)
 
-    def predict(self, items: Sequence[tuple[str, str]]) -> Iterator[tuple[CropResult, np.ndarray] | Skipped]:
-        """Stream ``(crop result, final probabilities)`` per image, or ``Skipped``, in chunks of ``batch_size``."""
+    def predict(self, items: Sequence[tuple[str, str]], skipped: SkipLog) -> Iterator[tuple[CropResult, np.ndarray]]:
+        """Stream ``(crop result, final probabilities)`` per image in chunks of ``batch_size``; an image that cannot be
+        read is recorded in ``skipped``."""
         chunk: list[CropResult] = []
-        for result in self.segmenter.crop(items):
-            if isinstance(result, Skipped):
-                yield result
-                continue
+        for result in skipped.passed(self.segmenter.crop(items)):
             chunk.append(result)
             if len(chunk) >= self.cfg.batch_size:
                 yield from zip(chunk, self.vote(chunk)[1])
@@ -145,22 +134,16 @@ def predict_folder(
     output.parent.mkdir(parents=True, exist_ok=True)
     assets = out / "report_files"
     columns = ["image_id", "path", *classes, "predicted", "confidence", "refer", "box", "fallback"]
-    partial = output.with_name(f".{output.name}.partial")
     report_rows: list[ReportRow] = []
-    skipped: list[dict[str, str]] = []
+    skipped = SkipLog()
     isic_rows: list[dict[str, str]] = []
     n = refer_count = fallback_count = 0
     gradcam_model = predictor.classifiers[0] if cfg.outputs.gradcam else None
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
-    with open(partial, "w", newline="") as f:
+    with atomic_path(output) as partial, open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for item in tqdm(predictor.predict(items), total=len(items), desc="predict", leave=False):
-            if isinstance(item, Skipped):
-                skipped.append({"image_id": item.image_id, "path": item.path, "reason": item.reason})
-                logger.warning("skipped %s", item.reason)
-                continue
-            crop, probs = item
+        for crop, probs in tqdm(predictor.predict(items, skipped), total=len(items), desc="predict", leave=False):
             top = int(np.argmax(probs))
             refer = bool(probs[top] < predictor.refer_threshold)
             row = {
@@ -184,8 +167,7 @@ def predict_folder(
             _write_extras(crop, cfg, out, predictor, gradcam_model)
             if cfg.outputs.report and len(report_rows) < cfg.outputs.report_max_images:
                 report_rows.append(_report_row(crop, probs, classes, refer, assets, out, gradcam_model))
-    os.replace(partial, output)
-    write_table(out / "skipped.csv", ["image_id", "path", "reason"], skipped)
+    skipped.write(out)
     if cfg.outputs.isic_csv:
         write_table(out / "isic_submission.csv", ["image", *[c.upper() for c in classes]], isic_rows)
     summary = {
@@ -199,7 +181,7 @@ def predict_folder(
         "cache": predictor.cache_summary(),
     }
     if cfg.outputs.report:
-        write_report(out / "report.html", report_rows, classes, summary, skipped)
+        write_report(out / "report.html", report_rows, classes, summary, skipped.rows)
     return summary
 
 
@@ -208,12 +190,10 @@ def _write_extras(
 ) -> None:
     name = Path(crop.image_id).name
     if cfg.outputs.masks:
-        (out / "masks").mkdir(exist_ok=True)
         mask = crop.full_mask(predictor.segmenter.predict_cfg.threshold) * 255
-        cv2.imwrite(str(out / "masks" / f"{name}_segmentation.png"), mask)
+        write_image(out / "masks" / f"{name}_segmentation.png", mask)
     if cfg.outputs.crops:
-        (out / "crops").mkdir(exist_ok=True)
-        cv2.imwrite(str(out / "crops" / f"{name}.png"), cv2.cvtColor(crop.crop, cv2.COLOR_RGB2BGR))
+        write_image(out / "crops" / f"{name}.png", crop.crop)
 
 
 def _report_row(
@@ -225,8 +205,6 @@ def _report_row(
     out: Path,
     gradcam_model: Classifier | None,
 ) -> ReportRow:
-    from dermpipe.data.reading import read_image
-
     stem = crop.crop_key[:16]
     images = {}
     thumb = read_image(crop.path, max_side=4 * 160)

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dermpipe.data.reading import write_image
 from dermpipe.engine.files import write_text_atomic
 
 THUMB = 160
@@ -40,9 +41,7 @@ def save_thumbnail(image: np.ndarray, path: Path, mask: np.ndarray | None = None
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         thumb = np.ascontiguousarray(thumb)
         cv2.drawContours(thumb, contours, -1, (0, 255, 0), 2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return path
+    return write_image(path, thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
 
 
 _STYLE = """

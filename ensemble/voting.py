@@ -1,20 +1,15 @@
-"""The stacking run: learn the vote on held-out probabilities, choose everything inside that set, score every method
-once on the test split, and write the comparison table, confusion matrix, reliability diagram and meta-network.
-"""
+"""The stacking run: fit the vote and every choice on held-out probabilities, score each method once on test."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
 from dermpipe.configs.loader import config_hash, to_dict
 from dermpipe.engine.cache import stage_key
@@ -23,152 +18,25 @@ from dermpipe.engine.run import Run
 from dermpipe.ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
 from dermpipe.ensemble.calibration import (
     apply_temperature,
-    expected_calibration_error,
     fit_temperature,
     refer_threshold,
     referral_outcome,
     reliability_diagram,
 )
 from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.ensemble.evaluation import bootstrap_balanced_accuracy, method_metrics
 from dermpipe.ensemble.meta import fit_meta, meta_logits, save_meta, select_meta_settings, softmax
-from dermpipe.ensemble.tables import StackedTable, TableError, check_fit_and_test_agree, load_probability_tables
+from dermpipe.ensemble.outputs import write_confusion_matrix, write_methods_table, write_predictions
+from dermpipe.ensemble.stacked_tables import (
+    StackedTable,
+    TableError,
+    check_fit_and_test_agree,
+    load_probability_tables,
+)
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.safetensors"
-METRIC_COLUMNS: tuple[str, ...] = ("balanced_accuracy", "macro_auc", "macro_f1", "accuracy", "log_loss", "ece")
-
-
-def method_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], n_bins: int = 15) -> dict[str, float]:
-    """ISIC-style scores of (images, classes) probabilities: balanced accuracy (mean per-class recall), macro
-    one-vs-rest AUC over the classes present, macro F1, accuracy, log-loss, ECE, and per-class recall and AUC.
-    """
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    predicted = probs.argmax(axis=1)
-    recalls, aucs = {}, {}
-    for c, name in enumerate(classes):
-        positive = labels == c
-        recalls[name] = float((predicted[positive] == c).mean()) if positive.any() else float("nan")
-        both = positive.any() and (~positive).any()
-        aucs[name] = float(roc_auc_score(positive, probs[:, c])) if both else float("nan")
-    present = [r for r in recalls.values() if not np.isnan(r)]
-    scored_aucs = [a for a in aucs.values() if not np.isnan(a)]
-    out = {
-        "balanced_accuracy": float(np.mean(present)),
-        "macro_auc": float(np.mean(scored_aucs)) if scored_aucs else float("nan"),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-        "accuracy": float((predicted == labels).mean()),
-        "log_loss": float(log_loss(labels, np.clip(probs, 1e-12, 1.0), labels=list(range(len(classes))))),
-        "ece": expected_calibration_error(probs, labels, n_bins),
-    }
-    out.update({f"recall_{name}": r for name, r in recalls.items()})
-    out.update({f"auc_{name}": a for name, a in aucs.items()})
-    return out
-
-
-INTERVAL_COLUMNS: tuple[str, ...] = (
-    "balanced_accuracy_low",
-    "balanced_accuracy_high",
-    "delta_vs_best_single",
-    "delta_low",
-    "delta_high",
-    "p_better_than_best_single",
-)
-
-
-def bootstrap_balanced_accuracy(
-    labels: np.ndarray,
-    predictions: dict[str, np.ndarray],
-    reference: str,
-    samples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Paired, class-stratified bootstrap of balanced accuracy on the same test images.
-
-    Each resample draws images with replacement inside every true class (class sizes stay fixed, as balanced accuracy
-    weighs every class equally), and every method is scored on the same resample, so the interval of a method's
-    difference to ``reference`` accounts for their shared images. Returns per method the percentile interval of its
-    balanced accuracy, its point difference to the reference with the interval of that difference, and the share of
-    resamples in which it scored above the reference.
-    """
-    names = list(predictions)
-    correct = np.stack([np.asarray(predictions[n]) == labels for n in names])  # methods x images
-    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    rng = np.random.default_rng(seed)
-    scores = np.empty((samples, len(names)))
-    for i in range(samples):
-        recalls = [correct[:, rng.choice(m, size=m.size)].mean(axis=1) for m in members]
-        scores[i] = np.mean(recalls, axis=0)
-    point = np.mean([correct[:, m].mean(axis=1) for m in members], axis=0)
-    ref = names.index(reference)
-    diff = scores - scores[:, [ref]]
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(scores, [tail, 1.0 - tail], axis=0)
-    diff_low, diff_high = np.quantile(diff, [tail, 1.0 - tail], axis=0)
-    return {
-        name: dict(
-            zip(
-                INTERVAL_COLUMNS,
-                (
-                    float(low[j]),
-                    float(high[j]),
-                    float(point[j] - point[ref]),
-                    float(diff_low[j]),
-                    float(diff_high[j]),
-                    float((diff[:, j] > 0).mean()),
-                ),
-            )
-        )
-        for j, name in enumerate(names)
-    }
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
-
-
-def _format(value: Any) -> Any:
-    return f"{value:.6f}" if isinstance(value, float) else value
-
-
-def write_methods_table(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> Path:
-    """``method, balanced_accuracy, macro_auc, macro_f1, accuracy, log_loss, ece``, the bootstrap interval columns
-    when computed, ``recall_<class>..., auc_<class>..., detail``: one row per method, all on the same test images."""
-    intervals = [c for c in INTERVAL_COLUMNS if any(c in row for row in rows)]
-    header = ["method", *METRIC_COLUMNS, *intervals, *(f"recall_{c}" for c in classes), *(f"auc_{c}" for c in classes)]
-    header.append("detail")
-    return _write_csv(path, header, [[_format(row.get(h, "")) for h in header] for row in rows])
-
-
-def write_confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str], stem: Path) -> Path:
-    """``<stem>.csv`` (rows true class, columns predicted) and ``<stem>.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
-    csv_path = _write_csv(
-        stem.with_suffix(".csv"),
-        ["true\\predicted", *classes],
-        [[name, *map(int, row)] for name, row in zip(classes, matrix)],
-    )
-    size = 2.5 + 0.6 * len(classes)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(ax=ax, colorbar=False, cmap="Blues")
-    ax.set_title("meta-network, test split")
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
-    plt.close(fig)
-    return csv_path
 
 
 def _fit_rows(table: StackedTable) -> StackedTable:
@@ -319,7 +187,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     paths = {
         "methods": write_methods_table(out / "methods.csv", rows, classes),
         "confusion": write_confusion_matrix(
-            test.labels, test_meta[labelled].argmax(1), classes, out / "confusion_meta"
+            test.labels, test_meta[labelled].argmax(1), classes, out / "confusion_meta", "meta-network, test split"
         ),
         "reliability": reliability_diagram(
             {"meta-network": test_meta_raw[labelled], "meta-network, temperature-scaled": test_meta[labelled]}
@@ -330,7 +198,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
             n_bins,
             "Meta-network on the test split",
         ),
-        "predictions": _write_predictions(out / "test_predictions.csv", test_all, test_meta, threshold),
+        "predictions": write_predictions(out / "test_predictions.csv", test_all, test_meta, threshold),
     }
     paths["meta"] = save_meta(
         out / META_FILE,
@@ -381,24 +249,3 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
     logger.info("wrote %s", paths["methods"])
     return summary
-
-
-def _write_predictions(path: Path, table: StackedTable, probs: np.ndarray, threshold: float) -> Path:
-    """Every test image (labelled or not): calibrated meta-network probabilities, top class, and the refer flag."""
-    header = ["image_id", "crop_key", "label", "predicted", "top_probability", "refer", *table.classes]
-    rows = []
-    for i, image_id in enumerate(table.ids):
-        top = float(probs[i].max())
-        label = table.classes[table.labels[i]] if table.labels[i] >= 0 else ""
-        rows.append(
-            [
-                image_id,
-                table.crop_keys[i],
-                label,
-                table.classes[int(probs[i].argmax())],
-                f"{top:.6f}",
-                int(top < threshold),
-                *(f"{p:.6f}" for p in probs[i]),
-            ]
-        )
-    return _write_csv(path, header, rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from dermpipe.configs.schema import RunConfig
 from dermpipe.data.augment import AugmentConfig
@@ -32,7 +33,7 @@ class SegTrainConfig:
     batch_size: int = 16
     lr: float = 1.0e-3
     weight_decay: float = 1.0e-4
-    schedule: str = "onecycle"  # onecycle | cosine
+    schedule: Literal["onecycle", "cosine"] = "onecycle"  # one meaning for both stages: engine/schedules.py
     warmup_epochs: float = 1.0
     dice_weight: float = 1.0
     bce_weight: float = 1.0

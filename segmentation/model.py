@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from pathlib import Path
@@ -12,7 +11,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from dermpipe.errors import DermpipeError
+from dermpipe.errors import DermpipeError, did_you_mean
 from dermpipe.segmentation.config import SegModelConfig
 
 logger = logging.getLogger(__name__)
@@ -34,13 +33,13 @@ def build_unet(cfg: SegModelConfig) -> torch.nn.Module:
     """A one-channel (lesion logit) smp model; ``encoder_weights``: ``imagenet``, a local file, or ``None``."""
     archs = _architectures()
     if cfg.architecture.lower() not in archs:
-        close = difflib.get_close_matches(cfg.architecture.lower(), list(archs), n=3)
-        raise ModelBuildError(f"unknown architecture {cfg.architecture!r}; did you mean {close or sorted(archs)}?")
+        hint = did_you_mean(cfg.architecture, archs)
+        raise ModelBuildError(f"unknown architecture {cfg.architecture!r}{hint}; one of {', '.join(sorted(archs))}")
     encoders = smp.encoders.get_encoder_names()
     if not cfg.encoder.startswith("tu-") and cfg.encoder not in encoders:
-        close = difflib.get_close_matches(cfg.encoder, encoders, n=5)
         raise ModelBuildError(
-            f"unknown encoder {cfg.encoder!r}; close matches: {close}; any timm model works as 'tu-<timm name>'"
+            f"unknown encoder {cfg.encoder!r}{did_you_mean(cfg.encoder, encoders, n=5)}; any timm model works as "
+            "'tu-<timm name>'"
         )
     weights = cfg.encoder_weights
     local = weights is not None and (os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors", ".bin")))

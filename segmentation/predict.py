@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 from dermpipe.configs.loader import default_config_path
-from dermpipe.data.manifest import Manifest
+from dermpipe.data.manifest import Manifest, manifest_from_folder
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 from dermpipe.engine.run import choose_device, setup_logging
 from dermpipe.segmentation.config import SegmentationConfig
-from dermpipe.segmentation.inference import SegmentationPredictor, manifest_from_folder, write_crops
+from dermpipe.segmentation.prediction import SegmentationPredictor, write_crops
 
 
 def main(argv: list[str] | None = None) -> int:

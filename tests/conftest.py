@@ -5,10 +5,11 @@ import pytest
 
 @pytest.fixture
 def interrupt_epoch(monkeypatch):
-    """``interrupt_epoch(module, n)``: the n-th call of ``module.train_one_epoch`` raises KeyboardInterrupt, as Ctrl-C
-    in that epoch would; earlier calls train as usual. Returns a function that restores the real one."""
+    """``interrupt_epoch(n)``: the n-th epoch of the engine's training loop raises KeyboardInterrupt, as Ctrl-C in that
+    epoch would; earlier epochs train as usual. Returns a function that restores the real one."""
+    from dermpipe.engine import loop as module
 
-    def install(module, n: int):
+    def install(n: int):
         real, calls = module.train_one_epoch, []
 
         def interrupted(*args, **kwargs):

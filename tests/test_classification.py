@@ -21,17 +21,20 @@ from dermpipe.classification.backbones import (
     resolve_backbone,
 )
 from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.evaluation import ProbabilityScorer
 from dermpipe.classification.gradcam import gradcam_overlays
+from dermpipe.classification.losses import FocalLoss
 from dermpipe.classification.metrics import classification_report
-from dermpipe.classification.probabilities import predict_probabilities, prediction_settings, probability_table
+from dermpipe.classification.prediction import CropProbabilities, predict_probabilities
 from dermpipe.classification.train import main
-from dermpipe.configs.loader import load_config
+from dermpipe.data.generator import generate_dataset
 from dermpipe.data.manifest import Manifest
-from dermpipe.data.synthetic import generate_dataset
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import CheckpointError, save_checkpoint, weights_digest
 from dermpipe.engine.files import file_digest
+from dermpipe.engine.loop import evaluate, train_one_epoch
 from dermpipe.engine.run import Run
+from dermpipe.engine.schedules import Schedule
 
 TINY = TEST_BACKBONE
 
@@ -185,11 +188,14 @@ def test_tiny_backbone_beats_chance_after_a_few_steps(tmp_path):
     for _ in range(8):  # 64 steps of 8 images
         order = torch.randperm(64)
         batches = [(x_train[order[i : i + 8]], y_train[order[i : i + 8]]) for i in range(0, 64, 8)]
-        stats = training.train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, None, run, scaler)
-    result = training.evaluate(model, [(x_test, y_test)], run)
-    report = classification_report(result["labels"], result["probs"], ["brown", "red"])
+        stats = train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, None, run, scaler)
+    scorer = ProbabilityScorer(["brown", "red"])
+    result = evaluate(model, [(x_test, y_test)], run, scorer)
+    probs, labels = scorer.arrays()
+    report = classification_report(labels, probs, ["brown", "red"])
     assert stats["train_loss"] < 0.3 and stats["images_per_sec"] > 0
     assert report["balanced_accuracy"] >= 0.8  # chance is 0.5
+    assert result["val_balanced_accuracy"] == report["balanced_accuracy"]
 
 
 def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(tmp_path):
@@ -201,7 +207,7 @@ def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(tmp_path):
     optimizer = training.build_optimizer(model, ClassificationConfig())
     batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))] * 3
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    training.train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, None, _cpu_run(tmp_path), scaler)
+    train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, None, _cpu_run(tmp_path), scaler)
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone_before.items())
     assert not torch.equal(head_before, model.head.weight)
 
@@ -209,21 +215,35 @@ def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(tmp_path):
 def test_focal_loss_with_gamma_zero_is_cross_entropy():
     logits, target = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
     weight = torch.tensor([1.0, 2.0, 0.5])
-    focal = training.FocalLoss(gamma=0.0, weight=weight, label_smoothing=0.1)
+    focal = FocalLoss(gamma=0.0, weight=weight, label_smoothing=0.1)
     ce = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
     assert torch.allclose(focal(logits, target), ce(logits, target), atol=1e-6)
-    assert training.FocalLoss(gamma=2.0)(logits, target) < torch.nn.CrossEntropyLoss()(logits, target)
+    assert FocalLoss(gamma=2.0)(logits, target) < torch.nn.CrossEntropyLoss()(logits, target)
 
 
 def test_schedule_warms_up_and_restarts_warmup_scaled_at_unfreeze():
-    cfg = load_config(
-        ClassificationConfig,
-        overrides=["train.epochs=4", "train.freeze_epochs=2", "train.warmup_epochs=1", "train.unfreeze_lr_scale=0.1"],
+    # 4 epochs of 10 steps, 1 warm-up epoch, the backbone unfrozen after 2 epochs at a tenth of the rate
+    for kind in ("cosine", "onecycle"):
+        factors = [Schedule(kind, 40, 10, phase_start=20, phase_scale=0.1).factor(step) for step in range(40)]
+        assert factors[0] < factors[5] < factors[9] <= 1.0  # warm-up over the first epoch
+        assert factors[20] < 0.1 * factors[19]  # unfreeze: warm-up again, at a tenth of the rate
+        assert max(factors[20:]) <= 0.1 + 1e-9 and factors[39] < factors[30]
+
+
+def test_onecycle_is_torchs_one_cycle_learning_rate():
+    """One meaning of "onecycle" in both stages: the learning rate torch's OneCycleLR draws (without momentum)."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch_lr = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=0.1, total_steps=50, pct_start=0.2, cycle_momentum=False
     )
-    factors = [training.lr_factor(step, cfg, 10) for step in range(40)]
-    assert factors[0] < factors[5] < factors[9] <= 1.0  # warm-up over the first epoch
-    assert factors[20] < 0.1 * factors[19]  # unfreeze: warm-up again, at a tenth of the rate
-    assert max(factors[20:]) <= 0.1 + 1e-9 and factors[39] < factors[30]
+    expected = []
+    for _ in range(50):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        torch_lr.step()
+    ours = [0.1 * Schedule("onecycle", 50, 10).factor(step) for step in range(50)]
+    assert ours == pytest.approx(expected, rel=1e-9, abs=1e-12)  # warm-up and annealing, step for step
 
 
 # --- metrics --------------------------------------------------------------------------------------------------------
@@ -265,43 +285,37 @@ def test_probabilities_sum_to_one_and_tta_is_rotation_invariant():
     assert np.allclose(tta, rotated, atol=1e-5)  # TTA averages over all 8 flips/rotations
 
 
-def test_cached_table_reused_and_invalidated_when_checkpoint_or_crop_changes(tmp_path):
+def test_crop_probabilities_reused_per_crop_and_invalidated_when_checkpoint_or_crop_changes(tmp_path):
     torch.manual_seed(0)
     model = build_classifier(TINY, 2).eval()
     model.input_size = 32
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(4)]
-    ids, keys, labels = ["i0", "i1", "i2", "i3"], ["k0", "k1", "k2", "k3"], ["a", "b", "a", ""]
-    settings = prediction_settings(model, False, None, "crop_path")
+    keys = ["k0", "k1", "k2", "k3"]
     ckpt = tmp_path / "best.safetensors"
 
-    def table(cache, crop_keys):
-        return probability_table(
-            model, images, run_dir=tmp_path / "run", cache=cache, split="val", ids=ids, crop_keys=crop_keys,
-            labels=labels, classes=["a", "b"], weights_digest=weights_digest(ckpt), settings=settings,
-            source="val", trained_on="train",
-        )  # fmt: skip
+    def predict(crop_keys, stage_cache):
+        predictor = CropProbabilities(model, weights_digest(ckpt), stage_cache, batch_size=3)
+        return predictor(crop_keys, lambda i: images[i])
 
     save_checkpoint(ckpt, model, checkpoint_metadata(model, ["a", "b"]))
-    first = StageCache(tmp_path / "cache", "probabilities")
-    probs, path = table(first, keys)
-    again = StageCache(tmp_path / "cache", "probabilities")
-    cached, _ = table(again, keys[::-1])  # order-free key; rows come back in the order asked for
-    assert (first.computed, again.reused, again.computed) == (1, 1, 0)
-    assert np.allclose(cached, probs[::-1])
+    first = StageCache(tmp_path / "cache", "crop_probabilities")
+    probs = predict(keys, first)
+    assert np.allclose(probs, predict_probabilities(model, images, batch_size=3))  # the cache changes no number
+    again = StageCache(tmp_path / "cache", "crop_probabilities")
+    images.reverse()  # the same crops asked for in another order come back in that order, all from the cache
+    cached = predict(keys[::-1], again)
+    assert (first.computed, again.reused, again.computed) == (4, 4, 0)
+    assert np.array_equal(cached, probs[::-1])
     with torch.no_grad():
         model.head.bias[0] += 1.0  # shifts class a only (a shift of every logit would not change softmax)
     save_checkpoint(ckpt, model, checkpoint_metadata(model, ["a", "b"]))
-    changed = StageCache(tmp_path / "cache", "probabilities")
-    new_probs, _ = table(changed, keys)
-    assert (changed.reused, changed.computed) == (0, 1) and not np.allclose(new_probs, probs)
-    crop_changed = StageCache(tmp_path / "cache", "probabilities")
-    table(crop_changed, ["k0", "k1", "k2", "k9"])
-    assert crop_changed.computed == 1
-    rows = _rows(path)
-    assert list(rows[0]) == ["image_id", "crop_key", "label", "a", "b"]
-    info = json.loads(path.with_suffix(".json").read_text())
-    assert {"backbone", "classes", "split", "source", "trained_on", "weights_digest", "table_key"} <= set(info)
+    changed = StageCache(tmp_path / "cache", "crop_probabilities")
+    new_probs = predict(keys[::-1], changed)
+    assert (changed.reused, changed.computed) == (0, 4) and not np.allclose(new_probs, cached)
+    crop_changed = StageCache(tmp_path / "cache", "crop_probabilities")
+    predict(["k3", "k2", "k1", "k9"], crop_changed)
+    assert (crop_changed.reused, crop_changed.computed) == (3, 1)
 
 
 def test_gradcam_overlay_has_the_crop_size():
@@ -357,14 +371,17 @@ def test_main_trains_writes_everything_and_reuses_on_rerun(crops_manifest, tmp_p
     caplog.clear()
     assert main(_args(crops_manifest, out)) == 0
     assert weights_digest(run_dir / "best.safetensors") == digest  # training was not repeated
-    assert "cache: 2 reused, 0 computed (probabilities)" in caplog.text
+    assert "computed (crop_probabilities)" in caplog.text and " 0 computed (crop_probabilities)" in caplog.text
+    for split in ("val", "test"):  # each table's sidecar names the checkpoint, the settings and the table's identity
+        info = json.loads((run_dir / f"probs_{split}.json").read_text())
+        assert {"backbone", "classes", "split", "source", "trained_on", "weights_digest", "table_key"} <= set(info)
 
 
 def test_resume_continues_to_the_same_result(crops_manifest, tmp_path, interrupt_epoch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ("--set", "train.gradcam_images=0", "--set", "train.freeze_epochs=0")
     assert main(_args(crops_manifest, straight, *extra)) == 0
-    restore = interrupt_epoch(training, 2)
+    restore = interrupt_epoch(2)
     assert main(_args(crops_manifest, resumed, *extra)) == 130
     assert len(_rows(resumed / TINY / "metrics.csv")) == 1
     restore()
@@ -439,29 +456,3 @@ def test_local_pretrained_weights_file_is_loaded_without_its_head(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         build_classifier(TINY, 2, pretrained=str(tmp_path / "missing.pth"))
 
-
-def test_bare_reference_flips_each_image_one_of_four_ways():
-    from dermpipe.data.bare import random_flips
-
-    images = torch.arange(64 * 3 * 4 * 4, dtype=torch.float32).reshape(64, 3, 4, 4)
-    flipped = random_flips(images, torch.Generator().manual_seed(0))
-    seen = set()
-    for before, after in zip(images, flipped):
-        variants = [before, before.flip(2), before.flip(1), before.flip(1).flip(2)]
-        matches = [i for i, v in enumerate(variants) if torch.equal(v, after)]
-        assert len(matches) == 1
-        seen.add(matches[0])
-    assert seen == {0, 1, 2, 3}
-
-
-def test_bare_reference_trains_and_scores_the_test_rows(tmp_path, capsys):
-    from dermpipe.classification.benchmark_bare import main as bare_main
-
-    manifest = generate_dataset(tmp_path / "syn", n_images=40, size=32, seed=0, classes=("nv", "mel"), imbalance=1.0)
-    options = f"--model {TINY} --size 32 --epochs 4 --batch-size 8 --threads 1".split()
-    result = bare_main(["--manifest", str(manifest), "--out", str(tmp_path / "bare"), *options])
-    lines = capsys.readouterr().out.splitlines()
-    losses = [float(line.split("loss ")[1].split()[0]) for line in lines if " loss " in line]
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert json.loads((tmp_path / "bare" / "metrics_test.json").read_text()) == result
-    assert 0.0 <= result["balanced_accuracy"] <= 1.0 and 0.0 <= result["macro_auc"] <= 1.0

@@ -470,7 +470,7 @@ def test_inline_and_file_maps_check_their_keys(tmp_path: Path) -> None:
 def test_unknown_format_lists_valid_names_with_did_you_mean(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--format", "ham1000", "--root", str(tmp_path), "--out", str(tmp_path / "m.csv")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown format 'ham1000': did you mean 'ham10000'?")
+    assert err.startswith("error: unknown format 'ham1000' (did you mean 'ham10000'?)")
     assert all(name in err for name in FORMATS) and "Traceback" not in err
     with pytest.raises(ConversionError):
         get_reader("nope")

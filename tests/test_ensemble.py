@@ -18,6 +18,7 @@ from dermpipe.ensemble.calibration import (
     reliability_diagram,
 )
 from dermpipe.ensemble.config import MetaConfig
+from dermpipe.ensemble.evaluation import bootstrap_balanced_accuracy
 from dermpipe.ensemble.meta import (
     LocallyConnectedVote,
     fit_meta,
@@ -27,9 +28,8 @@ from dermpipe.ensemble.meta import (
     selection_score,
     softmax,
 )
-from dermpipe.ensemble.tables import LeakError, TableError, load_probability_tables
+from dermpipe.ensemble.stacked_tables import LeakError, TableError, load_probability_tables
 from dermpipe.ensemble.vote import main
-from dermpipe.ensemble.voting import bootstrap_balanced_accuracy
 
 CLASSES = ("nv", "mel", "bkl", "bcc")
 BACKBONES = ("good_a", "good_b", "noise")

@@ -1,6 +1,7 @@
 """Batch prediction over a folder: bad files skipped and reported, cache reuse on rerun, identical predictions."""
 
 import csv
+import io
 
 import cv2
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from dermpipe.classification.backbones import build_classifier, checkpoint_metadata
-from dermpipe.data.synthetic import make_sample
+from dermpipe.data.generator import make_sample
 from dermpipe.engine.checkpoint import save_checkpoint
 from dermpipe.engine.run import save_config
 from dermpipe.ensemble import predict as predict_script
@@ -104,8 +105,11 @@ def test_rerun_reuses_cache_and_adding_images_computes_only_them(stages, tmp_pat
     cv2.imwrite(str(folder / "new.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     assert predict_script.main(_args(stages, folder, out)) == 0
     assert "15 reused, 3 computed" in capsys.readouterr().out
+    before = {r["image_id"]: r for r in csv.DictReader(io.StringIO(first))}
     rows = {r["image_id"]: r for r in _read(out / "predictions.csv")}
-    assert len(rows) == 6 and all(rows[r["image_id"]] == r for r in _read(out / "predictions.csv"))
+    assert sorted(rows) == sorted([*before, "new"])
+    assert all(rows[image_id] == row for image_id, row in before.items())  # the five earlier rows, unchanged
+    assert rows["new"]["predicted"] in rows["new"] and float(rows["new"]["confidence"]) > 0
 
 
 def test_missing_stage_is_one_clear_error(stages, tmp_path, capsys):

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from dermpipe.data.manifest import Manifest
-from dermpipe.data.synthetic import generate_dataset, make_sample
+from dermpipe.data.generator import generate_dataset, make_sample
+from dermpipe.data.manifest import Manifest, manifest_from_folder
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dermpipe.segmentation import predict as predict_script
 from dermpipe.segmentation import train as train_script
-from dermpipe.segmentation import training
 from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig
-from dermpipe.segmentation.inference import SegmentationPredictor, manifest_from_folder, predict_probabilities
 from dermpipe.segmentation.lesion import (
     FALLBACK_ALL_BORDERS,
     FALLBACK_NO_LESION,
@@ -23,6 +21,7 @@ from dermpipe.segmentation.lesion import (
     lesion_box,
 )
 from dermpipe.segmentation.model import ModelBuildError, build_unet, load_unet
+from dermpipe.segmentation.prediction import SegmentationPredictor, predict_probabilities
 
 TINY = [
     "--set", "model.encoder=tu-test_resnet", "--set", "model.encoder_weights=null",
@@ -67,13 +66,44 @@ def test_training_lowers_loss_and_writes_run(trained):
     assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 1, 48, 48)
 
 
-def test_resume_continues_at_next_epoch(synthetic, tmp_path):
+def test_resume_restores_weights_and_optimiser_and_ends_where_an_uninterrupted_run_ends(
+    synthetic, tmp_path, interrupt_epoch
+):
     root, manifest = synthetic
-    args = ["--manifest", str(manifest), "--out", str(tmp_path / "r"), "--device", "cpu",
-            "--set", f"run.cache_dir={root / 'cache'}", "--set", "train.panel_images=0", *TINY]  # fmt: skip
-    assert train_script.main([*args, "--epochs", "1"]) == 0
-    assert train_script.main([*args, "--epochs", "2", "--resume"]) == 0
-    assert [r["epoch"] for r in _metrics(tmp_path / "r")] == ["1", "2"]
+    args = ["--device", "cpu", "--manifest", str(manifest), "--set", f"run.cache_dir={root / 'cache'}",
+            "--set", "train.panel_images=0", "--set", "train.max_steps_per_epoch=2", "--epochs", "2",
+            *TINY]  # fmt: skip
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert train_script.main([*args, "--out", str(straight)]) == 0
+    restore = interrupt_epoch(2)
+    assert train_script.main([*args, "--out", str(cut)]) == 130  # Ctrl-C in epoch 2: epoch 1 kept
+    restore()
+    assert [r["epoch"] for r in _metrics(cut)] == ["1"]
+    assert train_script.main([*args, "--out", str(cut), "--resume"]) == 0
+    assert [r["epoch"] for r in _metrics(cut)] == ["1", "2"]
+    a, _ = load_checkpoint(straight / "last.safetensors")
+    b, _ = load_checkpoint(cut / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the weights of epoch 1 and the optimiser were restored exactly
+    sa = torch.load(straight / "last_state.pt", weights_only=True)
+    sb = torch.load(cut / "last_state.pt", weights_only=True)
+    moments = [(sa["optimizer"]["state"][i], sb["optimizer"]["state"][i]) for i in sa["optimizer"]["state"]]
+    assert moments and all(torch.equal(x["exp_avg_sq"], y["exp_avg_sq"]) for x, y in moments)
+    assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"] == 4
+
+    # a resume with other settings is refused with one line, and the run is left as it was
+    before = (cut / "last.safetensors").read_bytes()
+    assert train_script.main([*args, "--out", str(cut), "--resume", "--epochs", "3"]) == 2
+    assert (cut / "last.safetensors").read_bytes() == before
+
+
+def test_rerun_with_the_same_settings_reuses_the_finished_run(trained, capsys):
+    root, manifest, run = trained
+    digest = (run / "best.safetensors").read_bytes()
+    args = ["--manifest", str(manifest), "--out", str(run), "--epochs", "6", "--device", "cpu",
+            "--set", f"run.cache_dir={root / 'cache'}", *TINY]  # fmt: skip
+    assert train_script.main(args) == 0
+    assert (run / "best.safetensors").read_bytes() == digest
+    assert len(_metrics(run)) == 6
 
 
 def test_boxes_cover_true_lesions_and_cache_is_reused(trained, tmp_path, capsys):
@@ -101,32 +131,6 @@ def test_boxes_cover_true_lesions_and_cache_is_reused(trained, tmp_path, capsys)
     assert (out / "crops.csv").read_text() == before
 
 
-def test_mask_variants_score_the_pipelines_own_masks_at_the_trained_size(trained, tmp_path):
-    from dermpipe.segmentation.benchmark import mask_variants
-    from dermpipe.segmentation.metrics import image_scores, mean_scores, read_mask
-
-    root, manifest, run = trained
-    out = tmp_path / "val"
-    args = ["--manifest", str(manifest), "--split", "val", "--run", str(run), "--out", str(out), "--device", "cpu",
-            "--set", f"run.cache_dir={tmp_path / 'cache'}", "--masks"]  # fmt: skip
-    assert predict_script.main(args) == 0
-    rows = Manifest.read(manifest).select("val").rows
-    assert rows
-    pipeline = mean_scores(
-        [
-            image_scores(read_mask(out / "masks" / f"{r['image_id']}_segmentation.png"), read_mask(r["mask_path"]))
-            for r in rows
-        ]  # fmt: skip
-    )
-    variants = mask_variants(run, manifest, "val", [48, 64])
-    assert variants["size 48"] == pytest.approx(pipeline, abs=1e-9)
-    assert {"size 64", "mean of sizes 48 and 64", "threshold 0.4", "convex hull"} <= set(variants)
-    # a grown mask finds at least as much lesion, a shrunk one at most as much
-    assert variants["dilation 1%"]["sensitivity"] >= variants["size 48"]["sensitivity"]
-    assert variants["erosion 1%"]["sensitivity"] <= variants["size 48"]["sensitivity"]
-    assert variants["convex hull"]["sensitivity"] >= variants["size 48"]["sensitivity"]
-
-
 def test_changed_pixel_or_weights_miss_the_cache(trained, tmp_path):
     root, manifest, run = trained
     cfg = SegmentationConfig()
@@ -141,9 +145,14 @@ def test_changed_pixel_or_weights_miss_the_cache(trained, tmp_path):
     rgb[10, 10, 0] ^= 1
     cv2.imwrite(str(image), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     assert next(predictor.crop([("a", str(image))])).crop_key != first.crop_key
-    other = SegmentationPredictor(run / "last.safetensors", cfg, torch.device("cpu"), tmp_path / "cache")
-    if (run / "last.safetensors").read_bytes() != (run / "best.safetensors").read_bytes():
-        assert other.key("x") != predictor.key("x")
+    same = SegmentationPredictor(run / "best.safetensors", cfg, torch.device("cpu"), tmp_path / "cache")
+    assert same.key("x") == predictor.key("x")
+    model, meta = load_unet(run / "best.safetensors")
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.dtype.is_floating_point).add_(1e-3)  # other weights, same model
+    other_path = save_checkpoint(tmp_path / "other.safetensors", model, meta)
+    other = SegmentationPredictor(other_path, cfg, torch.device("cpu"), tmp_path / "cache")
+    assert other.key("x") != predictor.key("x")
 
 
 def test_no_lesion_falls_back_to_whole_image_and_is_flagged(trained, tmp_path):
@@ -250,7 +259,7 @@ def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_pat
     assert torch.equal(best[name], whole[name].cpu())  # (val Jaccard rises over the two epochs: best is the last)
 
     # interrupted in epoch 2 and resumed: the average continues from the saved one, as if never interrupted
-    restore = interrupt_epoch(training, 2)
+    restore = interrupt_epoch(2)
     assert train_script.main([*args, "--out", str(tmp_path / "cut")]) != 0  # interrupted, epoch 1 kept
     restore()
     assert train_script.main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
@@ -269,7 +278,7 @@ def test_resume_drops_the_metrics_row_of_an_epoch_cut_off_before_its_state_was_s
     args = ["--manifest", str(manifest), "--device", "cpu", "--set", f"run.cache_dir={root / 'cache'}",
             "--set", "train.panel_images=0", "--set", "train.max_steps_per_epoch=2", "--epochs", "2",
             "--out", str(tmp_path / "run"), *TINY]  # fmt: skip
-    restore = interrupt_epoch(training, 2)
+    restore = interrupt_epoch(2)
     assert train_script.main(args) != 0
     restore()
     metrics = tmp_path / "run" / "metrics.csv"
@@ -307,20 +316,3 @@ def test_tta_turns_each_view_back():
     assert np.allclose(mirrored[:, :, ::-1], dihedral, atol=1e-5)
     assert not np.allclose(np.rot90(plain(np.rot90), -1, axes=(1, 2)), plain(lambda i: i), atol=1e-3)
 
-
-def test_bare_reference_trains_and_scores_every_test_image_at_its_size(tmp_path, capsys):
-    import json
-
-    from dermpipe.segmentation.benchmark_bare import load_masks
-    from dermpipe.segmentation.benchmark_bare import main as bare_main
-
-    manifest = generate_dataset(tmp_path / "syn", n_images=40, size=48, seed=0)
-    options = ["--size", "32", "--epochs", "3", "--batch-size", "4"]
-    result = bare_main(["--manifest", str(manifest), "--out", str(tmp_path / "bare"), *options])
-    lines = capsys.readouterr().out.splitlines()
-    losses = [float(line.split("loss ")[1].split()[0]) for line in lines if " loss " in line]
-    test = Manifest.read(manifest).select("test")
-    assert len(losses) == 3 and losses[-1] < losses[0]
-    assert result["images"] == len(test) and json.loads((tmp_path / "bare" / "scores_test.json").read_text()) == result
-    masks = load_masks(test, 32)
-    assert masks.shape == (len(test), 1, 32, 32) and set(masks.unique().tolist()) == {0.0, 1.0}

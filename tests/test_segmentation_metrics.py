@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 
-from dermpipe.segmentation.evaluate import main
 from dermpipe.segmentation.metrics import (
     METRICS,
     MaskScoringError,
@@ -17,6 +16,7 @@ from dermpipe.segmentation.metrics import (
     mean_scores,
     score_folders,
 )
+from dermpipe.segmentation.score import main
 
 
 def _mask(shape, rows, cols, value=255):

@@ -16,19 +16,19 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dermpipe.data.manifest import SPLITS, Manifest
-from dermpipe.data.splits import check_grouping
-from dermpipe.data.synthetic import (
+from dermpipe.data.generator import (
     DEFAULT_CLASSES,
     LesionProfile,
     SyntheticDataError,
     class_counts,
     class_profile,
     generate_dataset,
-    main,
     make_lesion_views,
     make_sample,
 )
+from dermpipe.data.manifest import SPLITS, Manifest
+from dermpipe.data.splits import check_grouping
+from dermpipe.data.synthetic import main
 
 # Tiny data sets leave scikit-learn's stratified splitter a few members per class; it warns, which is expected here.
 
@@ -307,7 +307,7 @@ def test_any_class_name_gets_a_stable_profile(tmp_path: Path) -> None:
     assert custom == class_profile("lentigo_custom")
     assert custom != class_profile("another_class")
     # Stable across processes (Python's str hash is salted per process).
-    code = "from data.synthetic import class_profile; print(repr(class_profile('lentigo_custom')))"
+    code = "from dermpipe.data.generator import class_profile; print(repr(class_profile('lentigo_custom')))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.stdout.strip() == repr(custom)

@@ -23,6 +23,7 @@ from dermpipe.data.preprocess import PreprocessConfig, preprocess
 from dermpipe.data.reading import image_size, read_image, read_mask
 from dermpipe.engine.cache import StageCache, stage_key
 from dermpipe.engine.files import file_digest
+from dermpipe.engine.loop import epoch_seed
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,6 @@ def seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in DataLoade
     info = torch.utils.data.get_worker_info()
     if info is not None and hasattr(info.dataset.transform, "set_random_seed"):
         info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch's random draws: each epoch its own, so a resumed run repeats an uninterrupted one."""
-    return seed * 100_003 + epoch
 
 
 def seed_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
@@ -63,6 +59,30 @@ def resize_square(image: np.ndarray, size: int, nearest: bool = False) -> np.nda
         return image
     interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_LINEAR)
     return cv2.resize(image, (size, size), interpolation=interp)
+
+
+def model_input(
+    images: Sequence[np.ndarray],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    preprocess_cfg: PreprocessConfig | None = None,
+) -> torch.Tensor:
+    """uint8 RGB images of any size -> one normalised B x 3 x size x size float32 tensor, as a network takes it.
+
+    The one path from pixels to a network's input outside training (where albumentations normalises): preprocessing
+    (as in training), the square resize, then ``(x - 255 mean) / (255 std)`` per channel.
+    """
+    mean_arr = np.asarray(mean, dtype=np.float32) * 255.0
+    std_arr = np.asarray(std, dtype=np.float32) * 255.0
+    batch = []
+    for image in images:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected HxWx3 uint8 RGB images, got shape {image.shape} and dtype {image.dtype}")
+        if preprocess_cfg is not None:
+            image = preprocess(image, preprocess_cfg)
+        batch.append((resize_square(image, size).astype(np.float32) - mean_arr) / std_arr)
+    return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
 
 
 def decode_size(size: int) -> int:

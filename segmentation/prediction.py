@@ -7,23 +7,25 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
 import torch
 
-from dermpipe.data.datasets import decode_size, resize_square
+from dermpipe.data.loaders import decode_size, model_input, resize_square
 from dermpipe.data.manifest import Manifest, write_table
 from dermpipe.data.preprocess import PreprocessConfig, preprocess
-from dermpipe.data.reading import ImageReadError, image_size, read_image, read_mask
+from dermpipe.data.reading import ImageReadError, image_size, read_image, read_mask, write_image
 from dermpipe.engine.cache import StageCache, stage_key
 from dermpipe.engine.checkpoint import weights_digest
-from dermpipe.engine.files import file_digest
+from dermpipe.engine.files import FileInputError, file_digest
 from dermpipe.segmentation.config import SegmentationConfig, SegPredictConfig
 from dermpipe.segmentation.lesion import LesionBox, clean_mask, crop_to_lesion, lesion_box
 from dermpipe.segmentation.model import load_unet
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def full_probability(probability: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -51,15 +53,35 @@ class CropResult:
 
 @dataclass(frozen=True)
 class Skipped:
+    """An input that was not predicted, with the reason (a row of ``skipped.csv``)."""
+
     image_id: str
     path: str
     reason: str
 
 
-def _to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    batch = np.stack(images).astype(np.float32) / 255.0
-    batch = (batch - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+class SkipLog:
+    """The inputs a folder run skipped: logged as they come, then written once as ``skipped.csv``."""
+
+    COLUMNS = ("image_id", "path", "reason")
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def passed(self, results: Iterable[T | Skipped]) -> Iterator[T]:
+        """The results that are not ``Skipped``; each skipped one is recorded and logged."""
+        for result in results:
+            if isinstance(result, Skipped):
+                self.rows.append({"image_id": result.image_id, "path": result.path, "reason": result.reason})
+                logger.warning("skipped %s", result.reason)
+            else:
+                yield result
+
+    def write(self, folder: Path) -> Path:
+        return write_table(folder / "skipped.csv", self.COLUMNS, self.rows)
 
 
 @torch.inference_mode()
@@ -77,7 +99,7 @@ def predict_probabilities(
     ``tta`` averages the image with its horizontal and vertical flips; with ``rotations`` too, over all eight flips
     and quarter turns (lesions have no up or down). Each view's output is turned back before averaging.
     """
-    x = _to_tensor(images, mean, std).to(device)
+    x = model_input(images, images[0].shape[0], mean, std).to(device)  # square images at the model's size
     if tta and rotations:
         views = [(flip, turns) for flip in ((), (-1,)) for turns in range(4)]
     elif tta:
@@ -135,8 +157,8 @@ class SegmentationPredictor:
         for image_id, path in items:
             try:
                 digest = file_digest(path)
-            except OSError as e:
-                yield Skipped(image_id, path, f"cannot read file ({e.strerror or e})")
+            except (OSError, FileInputError) as e:
+                yield Skipped(image_id, path, f"cannot read file ({getattr(e, 'strerror', None) or e})")
                 continue
             key = self.key(digest)
             hit = self.cache.get(key)
@@ -227,22 +249,7 @@ def validation_panel(
     while len(tiles) % cols:
         tiles.append(np.zeros_like(tiles[0]))
     grid = np.vstack([np.hstack(tiles[i : i + cols]) for i in range(0, len(tiles), cols)])
-    cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    return path
-
-
-def manifest_from_folder(folder: str | os.PathLike) -> Manifest:
-    """An unlabelled manifest of every image under ``folder`` (recursive); ids are paths relative to it."""
-    from dermpipe.data.reading import list_images
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise ImageReadError(f"{root}: not a folder of images (check --input)")
-    rows = []
-    for path in list_images(root):
-        rel = path.relative_to(root).with_suffix("")
-        rows.append({"image_id": rel.as_posix(), "image_path": str(path.resolve())})
-    return Manifest(rows=tuple(rows), classes=())
+    return write_image(path, grid)
 
 
 def write_crops(
@@ -259,25 +266,17 @@ def write_crops(
     if write_masks:
         (out / "masks").mkdir(exist_ok=True)
     by_id = {r["image_id"]: r for r in manifest.rows}
-    rows, boxes, skipped = [], [], []
+    rows, boxes, skipped = [], [], SkipLog()
     from tqdm import tqdm
 
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
-    for result in tqdm(predictor.crop(items), total=len(items), desc="crops", leave=False):
-        if isinstance(result, Skipped):
-            skipped.append({"image_id": result.image_id, "path": result.path, "reason": result.reason})
-            logger.warning("skipped %s", result.reason)
-            continue
+    for result in tqdm(skipped.passed(predictor.crop(items)), total=len(items), desc="crops", leave=False):
         crop_path = out / "crops" / f"{result.crop_key[:16]}.png"
         if write_crop_files and not crop_path.exists():
-            tmp = crop_path.with_name(f".{crop_path.name}.tmp.png")
-            cv2.imwrite(str(tmp), cv2.cvtColor(result.crop, cv2.COLOR_RGB2BGR))
-            os.replace(tmp, crop_path)
+            write_image(crop_path, result.crop)
         if write_masks:
-            name = f"{Path(result.image_id).name}_segmentation.png"
-            mask_tmp = out / "masks" / f".{name}.tmp.png"
-            cv2.imwrite(str(mask_tmp), result.full_mask(predictor.predict_cfg.threshold) * 255)
-            os.replace(mask_tmp, out / "masks" / name)
+            mask = result.full_mask(predictor.predict_cfg.threshold) * 255
+            write_image(out / "masks" / f"{Path(result.image_id).name}_segmentation.png", mask)
         box = result.box.as_text()
         rows.append(
             {
@@ -298,7 +297,7 @@ def write_crops(
         )
     Manifest(rows=tuple(rows), classes=manifest.classes, info=manifest.info).write(out / "crops.csv")
     write_table(out / "boxes.csv", ["image_id", "box", "mask_area", "fallback"], boxes)
-    write_table(out / "skipped.csv", ["image_id", "path", "reason"], skipped)
+    skipped.write(out)
     predictor.cache.log_summary()
     return {
         "cropped": len(rows),

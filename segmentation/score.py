@@ -1,26 +1,24 @@
-"""Score a folder of predicted lesion masks against the true ones with the ISIC challenge metrics."""
+"""Score a folder of predicted lesion masks against the true ones with the ISIC challenge metrics:
+``python segmentation/score.py TRUTH_DIR PRED_DIR [--csv scores.csv]``."""
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from pathlib import Path
 
+from dermpipe.engine.files import atomic_path
 from dermpipe.segmentation.metrics import METRICS, MaskScoringError, score_folders
 
 
 def write_per_image_csv(path: Path, per_image: list[tuple[str, dict[str, float]]]) -> None:
     """One row per image: ``image_id`` and the six metrics, written to a temporary name and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", newline="") as handle:
+    with atomic_path(path) as partial, partial.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", *METRICS])
         for image_id, scores in per_image:
             writer.writerow([image_id, *(repr(scores[name]) for name in METRICS)])
-    os.replace(partial, path)
 
 
 def format_table(means: dict[str, float], image_count: int) -> str:

@@ -1,0 +1,152 @@
+"""Class probabilities of a trained backbone: batched, optionally over the 8 flips and quarter turns (TTA), and cached
+per crop, so batch prediction and the training run's probability tables share one cache entry per crop and model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dermpipe.classification.backbones import LesionClassifier
+from dermpipe.data.loaders import model_input
+from dermpipe.data.preprocess import PreprocessConfig
+from dermpipe.engine.cache import StageCache, stage_key
+
+logger = logging.getLogger(__name__)
+
+STAGE = "crop_probabilities"
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/rotations of a B x C x H x W batch (a lesion has no "up", so all 8 are equally valid views)."""
+    views = []
+    for flipped in (images, images.flip(-1)):
+        views.extend(torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4))
+    return views
+
+
+def classifier_input(
+    model: LesionClassifier, images: Sequence[np.ndarray], preprocess_cfg: PreprocessConfig | None = None
+) -> torch.Tensor:
+    """Normalised input (B x 3 x S x S) for uint8 RGB images of any size, as ``model`` was trained."""
+    cfg = model.data_config
+    return model_input(images, model.input_size, cfg["mean"], cfg["std"], preprocess_cfg)
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: LesionClassifier,
+    images: Sequence[np.ndarray],
+    tta: bool = False,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    preprocess_cfg: PreprocessConfig | None = None,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Softmax probabilities (N x C float32, rows sum to 1) of uint8 RGB images, in their order.
+
+    Images are preprocessed (``preprocess_cfg``, as in training), resized and normalised here; ``tta`` averages the
+    probabilities of the 8 flips/rotations of each image.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    chunks = []
+    with tqdm(total=len(images), desc=desc, leave=False, disable=None) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = classifier_input(model, images[start : start + batch_size], preprocess_cfg)
+            batch = batch.to(device, non_blocking=True)
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            views = dihedral_views(batch) if tta else [batch]
+            probs = torch.zeros(batch.shape[0], model.num_classes, device=device)
+            for view in views:
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                    logits = model(view)
+                probs += torch.softmax(logits.float(), dim=1)
+            chunks.append((probs / len(views)).cpu().numpy())
+            bar.update(batch.shape[0])
+    if not chunks:
+        return np.zeros((0, model.num_classes), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def prediction_settings(model: LesionClassifier, tta: bool, preprocess_cfg: PreprocessConfig | None) -> dict[str, Any]:
+    """The settings besides the weights that change a crop's probabilities: size, normalisation, TTA, preprocessing."""
+    return {
+        "backbone": model.backbone_name,
+        "input_size": int(model.input_size),
+        "mean": [float(m) for m in model.data_config["mean"]],
+        "std": [float(s) for s in model.data_config["std"]],
+        "tta": bool(tta),
+        "preprocess": asdict(preprocess_cfg or PreprocessConfig()),
+    }
+
+
+class CropProbabilities:
+    """One trained backbone's probabilities per crop, each cached under (crop key, checkpoint digest, settings).
+
+    ``crop key`` is the content key of the input: the segmentation stage's crop key, or a whole image's file digest.
+    """
+
+    def __init__(
+        self,
+        model: LesionClassifier,
+        weights_digest: str,
+        cache: StageCache,
+        *,
+        tta: bool = False,
+        preprocess_cfg: PreprocessConfig | None = None,
+        batch_size: int = 64,
+        device: torch.device | str | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        self.model, self.weights_digest, self.cache = model, weights_digest, cache
+        self.tta, self.preprocess_cfg, self.batch_size = tta, preprocess_cfg, batch_size
+        self.device, self.amp, self.channels_last = device, amp, channels_last
+        self.settings = prediction_settings(model, tta, preprocess_cfg)
+
+    def key(self, crop_key: str) -> str:
+        return stage_key(STAGE, upstream=[crop_key], model=self.weights_digest, settings=self.settings)
+
+    def __call__(
+        self,
+        crop_keys: Sequence[str],
+        image: Callable[[int], np.ndarray],
+        preprocessed: bool = False,
+        desc: str = "predict",
+    ) -> np.ndarray:
+        """Probabilities (N x C) of the crops ``crop_keys``; ``image(i)`` gives crop ``i``'s pixels for a cache miss
+        (already preprocessed when ``preprocessed``, e.g. from the training run's resized-image cache)."""
+        keys = [self.key(k) for k in crop_keys]
+        out: list[np.ndarray | None] = []
+        for key in keys:
+            hit = self.cache.get(key)
+            out.append(hit[0]["probs"] if hit is not None else None)
+        todo = [i for i, p in enumerate(out) if p is None]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            probs = predict_probabilities(
+                self.model,
+                [image(i) for i in chunk],
+                tta=self.tta,
+                batch_size=self.batch_size,
+                device=self.device,
+                amp=self.amp,
+                channels_last=self.channels_last,
+                preprocess_cfg=None if preprocessed else self.preprocess_cfg,
+                desc=desc,
+            )
+            for i, p in zip(chunk, probs):
+                self.cache.put(keys[i], {"probs": p})
+                out[i] = p
+        if not out:
+            return np.zeros((0, self.model.num_classes), dtype=np.float32)
+        return np.stack(out).astype(np.float32)  # type: ignore[arg-type]
