@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install demo test lint format clean-demo
+.PHONY: install demo test bench lint format clean-demo
 
 install: $(STAMP)
 
@@ -20,14 +20,20 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m dermpipe.ensemble.demo --out runs/demo
+	$(BIN)/dermpipe demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# A quick offline measurement set on synthetic data, on the CPU, in a few minutes: JSON under runs/bench/quick
+# (benchmarks/README.md; the full-size commands are in BENCHMARKS.md).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/quick_synthetic.py --out runs/bench/quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python tests/test_layers.py  # lint-imports (.importlinter) on the installed layout
 
 format: $(STAMP)
 	$(BIN)/ruff format .

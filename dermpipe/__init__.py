@@ -11,10 +11,15 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# ``python segmentation/train.py`` puts the script's own folder first on sys.path, where its files would shadow
-# libraries of the same name; every stage script imports dermpipe first, so the folder is dropped here.
+# ``python segmentation/train.py`` puts the script's own stage folder first on sys.path, where its files would shadow
+# libraries of the same name; every stage script imports dermpipe first, so that folder is dropped here.
+_STAGE_FOLDERS = ("configs", "engine", "data", "segmentation", "classification", "ensemble")
 _main = getattr(sys.modules.get("__main__"), "__file__", None)
 if _main and sys.path and sys.path[0]:
     _script_dir = Path(_main).resolve().parent
-    if Path(sys.path[0]).resolve() == _script_dir and _script_dir.parent == Path(__file__).resolve().parent.parent:
+    if (
+        _script_dir.name in _STAGE_FOLDERS
+        and Path(sys.path[0]).resolve() == _script_dir
+        and _script_dir.parent == Path(__file__).resolve().parent.parent
+    ):
         del sys.path[0]

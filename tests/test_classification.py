@@ -39,13 +39,7 @@ from dermpipe.engine.schedules import Schedule
 TINY = TEST_BACKBONE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: one torch thread per test is several times faster than two fighting over them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -232,18 +226,22 @@ def test_schedule_warms_up_and_restarts_warmup_scaled_at_unfreeze():
 
 def test_onecycle_is_torchs_one_cycle_learning_rate():
     """One meaning of "onecycle" in both stages: the learning rate torch's OneCycleLR draws (without momentum)."""
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    torch_lr = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=0.1, total_steps=50, pct_start=0.2, cycle_momentum=False
-    )
-    expected = []
-    for _ in range(50):
-        expected.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        torch_lr.step()
-    ours = [0.1 * Schedule("onecycle", 50, 10).factor(step) for step in range(50)]
-    assert ours == pytest.approx(expected, rel=1e-9, abs=1e-12)  # warm-up and annealing, step for step
+
+    def trace(make_scheduler):
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        scheduler = make_scheduler(optimizer)
+        steps = []
+        for _ in range(50):
+            steps.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"][0]))
+            optimizer.step()
+            scheduler.step()
+        return steps
+
+    expected = trace(lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=50, pct_start=0.2))
+    ours = trace(Schedule("onecycle", 50, 10).scheduler)
+    assert [lr for lr, _ in ours] == pytest.approx([lr for lr, _ in expected], rel=1e-9, abs=1e-12)
+    assert [b for _, b in ours] == pytest.approx([b for _, b in expected], rel=1e-9)  # beta1 cycled 0.95-0.85-0.95
+    assert Schedule("cosine", 50, 10).momentum(3) is None  # cosine leaves the optimiser's momentum alone
 
 
 # --- metrics --------------------------------------------------------------------------------------------------------
@@ -455,4 +453,3 @@ def test_local_pretrained_weights_file_is_loaded_without_its_head(tmp_path):
     assert torch.equal(model.backbone.conv1[0].weight, source.conv1[0].weight)
     with pytest.raises(CheckpointError, match="not found"):
         build_classifier(TINY, 2, pretrained=str(tmp_path / "missing.pth"))
-

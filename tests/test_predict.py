@@ -6,16 +6,10 @@ import io
 import cv2
 import numpy as np
 import pytest
-import torch
+from conftest import write_untrained_pipeline
 
-from dermpipe.classification.backbones import build_classifier, checkpoint_metadata
 from dermpipe.data.generator import make_sample
-from dermpipe.engine.checkpoint import save_checkpoint
-from dermpipe.engine.run import save_config
 from dermpipe.ensemble import predict as predict_script
-from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
-from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
-from dermpipe.segmentation.model import build_unet, save_unet
 
 CLASSES = ["nv", "mel", "bcc"]
 BACKBONES = ["test_resnet", "test_efficientnet"]
@@ -24,20 +18,7 @@ BACKBONES = ["test_resnet", "test_efficientnet"]
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """Untrained but complete stage folders: what the predictor loads is exercised, not what the models learned."""
-    root = tmp_path_factory.mktemp("stages")
-    torch.manual_seed(0)
-    seg_model = SegModelConfig(encoder="tu-test_resnet", encoder_weights=None, decoder_channels=(16, 8, 8, 8, 8))
-    seg_cfg = SegmentationConfig(model=seg_model, predict=SegPredictConfig(crop_size=32, tta=False, batch_size=4))
-    save_unet(root / "seg" / "best.safetensors", build_unet(seg_model), seg_model, 32, "test")
-    save_config(seg_cfg, root / "seg" / "config.yaml")
-    for name in BACKBONES:
-        model = build_classifier(name, len(CLASSES), False)
-        model.input_size = 32
-        save_checkpoint(root / "cls" / name / "best.safetensors", model, checkpoint_metadata(model, CLASSES))
-    vote = LocallyConnectedVote(len(BACKBONES), len(CLASSES), 4)
-    save_meta(root / "ens" / "meta.safetensors", vote, CLASSES, BACKBONES,
-              {"temperature": 1.5, "refer_threshold": 0.5, "refer_class": "mel"})  # fmt: skip
-    return root
+    return write_untrained_pipeline(tmp_path_factory.mktemp("stages"), BACKBONES, CLASSES)
 
 
 def _photos(folder, n=4, seed=0):

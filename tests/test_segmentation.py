@@ -315,4 +315,3 @@ def test_tta_turns_each_view_back():
     assert np.allclose(np.rot90(turned, -1, axes=(1, 2)), dihedral, atol=1e-5)
     assert np.allclose(mirrored[:, :, ::-1], dihedral, atol=1e-5)
     assert not np.allclose(np.rot90(plain(np.rot90), -1, axes=(1, 2)), plain(lambda i: i), atol=1e-3)
-

@@ -1,0 +1,127 @@
+"""Batch prediction throughput (BENCHMARKS.md): the whole pipeline against the bare forward passes of its networks.
+
+    python benchmarks/pipeline_throughput.py --images 32 --batch 16
+
+Builds every stage with random weights at its real input size (the U-Net at ``--seg-size``, the five default backbones
+at their native sizes), writes synthetic 512 px JPEGs, and times (1) the sum of the six networks' bare forward passes
+on the same batches, (2) ``ensemble/predict.py``'s path from a cold cache, (3) a rerun from the warm cache.
+``--json FILE`` also writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dermpipe.classification.backbones import DEFAULT_BACKBONES, build_classifier, checkpoint_metadata
+from dermpipe.configs.schema import RunConfig
+from dermpipe.data.generator import make_sample
+from dermpipe.data.manifest import manifest_from_folder
+from dermpipe.engine.checkpoint import save_checkpoint
+from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.run import save_config
+from dermpipe.ensemble.config import PredictConfig, PredictOutputs
+from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
+from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
+from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
+from dermpipe.segmentation.model import build_unet, save_unet
+
+CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+
+@torch.inference_mode()
+def _bare_seconds(model: torch.nn.Module, size: int, n: int, batch: int) -> float:
+    model.eval()
+    x = torch.randn(batch, 3, size, size)
+    model(x[:2])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        model(x[: min(batch, n - i)])
+    return time.perf_counter() - start
+
+
+def run(n_images: int, batch: int, seg_size: int, encoder: str, backbones: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        seg_model = SegModelConfig(encoder=encoder, encoder_weights=None)
+        seg_cfg = SegmentationConfig(model=seg_model, predict=SegPredictConfig(tta=False, batch_size=batch))
+        unet = build_unet(seg_model)
+        save_unet(root / "seg" / "best.safetensors", unet, seg_model, seg_size, "bench")
+        save_config(seg_cfg, root / "seg" / "config.yaml")
+        bare = _bare_seconds(unet, seg_size, n_images, batch)
+        for name in backbones:
+            model = build_classifier(name, len(CLASSES), False)
+            save_checkpoint(root / "cls" / name / "best.safetensors", model, checkpoint_metadata(model, CLASSES))
+            bare += _bare_seconds(model, model.input_size, n_images, batch)
+        save_meta(
+            root / "ens" / "meta.safetensors",
+            LocallyConnectedVote(len(backbones), len(CLASSES), 20),
+            CLASSES,
+            backbones,
+        )
+        rng = np.random.default_rng(0)
+        photos = root / "photos"
+        photos.mkdir()
+        for i in range(n_images):
+            image, _ = make_sample(rng, "nv", 512)
+            cv2.imwrite(str(photos / f"photo_{i:04d}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cfg = PredictConfig(
+            segmentation_run=str(root / "seg"),
+            classification_root=str(root / "cls"),
+            ensemble_run=str(root / "ens"),
+            batch_size=batch,
+            outputs=PredictOutputs(report=False),
+            run=RunConfig(out_dir=str(root / "out"), cache_dir=str(root / "cache")),
+        )
+        manifest = manifest_from_folder(photos)
+        times = []
+        for _ in range(2):
+            predictor = EnsemblePredictor(cfg, torch.device("cpu"))
+            start = time.perf_counter()
+            predict_folder(manifest, predictor, root / "out" / "predictions.csv", root / "out")
+            times.append(time.perf_counter() - start)
+    cold, warm = times
+    return {
+        "images": n_images,
+        "bare_img_s": n_images / bare,
+        "pipeline_img_s": n_images / cold,
+        "overhead": cold / bare - 1,
+        "warm_img_s": n_images / warm,
+        "warm_speedup": cold / warm,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seg-size", type=int, default=256)
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = run(args.images, args.batch, args.seg_size, args.encoder, args.backbones.split(","))
+    print(
+        f"{r['images']} images: pipeline {r['pipeline_img_s']:.2f} img/s, sum of bare forwards "
+        f"{r['bare_img_s']:.2f} img/s, overhead {100 * r['overhead']:.1f}%; warm cache {r['warm_img_s']:.1f} img/s "
+        f"({r['warm_speedup']:.0f}x)"
+    )
+    if args.json:
+        settings = {"batch": args.batch, "seg_size": args.seg_size, "encoder": args.encoder}
+        settings["backbones"] = args.backbones.split(",")
+        write_text_atomic(Path(args.json), json.dumps({**settings, **r}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

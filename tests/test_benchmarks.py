@@ -1,0 +1,173 @@
+"""Benchmark scripts (benchmarks/, not installed): they import, run by path, and measure what they say.
+
+benchmarks/ is no package on sys.path: its scripts are loaded here by path, as ``python benchmarks/NAME.py`` runs them.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dermpipe.classification.backbones import TEST_BACKBONE
+from dermpipe.data.generator import generate_dataset
+from dermpipe.data.manifest import Manifest
+from dermpipe.segmentation import predict as predict_script
+from dermpipe.segmentation import train as train_script
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
+
+TINY_UNET = [
+    "--set", "model.encoder=tu-test_resnet", "--set", "model.encoder_weights=null",
+    "--set", "model.decoder_channels=[32,16,16,8,8]", "--set", "data.image_size=48", "--set", "train.batch_size=8",
+    "--set", "train.lr=0.01", "--set", "train.panel_images=2", "--set", "run.threads=2",
+]  # fmt: skip
+
+
+def load(name: str):
+    """The script ``benchmarks/NAME.py`` as a module, its folder on sys.path while it loads (as when run by path)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny U-Net trained for a few epochs on a synthetic set: (folder, manifest, run folder)."""
+    root = tmp_path_factory.mktemp("syn")
+    manifest = generate_dataset(root / "data", n_images=40, size=64, seed=3, hair=0.0, ruler=0.0)
+    run = root / "seg"
+    args = ["--manifest", str(manifest), "--out", str(run), "--epochs", "6", "--device", "cpu",
+            "--set", f"run.cache_dir={root / 'cache'}", *TINY_UNET]  # fmt: skip
+    assert train_script.main(args) == 0
+    return root, manifest, run
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_loads_by_path(name):
+    module = load(name)
+    assert name == "bare_loops" or callable(module.main)  # bare_loops is the scripts' shared loop, no script
+
+
+def test_bare_reference_flips_each_image_one_of_four_ways():
+    random_flips = load("bare_loops").random_flips
+
+    images = torch.arange(64 * 3 * 4 * 4, dtype=torch.float32).reshape(64, 3, 4, 4)
+    flipped = random_flips(images, torch.Generator().manual_seed(0))
+    seen = set()
+    for before, after in zip(images, flipped):
+        variants = [before, before.flip(2), before.flip(1), before.flip(1).flip(2)]
+        matches = [i for i, v in enumerate(variants) if torch.equal(v, after)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}
+
+
+def test_bare_classification_reference_run_by_path_trains_and_scores_the_test_rows(tmp_path):
+    manifest = generate_dataset(tmp_path / "syn", n_images=40, size=32, seed=0, classes=("nv", "mel"), imbalance=1.0)
+    options = f"--model {TEST_BACKBONE} --size 32 --epochs 4 --batch-size 8 --threads 1".split()
+    script = BENCHMARKS / "classification_bare.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--manifest", str(manifest), "--out", str(tmp_path / "bare"), *options],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    losses = [float(line.split("loss ")[1].split()[0]) for line in done.stdout.splitlines() if " loss " in line]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    result = json.loads((tmp_path / "bare" / "metrics_test.json").read_text())
+    assert set(result) == {"balanced_accuracy", "accuracy", "macro_auc", "train_seconds"}
+    assert 0.0 <= result["balanced_accuracy"] <= 1.0 and 0.0 <= result["macro_auc"] <= 1.0
+
+
+def test_bare_segmentation_reference_trains_and_scores_every_test_image_at_its_size(tmp_path, capsys):
+    bare = load("segmentation_bare")
+
+    manifest = generate_dataset(tmp_path / "syn", n_images=40, size=48, seed=0)
+    options = ["--size", "32", "--epochs", "3", "--batch-size", "4"]
+    result = bare.main(["--manifest", str(manifest), "--out", str(tmp_path / "bare"), *options])
+    lines = capsys.readouterr().out.splitlines()
+    losses = [float(line.split("loss ")[1].split()[0]) for line in lines if " loss " in line]
+    test = Manifest.read(manifest).select("test")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result["images"] == len(test) and json.loads((tmp_path / "bare" / "scores_test.json").read_text()) == result
+    masks = bare.load_masks(test, 32)
+    assert masks.shape == (len(test), 1, 32, 32) and set(masks.unique().tolist()) == {0.0, 1.0}
+
+
+def test_mask_variants_score_the_pipelines_own_masks_at_the_trained_size(trained, tmp_path):
+    from dermpipe.segmentation.metrics import image_scores, mean_scores, read_mask
+
+    mask_variants = load("segmentation_quality").mask_variants
+    root, manifest, run = trained
+    out = tmp_path / "val"
+    args = ["--manifest", str(manifest), "--split", "val", "--run", str(run), "--out", str(out), "--device", "cpu",
+            "--set", f"run.cache_dir={tmp_path / 'cache'}", "--masks"]  # fmt: skip
+    assert predict_script.main(args) == 0
+    rows = Manifest.read(manifest).select("val").rows
+    assert rows
+    pipeline = mean_scores(
+        [
+            image_scores(read_mask(out / "masks" / f"{r['image_id']}_segmentation.png"), read_mask(r["mask_path"]))
+            for r in rows
+        ]  # fmt: skip
+    )
+    variants = mask_variants(run, manifest, "val", [48, 64])
+    assert variants["size 48"] == pytest.approx(pipeline, abs=1e-9)
+    assert {"size 64", "mean of sizes 48 and 64", "threshold 0.4", "convex hull"} <= set(variants)
+    # a grown mask finds at least as much lesion, a shrunk one at most as much
+    assert variants["dilation 1%"]["sensitivity"] >= variants["size 48"]["sensitivity"]
+    assert variants["erosion 1%"]["sensitivity"] <= variants["size 48"]["sensitivity"]
+    assert variants["convex hull"]["sensitivity"] >= variants["size 48"]["sensitivity"]
+
+
+def test_segmentation_prediction_throughput_times_the_pipeline_and_the_bare_forward(tmp_path):
+    script = load("segmentation_prediction_throughput")
+    out = tmp_path / "seg.json"
+    args = ["--size", "32", "--images", "3", "--batch", "2", "--encoder", "tu-test_resnet", "--json", str(out)]
+    assert script.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and result["size"] == 32 and result["encoder"] == "tu-test_resnet"
+    assert min(result["bare_forward_img_s"], result["pipeline_img_s"], result["warm_cache_img_s"]) > 0
+
+
+def test_pipeline_throughput_times_the_whole_prediction_path(tmp_path):
+    script = load("pipeline_throughput")
+    out = tmp_path / "pipeline.json"
+    args = ["--images", "2", "--batch", "2", "--seg-size", "32", "--encoder", "tu-test_resnet",
+            "--backbones", TEST_BACKBONE, "--json", str(out)]  # fmt: skip
+    assert script.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and result["backbones"] == [TEST_BACKBONE]
+    assert min(result["bare_img_s"], result["pipeline_img_s"], result["warm_img_s"]) > 0
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # random labels, a few steps
+def test_classification_training_throughput_compares_our_loop_with_bare_timm(tmp_path):
+    script = load("classification_training_throughput")
+    out = tmp_path / "cls.json"
+    args = ["--models", TEST_BACKBONE, "--size", "32", "--batch-size", "4", "--steps", "2", "--repeats", "1",
+            "--json", str(out)]  # fmt: skip
+    assert script.main(args) == 0
+    result = json.loads(out.read_text())["models"][TEST_BACKBONE]
+    assert result["bare_timm_img_s"] > 0 and result["ours_img_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ours_img_s"] / result["bare_timm_img_s"])
