@@ -30,7 +30,7 @@ from dermpipe.engine.run import save_config
 from dermpipe.ensemble.config import PredictConfig, PredictOutputs
 from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
 from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
-from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
+from dermpipe.segmentation.config import SegDataConfig, SegmentationConfig, SegModelConfig, SegPredictConfig
 from dermpipe.segmentation.model import build_unet, save_unet
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -51,7 +51,8 @@ def run(n_images: int, batch: int, seg_size: int, encoder: str, backbones: list[
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         seg_model = SegModelConfig(encoder=encoder, encoder_weights=None)
-        seg_cfg = SegmentationConfig(model=seg_model, predict=SegPredictConfig(tta=False, batch_size=batch))
+        predict = SegPredictConfig(tta=False, batch_size=batch)
+        seg_cfg = SegmentationConfig(data=SegDataConfig(image_size=seg_size), model=seg_model, predict=predict)
         unet = build_unet(seg_model)
         save_unet(root / "seg" / "best.safetensors", unet, seg_model, seg_size, "bench")
         save_config(seg_cfg, root / "seg" / "config.yaml")

@@ -263,6 +263,8 @@ def _fit(
         "trained_on": rows.trained_on,
         "image_column": image_column(cfg),
         "preprocess": asdict(cfg.data.preprocess),
+        # what made the training crops (segmentation/predict.py records it): batch prediction crops alike
+        "crops": rows.fit.info.get("crops") if image_column(cfg) == "crop_path" else None,
     }
     stage = ClassificationStage(cfg, run, model, train_ds, monitor_ds, classes, meta_extra)
     model.to(run.device)
@@ -372,7 +374,7 @@ def run_classification(cfg: ClassificationConfig, resume: bool = False) -> dict[
     r = cfg.run
 
     def start(path: Path) -> Run:
-        return start_run(path, cfg, r.seed, r.device, r.amp, r.channels_last, r.threads)
+        return start_run(path, cfg, r.seed, r.device, r.amp, r.channels_last, r.threads, stage="classification")
 
     if not cfg.train.folds:
         return train_fold(cfg, start(backbone_dir), manifest, None, resume)

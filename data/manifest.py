@@ -1,20 +1,28 @@
-"""The manifest: one CSV row per image (id, paths, label, group, split, metadata), class names in a JSON sidecar."""
+"""The manifest: one CSV row per image (id, paths, label, group, split, metadata), class names in a JSON sidecar.
+
+``list_folder`` makes one from a folder of photos and gives every other entry of the folder a reason.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
+import stat
+import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dermpipe.engine.files import atomic_path, write_text_atomic
 from dermpipe.errors import DermpipeError
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("image_id", "image_path", "mask_path", "label", "group", "split")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+_ID_FIX = "ids are relative names like 'ISIC_0000000' or 'clinic/photo'"
+_SHOWN = 5  # how many offending ids or labels an error names
 
 
 class ManifestError(DermpipeError):
@@ -22,9 +30,9 @@ class ManifestError(DermpipeError):
 
 
 def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> Path:
-    """Write a CSV table atomically (temporary name, then rename), so a reader never sees half of it."""
+    """Write a UTF-8 CSV table atomically (temporary name, then rename), so a reader never sees half of it."""
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -34,6 +42,29 @@ def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The JSON file beside a manifest that stores its class names in order (``runs/ham.csv`` -> ``runs/ham.json``)."""
     return Path(path).with_suffix(".json")
+
+
+def id_problem(image_id: str) -> str:
+    """What makes ``image_id`` unusable as an image id (it names output files), or ``""``: empty, a control
+    character (newline, NUL, ...), an absolute path or a ``..`` path part."""
+    if not image_id:
+        return "is empty"
+    control = next((c for c in image_id if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"contains the control character U+{ord(control):04X}"
+    if image_id.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", image_id):
+        return "is an absolute path"
+    if ".." in re.split(r"[/\\]", image_id):
+        return "has a '..' path part"
+    return ""
+
+
+def _examples(items: Mapping[str, list[int]], what: str) -> str:
+    shown = "; ".join(
+        f"{key!r} ({len(lines)} {what}, lines {', '.join(map(str, lines[:3]))}{', ...' if len(lines) > 3 else ''})"
+        for key, lines in list(items.items())[:_SHOWN]
+    )
+    return shown + (f"; and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
 
 
 @dataclass(frozen=True)
@@ -93,11 +124,11 @@ class Manifest:
         return {c: counts.get(c, 0) for c in self.classes}
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write the CSV and its class sidecar atomically (temporary name, then rename)."""
+        """Write the UTF-8 CSV and its class sidecar atomically (temporary name, then rename)."""
         path = Path(path)
         columns = self.columns  # a property that walks every row: compute once, not once per row
         with atomic_path(path) as tmp:
-            with open(tmp, "w", newline="") as f:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
                 writer.writeheader()
                 for row in self.rows:
@@ -110,42 +141,245 @@ class Manifest:
 
     @classmethod
     def read(cls, path: str | os.PathLike, classes: Iterable[str] | None = None) -> Manifest:
-        """Read a manifest CSV; class names come from ``classes``, else the JSON sidecar, else sorted labels."""
+        """Read a manifest CSV; class names come from ``classes``, else the JSON sidecar, else sorted labels.
+
+        Every problem is one ManifestError line naming the file (and the row's line where there is one): not a
+        UTF-8 CSV, a missing column, an empty, absolute, ``..`` or control-character id, repeated ids, labels that
+        are not among the classes, an unreadable sidecar.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise ManifestError(f"manifest {path} not found: make one with `python data/convert.py` first")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in ("image_id", "image_path") if c not in header]
-            if missing:
-                raise ManifestError(f"manifest {path} has no column {', '.join(missing)}: is it a manifest?")
-            rows = [{k: (v or "") for k, v in r.items() if k is not None} for r in reader]
+        rows, lines = _read_rows(path)
+        info: dict = {}
+        side = sidecar_path(path)
+        source = "the classes given"
+        if classes is None and side.is_file():
+            info = _read_sidecar(side)
+            classes = info.pop("classes", None)
+            source = f"its sidecar {side}"
+        if classes is None:
+            classes, source = sorted({r.get("label", "") for r in rows} - {""}), "its labels"
+        classes = tuple(classes)
+        known = set(classes)
+        unknown: dict[str, list[int]] = {}
+        for row, line in zip(rows, lines):
+            if row.get("label", "") and row["label"] not in known:
+                unknown.setdefault(row["label"], []).append(line)
+        if unknown:
+            raise ManifestError(
+                f"manifest {path}: labels not among the classes {list(classes)} of {source}: "
+                f"{_examples(unknown, 'rows')} (fix the labels, or the class list in {side})"
+            )
         base = path.parent
         for r in rows:
             for col in ("image_path", "mask_path"):
                 p = r.get(col, "")
                 if p and not os.path.isabs(p):
                     r[col] = str((base / p).resolve())
-        info: dict = {}
-        side = sidecar_path(path)
-        if classes is None and side.is_file():
-            info = json.loads(side.read_text())
-            classes = info.pop("classes", None)
-        if classes is None:
-            classes = sorted({r.get("label", "") for r in rows} - {""})
-        return cls(rows=tuple(rows), classes=tuple(classes), info=info)
+        return cls(rows=tuple(rows), classes=classes, info=info)
 
 
-def manifest_from_folder(folder: str | os.PathLike) -> Manifest:
-    """An unlabelled manifest of every image under ``folder`` (recursive); ids are paths relative to it."""
-    from dermpipe.data.reading import ImageReadError, list_images  # reading sits beside, not below, manifests
+def _read_rows(path: Path) -> tuple[list[dict[str, str]], list[int]]:
+    """The rows of a manifest CSV and the line each ends on, with the ids and paths checked."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise ManifestError(f"manifest {path} not found: make one with `python data/convert.py` first") from None
+    if stat.S_ISDIR(mode):
+        raise ManifestError(f"manifest {path} is a folder: pass the manifest CSV file (e.g. runs/ham.csv)")
+    if not stat.S_ISREG(mode):
+        raise ManifestError(f"manifest {path} is not a regular file (a pipe or device?): pass the manifest CSV file")
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in ("image_id", "image_path") if c not in header]
+            if not header:
+                raise ManifestError(
+                    f"manifest {path} is empty: no header line (make one with `python data/convert.py`)"
+                )
+            if missing:
+                shown = ", ".join(repr(h[:40]) for h in header[:8]) + (", ..." if len(header) > 8 else "")
+                raise ManifestError(
+                    f"manifest {path} has no column {', '.join(missing)}: is it a manifest? (its columns: {shown})"
+                )
+            for r in reader:
+                rows.append({k: (v or "") for k, v in r.items() if k is not None})
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start : error.start + 1].hex()
+        raise ManifestError(
+            f"manifest {path} is not UTF-8 text (it holds the byte 0x{byte}): save it as a UTF-8 CSV"
+        ) from None
+    except csv.Error as error:
+        raise ManifestError(f"manifest {path} is not a readable CSV: {error}") from None
+    seen: dict[str, list[int]] = {}
+    for row, line in zip(rows, lines):
+        for col in ("image_id", "image_path"):
+            if not row.get(col):
+                raise ManifestError(f"manifest {path} line {line}: empty {col} (every row needs an image_id and path)")
+        if problem := id_problem(row["image_id"]):
+            raise ManifestError(f"manifest {path} line {line}: image id {row['image_id']!r} {problem} ({_ID_FIX})")
+        for col in ("image_path", "mask_path"):
+            if "\x00" in row.get(col, ""):
+                raise ManifestError(f"manifest {path} line {line}: {col} contains a NUL character (fix the path)")
+        seen.setdefault(row["image_id"], []).append(line)
+    repeated = {image_id: at for image_id, at in seen.items() if len(at) > 1}
+    if repeated:
+        raise ManifestError(
+            f"manifest {path}: {len(repeated)} image ids repeat: {_examples(repeated, 'rows')} (every row needs its "
+            "own image_id: remove the repeated rows or give them distinct ids)"
+        )
+    return rows, lines
+
+
+def _read_sidecar(side: Path) -> dict:
+    try:
+        info = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ManifestError(
+            f"class sidecar {side} is not readable JSON: {error} (fix it or rewrite the manifest)"
+        ) from None
+    classes = info.get("classes") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not (
+        classes is None or (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes))
+    ):
+        raise ManifestError(f"class sidecar {side} must be a JSON object whose 'classes' is a list of class names")
+    twice = sorted(c for c, n in Counter(classes or []).items() if n > 1)
+    if twice:
+        raise ManifestError(f"class sidecar {side} lists the classes {twice} twice: each class once, in order")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A folder of photos
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """Every entry under a folder, once: a manifest row per image the reader takes, or an ``excluded`` row.
+
+    ``excluded`` rows have ``image_id`` (the path relative to the folder, suffix kept: no manifest id), ``path``
+    (absolute, the link itself for a link) and ``reason`` (what is wrong and how to include it).
+    """
+
+    manifest: Manifest
+    excluded: tuple[dict[str, str], ...]
+
+
+def _printable(text: str) -> str:
+    """A name safe to print and write as UTF-8: undecodable bytes and control characters as escapes."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if unicodedata.category(c) != "Cc" else repr(c)[1:-1] for c in text)
+
+
+def _name_problem(rel: str) -> str:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8 (rename it to include it)"
+    if any(unicodedata.category(c) == "Cc" for c in rel):
+        return "its name holds a control character such as a newline (rename it to include it)"
+    return ""
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:  # a link loop: classified as a file, whose stat says so
+        return False
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+    """(path, reason) for every entry under ``root``: reason ``""`` for a non-folder entry to classify, else why the
+    entry (a hidden file or folder, an unreadable folder, a link to a folder listed already) is not listed further.
+
+    Real folders come first; folder links are followed afterwards, once per real folder, so a link loop or a second
+    link to a folder never lists a file twice or walks forever, and a file keeps its path outside any link.
+    """
+    visited = {os.path.realpath(root)}
+    pending: list[Path] = [root]
+    links: list[Path] = []
+    while pending or links:
+        if not pending:
+            link = links.pop(0)
+            real = os.path.realpath(link)
+            if real in visited:
+                yield link, f"link to a folder listed already ({real}): not listed twice (its files are listed once)"
+            else:
+                visited.add(real)
+                pending.append(link)
+            continue
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as error:
+            yield folder, f"folder cannot be read: {error.strerror or error} (check its permissions)"
+            continue
+        for entry in entries:
+            path = Path(folder, entry.name)
+            hidden = entry.name.startswith(".")
+            if _is_folder(entry):
+                if hidden or entry.name == "__MACOSX":
+                    what = "macOS archive metadata folder" if not hidden else "hidden folder (its name starts with '.')"
+                    yield path, f"{what}: not searched (rename it without the leading dot to include its files)"
+                elif entry.is_symlink():
+                    links.append(path)
+                else:
+                    visited.add(os.path.realpath(path))
+                    pending.append(path)
+            elif hidden:
+                yield path, "hidden file (its name starts with '.'): not read (rename it without the dot to include it)"
+            else:
+                yield path, ""
+
+
+def _unique_ids(rels: Sequence[str]) -> list[str]:
+    """Each file's relative path without its suffix; the whole relative path, suffix kept, for those that would
+    share an id (``dup.jpg`` and ``dup.png``), repeated until no two share one (relative paths are unique)."""
+    ids = [PurePosixPath(rel).with_suffix("").as_posix() for rel in rels]
+    while True:
+        counts = Counter(ids)
+        clashing = [k for k, image_id in enumerate(ids) if counts[image_id] > 1 and image_id != rels[k]]
+        if not clashing:
+            return ids
+        for k in clashing:
+            ids[k] = rels[k]
+
+
+def list_folder(folder: str | os.PathLike, mask_names: bool = True) -> FolderListing:
+    """Every entry under ``folder`` (recursive), each either a manifest row or an excluded row with its reason.
+
+    A row per image the reader takes (``image_id``: the path relative to ``folder`` without its suffix, the suffix
+    kept where two files would share an id; ``image_path``: absolute). Excluded, never opened: hidden entries,
+    formats the reader does not take, names that end like masks (``MASK_SUFFIXES``; ``mask_names=False`` keeps
+    them), FIFOs, devices, sockets and links to them, broken links and link loops, empty or too large files,
+    unreadable folders, names that are not UTF-8 or hold control characters. Both are sorted by path.
+    """
+    from dermpipe.data.reading import ImageReadError, skip_reason  # reading sits beside, not below, manifests
 
     root = Path(folder)
     if not root.is_dir():
-        raise ImageReadError(f"{root}: not a folder of images (check --input)")
-    rows = []
-    for path in list_images(root):
-        rel = path.relative_to(root).with_suffix("")
-        rows.append({"image_id": rel.as_posix(), "image_path": str(path.resolve())})
-    return Manifest(rows=tuple(rows), classes=())
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise ImageReadError(f"{root}: {what} (give the folder that holds the images; check --input)")
+    taken: list[tuple[str, Path]] = []
+    excluded: list[dict[str, str]] = []
+    for path, reason in _walk(root):
+        rel = path.relative_to(root).as_posix()
+        reason = reason or _name_problem(rel) or skip_reason(path, mask_names)
+        if reason:
+            excluded.append({"image_id": _printable(rel), "path": _printable(os.path.abspath(path)), "reason": reason})
+        else:
+            taken.append((rel, path))
+    taken.sort(key=lambda item: PurePosixPath(item[0]).parts)
+    excluded.sort(key=lambda row: Path(row["path"]).parts)
+    ids = _unique_ids([rel for rel, _ in taken])
+    rows = tuple({"image_id": i, "image_path": str(path.resolve())} for i, (_, path) in zip(ids, taken))
+    return FolderListing(Manifest(rows=rows, classes=()), tuple(excluded))
+
+
+def manifest_from_folder(folder: str | os.PathLike) -> Manifest:
+    """An unlabelled manifest of every image under ``folder`` (recursive): ``list_folder(folder).manifest``."""
+    return list_folder(folder).manifest

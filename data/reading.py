@@ -1,22 +1,30 @@
-"""Robust image and mask reading: JPEG/PNG/BMP/TIFF, EXIF orientation, any bit depth to 8-bit RGB, early reduction."""
+"""Robust image and mask reading: JPEG/PNG/BMP/TIFF, EXIF orientation, any bit depth to 8-bit RGB, early reduction.
+
+Every reader looks at a file with ``os.stat`` before it opens it: a named pipe, a device, a socket or a link to one is
+refused unopened (opening a FIFO blocks forever, reading ``/dev/zero`` never ends), and so is a file over
+``MAX_FILE_BYTES``; an image over ``MAX_IMAGE_PIXELS`` is refused from its header, before any pixel is decoded.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
+import stat
 import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dermpipe.engine.files import write_atomic
+from dermpipe.engine.files import OutputPathError, write_atomic
 from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
@@ -25,6 +33,19 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 # Name endings of mask files that sit beside their images (ISIC *_segmentation / *_Segmentation, PH2 *_lesion) and
 # of the ISIC 2017 superpixel maps, which are not photographs either.
 MASK_SUFFIXES: tuple[str, ...] = ("_segmentation", "_lesion", "_superpixels")
+TAKEN_FORMATS = "JPEG (.jpg, .jpeg), PNG (.png), BMP (.bmp), TIFF (.tif, .tiff)"
+# Bounds on one input file: the largest dermatoscope or camera photo is a few tens of MiB and megapixels.
+MAX_FILE_BYTES: int = 512 * 2**20
+# Below Pillow's own decompression-bomb refusal (2 x Image.MAX_IMAGE_PIXELS, about 179 Mpx), so ours speaks first.
+MAX_IMAGE_PIXELS: int = 150_000_000
+# Formats people photograph or export in that the reader does not take, by suffix: named in the reason.
+_OTHER_FORMATS: dict[str, str] = {
+    **{f".{name.lower()}": name for name in ("GIF", "WebP", "HEIC", "HEIF", "AVIF", "SVG", "PDF")},
+    **{f".{raw}": f"camera raw (.{raw})" for raw in ("dng", "cr2", "cr3", "nef", "arw", "orf", "raf")},
+    ".jp2": "JPEG 2000",
+    ".jxl": "JPEG XL",
+    ".dcm": "DICOM",
+}
 
 # Pillow format names we decode; MPO is the multi-picture JPEG some cameras write.
 _FORMATS: dict[str, str] = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF"}
@@ -50,23 +71,84 @@ class _Header:
     orientation: int  # EXIF orientation 1..8 (1 = as stored)
 
 
+def _size_text(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def file_problem(path: str | os.PathLike) -> tuple[str, os.stat_result | None]:
+    """Why a reader would refuse ``path`` from ``os.stat`` alone (the file is never opened), or ``""``; and its stat.
+
+    The reason has the form ``<what is wrong> (<fix>)``: missing, a broken link or a link loop, a folder, a FIFO,
+    device or socket (or a link to one), empty, or over ``MAX_FILE_BYTES``.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)  # follows links: a link to /dev/zero is a character device
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken link: it points to {os.readlink(path)}, which does not exist (fix or remove the link)", None
+        return "no such file (check the path and the manifest's image_path/mask_path)", None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop: the link never reaches a file (fix or remove the link)", None
+        return f"cannot be inspected: {error.strerror or error} (check its permissions)", None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not an image file (point to the image file itself)", st
+    if not stat.S_ISREG(st.st_mode):
+        via = f" (via a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+        return f"is {_kind(st.st_mode)}{via}, not an image file: not opened (point to a regular image file)", st
+    if st.st_size == 0:
+        return f"file is empty (0 bytes) ({_FIX_CORRUPT})", st
+    if st.st_size > MAX_FILE_BYTES:
+        return (
+            f"file is {_size_text(st.st_size)}, over the {_size_text(MAX_FILE_BYTES)} bound on one image file "
+            "(downscale or re-export it; the bound is dermpipe.data.reading.MAX_FILE_BYTES)"
+        ), st
+    return "", st
+
+
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise ImageReadError(f"{path}: no such file (check the path and the manifest's image_path/mask_path)")
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a folder, not an image file (point to the image file itself)")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"{path}: file is empty (0 bytes) ({_FIX_CORRUPT})")
+    problem, _ = file_problem(path)
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open a file that ``_check_file`` passed; non-blocking, and checked again on the open descriptor, so a file
+    swapped for a FIFO in between can neither block the open nor be read."""
+    _check_file(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        raise ImageReadError(f"{path}: cannot be read: {error.strerror or error} (check its permissions)") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageReadError(f"{path}: is {_kind(mode)}, not an image file (point to a regular image file)")
+    return os.fdopen(fd, "rb")
 
 
 def _read_bytes(path: Path) -> bytes:
-    _check_file(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ImageReadError(f"{path}: cannot be read: {error.strerror or error} (check its permissions)") from None
+    with _open_regular(path) as f:
+        try:
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as error:
+            raise ImageReadError(f"{path}: cannot be read: {error.strerror or error} (check its permissions)") from None
     if not data:
         raise ImageReadError(f"{path}: file is empty (0 bytes) ({_FIX_CORRUPT})")
+    if len(data) > MAX_FILE_BYTES:  # it grew after the check
+        raise ImageReadError(f"{path}: file is over the {_size_text(MAX_FILE_BYTES)} bound on one image file "
+                             "(downscale or re-export it)")  # fmt: skip
     return data
 
 
@@ -82,7 +164,7 @@ def _orientation(image: Image.Image) -> int:
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _header(path: Path, source: Path | bytes, verify: bool = False) -> _Header:
+def _header(path: Path, source: BinaryIO | bytes, verify: bool = False) -> _Header:
     """Format, stored size and EXIF orientation from the file header (Pillow opens lazily: no pixel decode).
 
     ``verify`` also checks a PNG's chunk checksums (cheap, no decompression): libpng reports a corrupt chunk on stderr
@@ -96,11 +178,15 @@ def _header(path: Path, source: Path | bytes, verify: bool = False) -> _Header:
         with image:
             image_format = image.format or ""
             width, height = image.size
-            orientation = _orientation(image)
-            if verify and image_format == "PNG":
+            too_large = width * height > MAX_IMAGE_PIXELS  # the header alone says it: nothing more is read
+            orientation = 1 if too_large else _orientation(image)
+            if verify and image_format == "PNG" and not too_large:
                 image.verify()
     except Image.DecompressionBombError as error:
-        raise ImageReadError(f"{path}: image is too large to decode safely: {error} (downscale it first)") from None
+        raise ImageReadError(
+            f"{path}: image is too large to decode safely: {str(error).rstrip('.')} (a decompression bomb, or a scan "
+            f"to downscale below {MAX_IMAGE_PIXELS / 1e6:g} megapixels first)"
+        ) from None
     except UnidentifiedImageError:
         raise ImageReadError(
             f"{path}: not a readable image: unknown format or corrupt header ({_FIX_CORRUPT}; supported: JPEG, PNG, "
@@ -108,6 +194,12 @@ def _header(path: Path, source: Path | bytes, verify: bool = False) -> _Header:
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
         raise ImageReadError(f"{path}: corrupt or truncated image file: {error} ({_FIX_CORRUPT})") from None
+    if too_large:
+        raise ImageReadError(
+            f"{path}: image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), over the "
+            f"{MAX_IMAGE_PIXELS / 1e6:g}-megapixel bound (a decompression bomb, or a scan to downscale first; the "
+            "bound is dermpipe.data.reading.MAX_IMAGE_PIXELS)"
+        )
     if image_format not in _FORMATS:
         what = image_format or "unknown"
         raise ImageReadError(f"{path}: {what} images are not supported (convert it to PNG or JPEG)")
@@ -253,8 +345,8 @@ def read_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarr
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of the upright image, from the header alone (no pixel decode)."""
     path = Path(path)
-    _check_file(path)
-    header = _header(path, path)
+    with _open_regular(path) as f:
+        header = _header(path, f)
     if header.orientation in (5, 6, 7, 8):
         return header.width, header.height
     return header.height, header.width
@@ -291,9 +383,46 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def _is_mask_name(path: Path) -> bool:
-    stem = path.stem.lower()
-    return any(stem.endswith(suffix) for suffix in MASK_SUFFIXES)
+def mask_name_suffix(path: str | os.PathLike) -> str:
+    """The ``MASK_SUFFIXES`` ending of the file's stem (``"_lesion"`` for ``IMD002_lesion.bmp``), or ``""``."""
+    stem = Path(path).stem.lower()
+    return next((suffix for suffix in MASK_SUFFIXES if stem.endswith(suffix)), "")
+
+
+def format_problem(path: str | os.PathLike) -> str:
+    """Why the reader does not take a file of this name's extension (``<what> (<fix>)``), or ``""`` when it does."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return ""
+    if not suffix:
+        return f"no file extension (the reader takes {TAKEN_FORMATS}: add the extension of its format)"
+    if suffix in _OTHER_FORMATS:
+        name = _OTHER_FORMATS[suffix]
+        return f"{name} images are not read (convert it to JPEG or PNG; the reader takes {TAKEN_FORMATS})"
+    return f"'{suffix}' files are not images the reader takes ({TAKEN_FORMATS})"
+
+
+def skip_reason(path: str | os.PathLike, mask_names: bool = True) -> str:
+    """Why a folder listing leaves ``path`` out, from its name and ``os.stat`` alone (it is never opened), or ``""``.
+
+    The reasons, in order: what ``file_problem`` finds (missing, broken link, link loop, FIFO, device, socket,
+    empty, too large), an extension the reader does not take, and, with ``mask_names``, a name that ends like a
+    mask file (``MASK_SUFFIXES``). Each says how to include the file.
+    """
+    path = Path(path)
+    problem, _ = file_problem(path)
+    if problem:
+        return problem
+    if problem := format_problem(path):
+        return problem
+    suffix = mask_name_suffix(path) if mask_names else ""
+    if suffix:
+        renamed = path.stem[: -len(suffix)] + suffix.replace("_", "-") + path.suffix
+        return (
+            f"name ends with '{suffix}', which marks a lesion mask or map beside its image, not a photo (to include "
+            f"it, rename it so the name does not end with '{suffix}', e.g. '{renamed}')"
+        )
+    return ""
 
 
 def walk_files(root: str | os.PathLike, skip: Callable[[str], bool] = lambda name: name.startswith(".")) -> list[Path]:
@@ -312,13 +441,16 @@ def walk_files(root: str | os.PathLike, skip: Callable[[str], bool] = lambda nam
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder``, recursively and sorted, without hidden entries and mask files."""
+    """Image files under ``folder``, recursively and sorted, without hidden entries and what ``skip_reason`` names
+    (mask files by name, other formats, special files, empty or too large files).
+
+    ``dermpipe.data.manifest.list_folder`` lists the same files, and every other entry with its reason.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise ImageReadError(f"{folder}: {what} (give the folder that holds the images)")
-    images = (p for p in walk_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_mask_name(p))
-    return sorted(images)
+    return sorted(p for p in walk_files(folder) if not skip_reason(p))
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, params: Sequence[int] = ()) -> Path:
@@ -327,7 +459,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray, params: Sequence[int
     pixels = np.ascontiguousarray(image[..., ::-1] if image.ndim == 3 else image)
 
     def encode(tmp: Path) -> None:
-        if not cv2.imwrite(str(tmp), pixels, list(params)):
-            raise OSError(f"could not write {path}: is the folder writable and the suffix an image format?")
+        if not cv2.imwrite(str(tmp), pixels, list(params)):  # False on a full or read-only disk, too
+            raise OutputPathError(f"could not write {path}: is the disk full or read-only, or not an image suffix?")
 
     return write_atomic(path, encode)

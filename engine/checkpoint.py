@@ -92,6 +92,19 @@ def check_metadata(path: str | os.PathLike, meta: Mapping[str, Any], expect: Map
             )
 
 
+def check_trained_setting(path: str | os.PathLike, key: str, trained: Any, given: Any) -> None:
+    """Refuse a config whose ``key`` disagrees with what the checkpoint at ``path`` was trained with."""
+    if isinstance(given, tuple):
+        given = list(given)
+    if isinstance(trained, tuple):
+        trained = list(trained)
+    if trained != given:
+        raise CheckpointError(
+            f"{path} was trained with {key}={trained!r} but the config says {given!r}: prediction takes it from the "
+            "checkpoint, so drop the setting (or retrain with it)"
+        )
+
+
 def load_checkpoint(
     path: str | os.PathLike, expect: Mapping[str, Any] | None = None, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

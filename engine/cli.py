@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable, Mapping
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # A user mistake: the project's own errors, and a path that is missing, of the wrong kind or not readable (the OS
 # message names it). Anything else (a shape mismatch, CUDA out of memory) is a bug and keeps its traceback.
+# A full or read-only disk is not a bug either: one line naming the path.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
 USER_ERRORS: tuple[type[BaseException], ...] = (
     DermpipeError,
     FileNotFoundError,
@@ -57,6 +60,13 @@ def run_cli(body: Callable[[], int]) -> int:
         return body()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror}; free some space or pass another output folder (finished "
+              "outputs and cache entries are intact)", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept in the cache and run folder; rerun to resume", file=sys.stderr)

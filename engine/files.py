@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+import re
+import stat
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,6 +61,11 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     path = Path(path)
     h = hashlib.sha256()
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end: never open one
+            raise FileInputError(f"{path}: not a regular file (a FIFO, device or socket); point to an image file")
         with open(path, "rb") as f:
             while block := f.read(chunk):
                 h.update(block)
@@ -66,3 +74,70 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     except IsADirectoryError:
         raise FileInputError(f"{path}: is a folder, not a file (point to the file itself)") from None
     return h.hexdigest()
+
+
+class OutputPathError(DermpipeError):
+    """An output path that cannot be used: a file where a folder is needed, a folder inside the input, no space."""
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out", inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Refuse, before any work, an output folder that is a file, lies under a file, or is (inside) an input folder."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{flag} {folder} is a file, not a folder: pass a folder (created when missing)")
+    for parent in folder.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputPathError(f"{flag} {folder} lies under {parent}, which is a file: pass a folder path")
+    for source in inputs:
+        inside, src = folder.resolve(), Path(source).resolve()
+        if inside == src or src in inside.parents:
+            raise OutputPathError(
+                f"{flag} {folder} is inside the input folder {source}: a rerun would read its own outputs as "
+                "inputs; pass a folder outside it"
+            )
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Refuse, before any work, an output file path that is a folder or lies under a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(f"{flag} {target} is a folder: pass a file name, e.g. {target / 'predictions.csv'}")
+    check_output_folder(target.parent, flag)
+    return target
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete the temporaries (``.<name>.<pid>.tmp<suffix>``) that killed processes left in ``folder``; those of a
+    process still running are kept. Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*"):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+_TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp(\.[^.]*)?")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def output_stem(image_id: str) -> str:
+    """A file name for an image id that no other id shares: every character but letters, digits and ``_.-~`` is
+    percent-encoded (``a/x`` -> ``a%2Fx``), so ISIC ids and plain names stay as they are."""
+    return urllib.parse.quote(image_id, safe="")

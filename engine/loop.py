@@ -284,7 +284,8 @@ def fit(
             start = s.epochs  # it had stopped early or run every epoch: nothing left to train
         logger.info("resuming at epoch %d of %d (best %s %.4f at epoch %d)", start + 1, s.epochs, s.monitor, best,
                     best_epoch)  # fmt: skip
-    elif metrics_path.exists():
+    run.begin()  # everything validated: from here on the run folder is written
+    if not resume and metrics_path.exists():
         metrics_path.unlink()
     history: list[dict[str, Any]] = read_metrics(metrics_path, s.columns, start)
     stopped = False

@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +76,56 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> Non
     root.setLevel(level)
 
 
+# What each stage leaves in its run folder, to tell one stage's run from another's.
+STAGE_FILES = {"segmentation": "best.safetensors", "classification": "best.safetensors", "ensemble": "meta.safetensors"}
+
+
+class RunFolderError(DermpipeError):
+    """A run folder that belongs to another stage."""
+
+
+def folder_stage(path: Path) -> str | None:
+    """The stage whose run a folder holds, read from its checkpoints' metadata (``None``: no finished checkpoint)."""
+    from dermpipe.engine.checkpoint import CheckpointError, read_metadata
+
+    for name in ("best.safetensors", "last.safetensors", "meta.safetensors"):
+        if (path / name).is_file():
+            try:
+                return str(read_metadata(path / name).get("stage") or "") or None
+            except CheckpointError:
+                continue
+    return None
+
+
+def check_run_folder(path: Path, stage: str) -> None:
+    """Refuse a folder that holds another stage's run (its files would be mixed with, or taken for, this stage's)."""
+    found = folder_stage(path)
+    if found is not None and found != stage:
+        raise RunFolderError(f"{path} is a {found} run, not a {stage} run: pass the {stage} run's folder")
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{path} is a file, not a run folder: pass a folder (it is created when missing)")
+
+
 @dataclass(frozen=True)
 class Run:
-    """What a stage needs from its setup: where to write, on which device, with AMP and channels_last or not."""
+    """What a stage needs from its setup: where to write, on which device, with AMP and channels_last or not.
+
+    Nothing is written until ``begin``: a command refused while it validates leaves the folder as it was.
+    """
 
     dir: Path
     device: torch.device
     amp: bool
     channels_last: bool
     config_hash: str
+    config: Any = field(default=None, repr=False, compare=False)
+
+    def begin(self) -> None:
+        """The run starts for real (everything validated): create the folder, log there, write config.yaml once."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.dir)
+        if self.config is not None:
+            save_config(self.config, self.dir / "config.yaml")
 
     def autocast(self) -> Any:
         """bf16/fp16 autocast on CUDA when AMP is on; a no-op context elsewhere."""
@@ -106,15 +147,16 @@ def start_run(
     amp: bool = True,
     channels_last: bool = True,
     threads: int = 0,
+    stage: str | None = None,
 ) -> Run:
-    """Create the run folder, log there, save the resolved config, seed, and pick the device.
+    """Seed, pick the device, and refuse a folder of another ``stage``; writes nothing (see ``Run.begin``).
 
     AMP and channels_last only help on a GPU, so they are switched off elsewhere whatever the config says.
     """
     path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    setup_logging(path)
-    save_config(config, path / "config.yaml")
+    if stage is not None:
+        check_run_folder(path, stage)
+    setup_logging(None)
     seed_everything(seed)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -126,6 +168,7 @@ def start_run(
         amp=amp and on_gpu,
         channels_last=channels_last and on_gpu,
         config_hash=config_hash(config),
+        config=config,
     )
     logger.info("run %s on %s (amp=%s, channels_last=%s)", path, dev, run.amp, run.channels_last)
     return run

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dermpipe.data.manifest import Manifest, manifest_from_folder
+from dermpipe.data.manifest import Manifest, list_folder
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
-from dermpipe.engine.run import choose_device, setup_logging
+from dermpipe.engine.files import check_output_file, check_output_folder
+from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
 from dermpipe.ensemble.config import PredictConfig
 from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
 
@@ -44,12 +45,20 @@ def main(argv: list[str] | None = None) -> int:
             "outputs.isic_csv": args.isic_csv,
         }
         cfg = resolve_config(PredictConfig, args, flags)
-        out = Path(cfg.run.out_dir)
-        output = Path(args.output) if args.output else out / "predictions.csv"
-        manifest = Manifest.read(args.manifest) if args.manifest else manifest_from_folder(args.input)
-        setup_logging(out)
+        out = check_output_folder(cfg.run.out_dir, "--out", [args.input] if args.input else [])
+        output = check_output_file(args.output if args.output else out / "predictions.csv", "--output")
+        if args.input and Path(args.input).resolve() in output.resolve().parents:
+            check_output_folder(output.parent, "--output", [args.input])
+        check_run_folder(Path(cfg.segmentation_run), "segmentation")
+        check_run_folder(Path(cfg.ensemble_run), "ensemble")
+        if args.manifest:
+            manifest, excluded = Manifest.read(args.manifest), ()
+        else:
+            listing = list_folder(args.input)
+            manifest, excluded = listing.manifest, listing.excluded
         predictor = EnsemblePredictor(cfg, choose_device(cfg.run.device))
-        s = predict_folder(manifest, predictor, output, out)
+        setup_logging(out)  # everything validated: from here on the output folder is written
+        s = predict_folder(manifest, predictor, output, out, excluded)
         print(
             f"predict: {s['images']} images ({s['referred']} to refer, {s['whole-image fallbacks']} whole-image "
             f"fallbacks), {s['skipped']} skipped; {s['cache']}; wrote {output}"

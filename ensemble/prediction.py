@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,18 @@ from dermpipe.classification.prediction import STAGE, CropProbabilities
 from dermpipe.configs.loader import load_config
 from dermpipe.data.manifest import Manifest, write_table
 from dermpipe.data.preprocess import PreprocessConfig
+from dermpipe.data.quality import quality_text
 from dermpipe.data.reading import read_image, write_image
 from dermpipe.engine.cache import StageCache
-from dermpipe.engine.checkpoint import CheckpointError, weights_digest
-from dermpipe.engine.files import atomic_path
+from dermpipe.engine.checkpoint import CheckpointError, check_trained_setting, weights_digest
+from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries
+from dermpipe.engine.run import check_run_folder
 from dermpipe.ensemble.calibration import apply_temperature
 from dermpipe.ensemble.config import PredictConfig
 from dermpipe.ensemble.meta import load_meta, meta_logits
 from dermpipe.ensemble.report import ReportRow, save_thumbnail, write_report
 from dermpipe.segmentation.config import SegmentationConfig
-from dermpipe.segmentation.prediction import CropResult, SegmentationPredictor, SkipLog
+from dermpipe.segmentation.prediction import CROP_SETTINGS, CropResult, SegmentationPredictor, SkipLog
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class Classifier:
         self, backbone_dir: Path, device: torch.device, tta: bool, cache_root: Path, force: bool, batch_size: int
     ) -> None:
         path = backbone_dir / "best.safetensors"
+        check_run_folder(backbone_dir, "classification")
         if not path.is_file():
             raise CheckpointError(
                 f"{path} not found: train it with `python classification/train.py --backbone {backbone_dir.name}`"
@@ -56,7 +60,7 @@ class Classifier:
             weights_digest(path),
             StageCache(cache_root, STAGE, force=force),
             tta=tta,
-            preprocess_cfg=_preprocess_of(self.meta, backbone_dir),
+            preprocess_cfg=_trained_preprocess(self.meta, backbone_dir, path),
             batch_size=batch_size,
             device=device,
         )
@@ -66,12 +70,38 @@ class Classifier:
         return self.predictor([c.crop_key for c in crops], lambda i: crops[i].crop, desc=self.name)
 
 
-def _preprocess_of(meta: dict[str, Any], backbone_dir: Path) -> PreprocessConfig | None:
-    """The preprocessing the backbone was trained with: from its checkpoint, else from its run's config.yaml."""
-    if isinstance(meta.get("preprocess"), dict):
-        return PreprocessConfig(**meta["preprocess"])
+def _trained_preprocess(meta: dict[str, Any], backbone_dir: Path, path: Path) -> PreprocessConfig | None:
+    """The preprocessing the backbone was trained with, from its checkpoint (older checkpoints: its config.yaml).
+
+    A run config.yaml that disagrees with the checkpoint (input size or preprocessing) is refused, naming both.
+    """
     cfg_path = backbone_dir / "config.yaml"
-    return load_config(ClassificationConfig, cfg_path).data.preprocess if cfg_path.is_file() else None
+    cfg = load_config(ClassificationConfig, cfg_path) if cfg_path.is_file() else None
+    if not isinstance(meta.get("preprocess"), dict):
+        return cfg.data.preprocess if cfg is not None else None
+    trained = PreprocessConfig(**meta["preprocess"])
+    if cfg is not None:
+        check_trained_setting(path, "data.preprocess", asdict(trained), asdict(cfg.data.preprocess))
+        if cfg.data.image_size:
+            check_trained_setting(path, "data.image_size", int(meta["input_size"]), cfg.data.image_size)
+    return trained
+
+
+def agreed_crop_settings(classifiers: Sequence[Classifier]) -> dict[str, Any] | None:
+    """The crop settings every backbone was trained with (recorded in their checkpoints), or ``None`` when none
+    recorded any; backbones trained on crops made differently are refused."""
+    recorded = [(c.name, c.meta["crops"]) for c in classifiers if isinstance(c.meta.get("crops"), dict)]
+    if not recorded:
+        return None
+    first_name, first = recorded[0]
+    for name, crops in recorded[1:]:
+        for key in (*CROP_SETTINGS, "preprocess"):
+            if crops.get(key) != first.get(key):
+                raise CheckpointError(
+                    f"backbones {first_name} and {name} were trained on crops made with {key}={first.get(key)!r} "
+                    f"and {crops.get(key)!r}: retrain one of them on the same crops"
+                )
+    return dict(first)
 
 
 class EnsemblePredictor:
@@ -80,10 +110,6 @@ class EnsemblePredictor:
     def __init__(self, cfg: PredictConfig, device: torch.device) -> None:
         self.cfg = cfg
         cache = Path(cfg.run.cache_dir)
-        seg_run = Path(cfg.segmentation_run)
-        seg_cfg_path = seg_run / "config.yaml"
-        seg_cfg = load_config(SegmentationConfig, seg_cfg_path) if seg_cfg_path.is_file() else SegmentationConfig()
-        self.segmenter = SegmentationPredictor(seg_run / "best.safetensors", seg_cfg, device, cache, cfg.run.force)
         self.meta_model, self.meta = load_meta(Path(cfg.ensemble_run) / "meta.safetensors")
         self.classes: list[str] = list(self.meta["classes"])
         self.backbones: list[str] = list(self.meta["backbones"])
@@ -97,6 +123,18 @@ class EnsemblePredictor:
                     f"backbone {c.name} was trained on classes {c.meta['classes']}, the vote on {self.classes}: "
                     "retrain the vote with `python ensemble/vote.py`"
                 )
+        seg_run = Path(cfg.segmentation_run)
+        seg_cfg_path = seg_run / "config.yaml"
+        seg_cfg = load_config(SegmentationConfig, seg_cfg_path) if seg_cfg_path.is_file() else SegmentationConfig()
+        crops = agreed_crop_settings(self.classifiers)  # crop as the classifiers' training crops were made
+        self.segmenter = SegmentationPredictor(
+            seg_run / "best.safetensors", seg_cfg, device, cache, cfg.run.force, crops, strict=seg_cfg_path.is_file()
+        )
+        if crops and crops.get("segmentation_weights") not in (None, self.segmenter.weights):
+            logger.warning(
+                "the backbones were trained on crops of another U-Net than %s: predictions may be off",
+                seg_run / "best.safetensors",
+            )
         self.temperature = float(self.meta.get("temperature") or 1.0)
         self.refer_threshold = float(self.meta.get("refer_threshold") or 0.0) if cfg.refer else 0.0
 
@@ -124,18 +162,27 @@ class EnsemblePredictor:
 
 
 def predict_folder(
-    manifest: Manifest, predictor: EnsemblePredictor, output: str | os.PathLike, out_dir: str | os.PathLike
+    manifest: Manifest,
+    predictor: EnsemblePredictor,
+    output: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    excluded: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
-    """Write ``output`` (predictions CSV), ``skipped.csv`` and the optional outputs into ``out_dir``."""
+    """Write ``output`` (predictions CSV, rows in input order), ``skipped.csv`` (the unreadable inputs and the
+    ``excluded`` files of the folder listing) and the optional outputs into ``out_dir``."""
     cfg, classes = predictor.cfg, predictor.classes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # what a killed run left half-written
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output.parent, recursive=False)
+    if cfg.outputs.report:  # rewritten at the end: a run killed before then leaves no report that looks current
+        (out / "report.html").unlink(missing_ok=True)
     assets = out / "report_files"
-    columns = ["image_id", "path", *classes, "predicted", "confidence", "refer", "box", "fallback"]
+    columns = ["image_id", "path", *classes, "predicted", "confidence", "refer", "box", "fallback", "quality"]
     report_rows: list[ReportRow] = []
-    skipped = SkipLog()
+    skipped = SkipLog(excluded)
     isic_rows: list[dict[str, str]] = []
     n = refer_count = fallback_count = 0
     gradcam_model = predictor.classifiers[0] if cfg.outputs.gradcam else None
@@ -145,7 +192,8 @@ def predict_folder(
         writer.writeheader()
         for crop, probs in tqdm(predictor.predict(items, skipped), total=len(items), desc="predict", leave=False):
             top = int(np.argmax(probs))
-            refer = bool(probs[top] < predictor.refer_threshold)
+            # an image the models cannot judge (too small, dark, blurred, no lesion found) is referred, never confident
+            refer = bool(probs[top] < predictor.refer_threshold) or bool(crop.quality)
             row = {
                 "image_id": crop.image_id,
                 "path": crop.path,
@@ -155,15 +203,14 @@ def predict_folder(
                 "refer": int(refer),
                 "box": crop.box.as_text(),
                 "fallback": crop.box.fallback,
+                "quality": quality_text(crop.quality),
             }
             writer.writerow(row)
             n += 1
             refer_count += refer
             fallback_count += bool(crop.box.fallback)
             if cfg.outputs.isic_csv:
-                isic_rows.append(
-                    {"image": Path(crop.image_id).name, **{c.upper(): f"{p:.6f}" for c, p in zip(classes, probs)}}
-                )
+                isic_rows.append({"image": crop.image_id, **{c.upper(): f"{p:.6f}" for c, p in zip(classes, probs)}})
             _write_extras(crop, cfg, out, predictor, gradcam_model)
             if cfg.outputs.report and len(report_rows) < cfg.outputs.report_max_images:
                 report_rows.append(_report_row(crop, probs, classes, refer, assets, out, gradcam_model))
@@ -188,7 +235,7 @@ def predict_folder(
 def _write_extras(
     crop: CropResult, cfg: PredictConfig, out: Path, predictor: EnsemblePredictor, gradcam_model: Classifier | None
 ) -> None:
-    name = Path(crop.image_id).name
+    name = output_stem(crop.image_id)  # unique per id: a/x.jpg and b/x.jpg never share an output file
     if cfg.outputs.masks:
         mask = crop.full_mask(predictor.segmenter.predict_cfg.threshold) * 255
         write_image(out / "masks" / f"{name}_segmentation.png", mask)
@@ -205,7 +252,7 @@ def _report_row(
     out: Path,
     gradcam_model: Classifier | None,
 ) -> ReportRow:
-    stem = crop.crop_key[:16]
+    stem = output_stem(crop.image_id)
     images = {}
     thumb = read_image(crop.path, max_side=4 * 160)
     mask = cv2.resize(crop.probability, thumb.shape[1::-1], interpolation=cv2.INTER_LINEAR) > 127
@@ -225,4 +272,5 @@ def _report_row(
         refer,
         crop.box.fallback,
         images,
+        crop.quality,
     )

@@ -1,5 +1,6 @@
 """A self-contained HTML report of a batch prediction: per image the thumbnail with the lesion contour, the crop, the
-Grad-CAM and the probability bars, sortable by class and confidence, with a summary on top."""
+Grad-CAM, the probability bars and any input-quality warnings, sortable by class and confidence, with a summary on
+top."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class ReportRow:
     refer: bool
     fallback: str
     images: dict[str, str] = field(default_factory=dict)  # kind -> path relative to the report
+    quality: tuple[str, ...] = ()  # why the models may not judge this image (dermpipe.data.quality); () = fine
 
 
 def save_thumbnail(image: np.ndarray, path: Path, mask: np.ndarray | None = None, side: int = THUMB) -> Path:
@@ -50,6 +52,9 @@ td,th{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:middle;text-al
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}img{display:block}
 .bar{height:10px;background:#4a7fb5;display:inline-block}.refer{color:#b00;font-weight:bold}
 .summary td{border:none;padding:2px 10px}.small{color:#666;font-size:90%}
+tr.warn{background:#fff4d6}tr.warn td:first-child{border-left:4px solid #d08000}
+.quality{color:#8a4b00;font-size:90%;margin:4px 0 0;padding-left:1.1em}.badge{background:#d08000;color:#fff;
+border-radius:3px;padding:0 4px;font-size:80%;font-weight:bold}
 """
 
 _SCRIPT = """
@@ -57,8 +62,9 @@ function sortBy(col, numeric){const t=document.getElementById('preds');const row
 const dir=t.dataset.col==col&&t.dataset.dir=='desc'?'asc':'desc';t.dataset.col=col;t.dataset.dir=dir;
 rows.sort((a,b)=>{let x=a.dataset[col],y=b.dataset[col];if(numeric){x=+x;y=+y}
 return (x<y?-1:x>y?1:0)*(dir=='asc'?1:-1)});rows.forEach(r=>t.tBodies[0].appendChild(r))}
-function filterClass(c){for(const r of document.getElementById('preds').tBodies[0].rows)
-r.style.display=(c==''||r.dataset.predicted==c)?'':'none'}
+function applyFilter(){const c=document.getElementById('cls').value,w=document.getElementById('warn').checked;
+for(const r of document.getElementById('preds').tBodies[0].rows)
+r.style.display=((c==''||r.dataset.predicted==c)&&(!w||r.dataset.quality=='1'))?'':'none'}
 """
 
 
@@ -72,6 +78,7 @@ def write_report(
     """Write ``report.html`` (images referenced by relative path, so the page stays small for big batches)."""
     path = Path(path)
     counts = Counter(r.predicted for r in rows)
+    n_warn = sum(1 for r in rows if r.quality)
     head = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     per_class = "".join(f"<tr><td>{html.escape(c)}</td><td>{counts.get(c, 0)}</td></tr>" for c in classes)
     options = "".join(f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in classes)
@@ -92,9 +99,17 @@ def write_report(
         )
         refer = '<span class="refer">refer</span>' if r.refer else ""
         note = f'<div class="small">{html.escape(r.fallback)}</div>' if r.fallback else ""
+        badge, warn, quality = "", "", ""
+        reasons = (r.quality,) if isinstance(r.quality, str) else tuple(r.quality)  # one reason passed as a str
+        if reasons:
+            badge = ' <span class="badge" title="input quality warning">quality</span>'
+            warn = ' class="warn"'
+            items = "".join(f"<li>{html.escape(reason)}</li>" for reason in reasons)
+            quality = f'<ul class="quality" title="input quality warnings">{items}</ul>'
         body.append(
-            f'<tr data-id="{html.escape(r.image_id)}" data-predicted="{html.escape(r.predicted)}" '
-            f'data-confidence="{r.confidence:.6f}" {data}><td>{html.escape(r.image_id)}{note}</td>{imgs}'
+            f'<tr{warn} data-id="{html.escape(r.image_id)}" data-predicted="{html.escape(r.predicted)}" '
+            f'data-quality="{int(bool(reasons))}" data-confidence="{r.confidence:.6f}" {data}>'
+            f"<td>{html.escape(r.image_id)}{badge}{note}{quality}</td>{imgs}"
             f"<td>{html.escape(r.predicted)} {refer}</td><td>{r.confidence:.3f}</td>{bars}</tr>"
         )
     skipped_html = ""
@@ -105,10 +120,14 @@ def write_report(
 <style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>
 <h1>Lesion predictions</h1>
 <p class="small">Research software, not a medical device: every call needs a clinician's review.
-Images marked <b>refer</b> had a confidence below the threshold chosen for the target melanoma sensitivity.</p>
-<table class="summary">{head}</table><h2>Predicted classes</h2><table class="summary">{per_class}</table>
-<p>Show class <select onchange="filterClass(this.value)"><option value="">all</option>{options}</select>
- &middot; click a column header to sort</p>
+Images marked <b>refer</b> had a confidence below the threshold chosen for the target melanoma sensitivity.
+Images marked <span class="badge">quality</span> are outside what the models can judge (too small, badly exposed,
+blurred, no lesion found): their probabilities are not to be trusted.</p>
+<table class="summary">{head}<tr><td>quality warnings</td><td>{n_warn}</td></tr></table>
+<h2>Predicted classes</h2><table class="summary">{per_class}</table>
+<p>Show class <select id="cls" onchange="applyFilter()"><option value="">all</option>{options}</select>
+ &middot; <label><input type="checkbox" id="warn" onchange="applyFilter()"> only images with quality warnings
+({n_warn})</label> &middot; click a column header to sort</p>
 <table id="preds"><thead><tr><th onclick="sortBy('id',false)">image</th><th>image + lesion</th><th>crop</th>
 <th>Grad-CAM</th><th onclick="sortBy('predicted',false)">predicted</th>
 <th onclick="sortBy('confidence',true)">confidence</th>{sort_heads}</tr></thead>

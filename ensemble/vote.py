@@ -41,7 +41,14 @@ def _vote(args: argparse.Namespace) -> int:
     }
     cfg = resolve_config(EnsembleConfig, args, flags)
     run = start_run(
-        cfg.run.out_dir, cfg, cfg.run.seed, cfg.run.device, cfg.run.amp, cfg.run.channels_last, cfg.run.threads
+        cfg.run.out_dir,
+        cfg,
+        cfg.run.seed,
+        cfg.run.device,
+        cfg.run.amp,
+        cfg.run.channels_last,
+        cfg.run.threads,
+        stage="ensemble",
     )
     summary = run_vote(cfg, run)
     rows = {row["method"]: row for row in summary["methods"]}

@@ -183,6 +183,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         referral_test = referral_outcome(test_meta[labelled], test.labels, refer_index, threshold)
 
     # --- outputs ---
+    run.begin()  # everything fitted and scored: from here on the run folder is written
     out = run.dir
     paths = {
         "methods": write_methods_table(out / "methods.csv", rows, classes),

@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 from dermpipe.configs.loader import default_config_path
-from dermpipe.data.manifest import Manifest, manifest_from_folder
+from dermpipe.data.manifest import Manifest, list_folder
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
-from dermpipe.engine.run import choose_device, setup_logging
+from dermpipe.engine.files import check_output_folder
+from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
 from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.segmentation.prediction import SegmentationPredictor, write_crops
 
@@ -35,17 +36,28 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         run_dir = Path(args.run)
+        check_run_folder(run_dir, "segmentation")
+        # a config of the run's own, or the user's, must agree with what the checkpoint was trained with
+        strict = args.config != str(default_config_path("segmentation")) or any(
+            o.strip().startswith("data.") for o in args.overrides
+        )
         if args.config == str(default_config_path("segmentation")) and (run_dir / "config.yaml").is_file():
             args.config = run_dir / "config.yaml"  # the trained run's own settings, unless --config or --set
+            strict = True
         cfg = resolve_config(SegmentationConfig, args, {"predict.write_masks": args.masks, "predict.tta": args.tta})
-        setup_logging(Path(args.out))
-        manifest = Manifest.read(args.manifest) if args.manifest else manifest_from_folder(args.input)
+        check_output_folder(args.out, "--out", [args.input] if args.input else [])
+        if args.manifest:
+            manifest, excluded = Manifest.read(args.manifest), ()
+        else:
+            listing = list_folder(args.input)
+            manifest, excluded = listing.manifest, listing.excluded
         if args.split:
             manifest = manifest.select(args.split)
-        predictor = SegmentationPredictor(
-            args.checkpoint or run_dir / "best.safetensors", cfg, choose_device(cfg.run.device), force=cfg.run.force
-        )
-        s = write_crops(manifest, predictor, args.out, cfg.predict.write_masks, cfg.predict.write_crops)
+        checkpoint = args.checkpoint or run_dir / "best.safetensors"
+        device = choose_device(cfg.run.device)
+        predictor = SegmentationPredictor(checkpoint, cfg, device, force=cfg.run.force, strict=strict)
+        setup_logging(Path(args.out))  # everything validated: from here on the output folder is written
+        s = write_crops(manifest, predictor, args.out, cfg.predict.write_masks, cfg.predict.write_crops, excluded)
         print(
             f"segmentation/predict: {s['cropped']} cropped ({s['fallback']} whole-image fallbacks), "
             f"{s['skipped']} skipped; cache: {s['reused']} reused, {s['computed']} computed; wrote {args.out}"

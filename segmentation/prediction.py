@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -16,16 +16,21 @@ import torch
 from dermpipe.data.loaders import decode_size, model_input, resize_square
 from dermpipe.data.manifest import Manifest, write_table
 from dermpipe.data.preprocess import PreprocessConfig, preprocess
+from dermpipe.data.quality import DEFAULT_QUALITY, QUALITY_NO_LESION, assess_quality, quality_text
 from dermpipe.data.reading import ImageReadError, image_size, read_image, read_mask, write_image
 from dermpipe.engine.cache import StageCache, stage_key
-from dermpipe.engine.checkpoint import weights_digest
-from dermpipe.engine.files import FileInputError, file_digest
+from dermpipe.engine.checkpoint import check_trained_setting, weights_digest
+from dermpipe.engine.files import FileInputError, file_digest, output_stem, remove_stale_temporaries
 from dermpipe.segmentation.config import SegmentationConfig, SegPredictConfig
-from dermpipe.segmentation.lesion import LesionBox, clean_mask, crop_to_lesion, lesion_box
+from dermpipe.segmentation.lesion import FALLBACK_NO_LESION, LesionBox, clean_mask, crop_to_lesion, lesion_box
 from dermpipe.segmentation.model import load_unet
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# An image waiting for the network: id, path, cache key, preprocessed pixels, original (height, width), quality.
+Pending = tuple[str, str, str, np.ndarray, tuple[int, int], list[str]]
+# The prediction settings that decide what a crop looks like: the classifiers must predict on crops made alike.
+CROP_SETTINGS = ("threshold", "tta", "tta_rotations", "margin", "crop_size", "min_area")
 
 
 def full_probability(probability: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -45,6 +50,7 @@ class CropResult:
     probability: np.ndarray  # image_size x image_size uint8 (lesion probability x 255)
     height: int
     width: int
+    quality: tuple[str, ...] = ()  # why the models may not judge this image well (data/quality.py); empty: fine
 
     def full_mask(self, threshold: float = 0.5) -> np.ndarray:
         """The cleaned lesion mask at the original image size (0/1 uint8)."""
@@ -65,8 +71,8 @@ class SkipLog:
 
     COLUMNS = ("image_id", "path", "reason")
 
-    def __init__(self) -> None:
-        self.rows: list[dict[str, str]] = []
+    def __init__(self, excluded: Iterable[Mapping[str, str]] = ()) -> None:
+        self.rows: list[dict[str, str]] = [{k: row[k] for k in self.COLUMNS} for row in excluded]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -124,13 +130,25 @@ class SegmentationPredictor:
         device: torch.device,
         cache_root: str | os.PathLike | None = None,
         force: bool = False,
+        crops: Mapping[str, Any] | None = None,
+        strict: bool = False,
     ) -> None:
+        """``crops``: the crop settings the classifiers were trained with (they replace the config's); ``strict``:
+        the config is the run's own or the user's, so a training setting that disagrees with the checkpoint's is
+        refused (naming both values) instead of silently overridden by it."""
         self.model, self.meta = load_unet(checkpoint, device)
         self.device = device
         self.size = int(self.meta["input_size"])
         self.mean, self.std = self.meta["mean"], self.meta["std"]
-        self.predict_cfg: SegPredictConfig = cfg.predict
-        self.preprocess_cfg: PreprocessConfig = cfg.data.preprocess
+        trained = self.meta.get("preprocess")
+        self.preprocess_cfg: PreprocessConfig = PreprocessConfig(**trained) if trained else cfg.data.preprocess
+        if strict:
+            check_trained_setting(checkpoint, "data.image_size", self.size, cfg.data.image_size)
+            check_trained_setting(
+                checkpoint, "data.preprocess", asdict(self.preprocess_cfg), asdict(cfg.data.preprocess)
+            )
+        given = {k: crops[k] for k in CROP_SETTINGS if crops and k in crops}
+        self.predict_cfg: SegPredictConfig = replace(cfg.predict, **given)
         self.weights = weights_digest(checkpoint)
         self.cache = StageCache(cache_root or cfg.run.cache_dir, "crops", force=force)
         p = self.predict_cfg
@@ -143,43 +161,57 @@ class SegmentationPredictor:
             "min_area": p.min_area,
             "preprocess": asdict(self.preprocess_cfg),
             "decode": decode_size(p.crop_size),
+            "quality": asdict(DEFAULT_QUALITY),
         }
+
+    def crop_settings(self) -> dict[str, Any]:
+        """What made the crops (recorded with them, so the classifiers trained on them predict on the same kind)."""
+        settings = {k: getattr(self.predict_cfg, k) for k in CROP_SETTINGS}
+        return {**settings, "preprocess": asdict(self.preprocess_cfg), "segmentation_weights": self.weights}
 
     def key(self, digest: str) -> str:
         return stage_key("crops", inputs=digest, settings=self.settings, model=self.weights)
 
     def crop(self, items: Iterable[tuple[str, str]]) -> Iterator[CropResult | Skipped]:
-        """``(image_id, path)`` pairs -> a ``CropResult`` per image, or ``Skipped`` for an unreadable file.
+        """``(image_id, path)`` pairs -> a ``CropResult`` per image, or ``Skipped`` for an unreadable file, in the
+        order of ``items`` whatever the cache holds. Streams in chunks of ``batch_size``: memory stays flat."""
+        chunk: list[tuple[str, str]] = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= self.predict_cfg.batch_size:
+                yield from self._crop_chunk(chunk)
+                chunk = []
+        if chunk:
+            yield from self._crop_chunk(chunk)
 
-        Streams in batches, so memory stays flat however many images there are.
-        """
-        batch: list[tuple[str, str, str, np.ndarray, tuple[int, int]]] = []
-        for image_id, path in items:
+    def _crop_chunk(self, chunk: Sequence[tuple[str, str]]) -> list[CropResult | Skipped]:
+        results: list[CropResult | Skipped | None] = [None] * len(chunk)
+        todo: list[tuple[int, Pending]] = []
+        for i, (image_id, path) in enumerate(chunk):
             try:
                 digest = file_digest(path)
             except (OSError, FileInputError) as e:
-                yield Skipped(image_id, path, f"cannot read file ({getattr(e, 'strerror', None) or e})")
+                results[i] = Skipped(image_id, path, f"cannot read file ({getattr(e, 'strerror', None) or e})")
                 continue
             key = self.key(digest)
             hit = self.cache.get(key)
             if hit is not None:
-                arrays, meta = hit
-                yield self._result(image_id, path, key, arrays, meta)
+                results[i] = self._result(image_id, path, key, *hit)
                 continue
             try:
                 original = image_size(path)
                 image = read_image(path, max_side=decode_size(self.predict_cfg.crop_size))
             except ImageReadError as e:
-                yield Skipped(image_id, path, str(e))
+                results[i] = Skipped(image_id, path, str(e))
                 continue
-            batch.append((image_id, path, key, preprocess(image, self.preprocess_cfg), original))
-            if len(batch) >= self.predict_cfg.batch_size:
-                yield from self._run_batch(batch)
-                batch = []
-        if batch:
-            yield from self._run_batch(batch)
+            quality = assess_quality(image, original)  # on the photo as taken, before any preprocessing
+            todo.append((i, (image_id, path, key, preprocess(image, self.preprocess_cfg), original, quality)))
+        if todo:
+            for (i, _), result in zip(todo, self._run_batch([t for _, t in todo])):
+                results[i] = result
+        return results  # type: ignore[return-value]
 
-    def _run_batch(self, batch: list[tuple[str, str, str, np.ndarray, tuple[int, int]]]) -> Iterator[CropResult]:
+    def _run_batch(self, batch: list[Pending]) -> Iterator[CropResult]:
         p = self.predict_cfg
         probs = predict_probabilities(
             self.model,
@@ -190,7 +222,7 @@ class SegmentationPredictor:
             p.tta,
             p.tta_rotations,
         )
-        for (image_id, path, key, image, (height, width)), prob in zip(batch, probs):
+        for (image_id, path, key, image, (height, width), quality), prob in zip(batch, probs):
             h, w = image.shape[:2]
             mask = clean_mask(cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR) > p.threshold)
             box = lesion_box(mask, p.margin, p.min_area)
@@ -211,6 +243,7 @@ class SegmentationPredictor:
                 "fallback": full.fallback,
                 "height": height,
                 "width": width,
+                "quality": [*quality, *([QUALITY_NO_LESION] if box.fallback == FALLBACK_NO_LESION else [])],
             }
             self.cache.put(key, arrays, meta)
             yield self._result(image_id, path, key, arrays, meta)
@@ -219,7 +252,15 @@ class SegmentationPredictor:
     def _result(image_id: str, path: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> CropResult:
         box = LesionBox(*meta["box"], mask_area=float(meta["mask_area"]), fallback=meta["fallback"])
         return CropResult(
-            image_id, path, arrays["crop"], key, box, arrays["probability"], int(meta["height"]), int(meta["width"])
+            image_id,
+            path,
+            arrays["crop"],
+            key,
+            box,
+            arrays["probability"],
+            int(meta["height"]),
+            int(meta["width"]),
+            tuple(meta.get("quality", ())),
         )
 
 
@@ -258,15 +299,18 @@ def write_crops(
     out_dir: str | os.PathLike,
     write_masks: bool = False,
     write_crop_files: bool = True,
+    excluded: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, int]:
     """Crop every manifest row; write ``crops.csv`` (a manifest with crop_path, crop_key, box, fallback),
-    ``boxes.csv``, ``skipped.csv``, crops as PNG and, optionally, ISIC-style masks (0/255 at image size)."""
+    ``boxes.csv``, ``skipped.csv`` (with the folder listing's ``excluded`` files), crops as PNG and, optionally,
+    ISIC-style masks (0/255 at image size)."""
     out = Path(out_dir)
     (out / "crops").mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # what a killed run left half-written
     if write_masks:
         (out / "masks").mkdir(exist_ok=True)
     by_id = {r["image_id"]: r for r in manifest.rows}
-    rows, boxes, skipped = [], [], SkipLog()
+    rows, boxes, skipped = [], [], SkipLog(excluded)
     from tqdm import tqdm
 
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
@@ -276,7 +320,7 @@ def write_crops(
             write_image(crop_path, result.crop)
         if write_masks:
             mask = result.full_mask(predictor.predict_cfg.threshold) * 255
-            write_image(out / "masks" / f"{Path(result.image_id).name}_segmentation.png", mask)
+            write_image(out / "masks" / f"{output_stem(result.image_id)}_segmentation.png", mask)
         box = result.box.as_text()
         rows.append(
             {
@@ -285,6 +329,7 @@ def write_crops(
                 "crop_key": result.crop_key,
                 "box": box,
                 "fallback": result.box.fallback,
+                "quality": quality_text(result.quality),
             }
         )
         boxes.append(
@@ -293,10 +338,12 @@ def write_crops(
                 "box": box,
                 "mask_area": f"{result.box.mask_area:.6f}",
                 "fallback": result.box.fallback,
+                "quality": quality_text(result.quality),
             }
         )
-    Manifest(rows=tuple(rows), classes=manifest.classes, info=manifest.info).write(out / "crops.csv")
-    write_table(out / "boxes.csv", ["image_id", "box", "mask_area", "fallback"], boxes)
+    info = {**manifest.info, "crops": predictor.crop_settings()}  # the classifiers record what their crops were
+    Manifest(rows=tuple(rows), classes=manifest.classes, info=info).write(out / "crops.csv")
+    write_table(out / "boxes.csv", ["image_id", "box", "mask_area", "fallback", "quality"], boxes)
     skipped.write(out)
     predictor.cache.log_summary()
     return {

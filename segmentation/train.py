@@ -27,7 +27,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ManifestError("no manifest: pass --manifest FILE.csv (make one with `python data/convert.py`)")
         Manifest.read(cfg.data.manifest)  # fail on a wrong path before a run folder is made
         run = start_run(
-            cfg.run.out_dir, cfg, cfg.run.seed, cfg.run.device, cfg.run.amp, cfg.run.channels_last, cfg.run.threads
+            cfg.run.out_dir,
+            cfg,
+            cfg.run.seed,
+            cfg.run.device,
+            cfg.run.amp,
+            cfg.run.channels_last,
+            cfg.run.threads,
+            stage="segmentation",
         )
         result = train_segmentation(cfg, run, resume=args.resume)
         print(

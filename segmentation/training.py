@@ -75,7 +75,11 @@ class SegmentationStage:
         return evaluate(model, self.val, self.run, MaskScorer(self.loss_fn))
 
     def save(self, path: Path, model: torch.nn.Module, row: Mapping[str, Any]) -> None:
-        extra = {"epoch": row["epoch"], "val_jaccard": row["val_jaccard"]}
+        extra = {
+            "epoch": row["epoch"],
+            "val_jaccard": row["val_jaccard"],
+            "preprocess": asdict(self.cfg.data.preprocess),
+        }
         save_unet(path, model, self.cfg.model, self.cfg.data.image_size, self.run.config_hash, extra)
 
 

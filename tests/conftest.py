@@ -41,12 +41,16 @@ def write_untrained_pipeline(root, backbones, classes):
     from dermpipe.engine.checkpoint import save_checkpoint
     from dermpipe.engine.run import save_config
     from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
-    from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig, SegPredictConfig
+    from dermpipe.segmentation.config import SegDataConfig, SegmentationConfig, SegModelConfig, SegPredictConfig
     from dermpipe.segmentation.model import build_unet, save_unet
 
     torch.manual_seed(0)
     seg_model = SegModelConfig(encoder="tu-test_resnet", encoder_weights=None, decoder_channels=(16, 8, 8, 8, 8))
-    seg_cfg = SegmentationConfig(model=seg_model, predict=SegPredictConfig(crop_size=32, tta=False, batch_size=4))
+    seg_cfg = SegmentationConfig(
+        data=SegDataConfig(image_size=32),
+        model=seg_model,
+        predict=SegPredictConfig(crop_size=32, tta=False, batch_size=4),
+    )
     save_unet(root / "seg" / "best.safetensors", build_unet(seg_model), seg_model, 32, "test")
     save_config(seg_cfg, root / "seg" / "config.yaml")
     for name in backbones:

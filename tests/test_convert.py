@@ -336,6 +336,135 @@ def test_ph2_txt_table_classes_masks_and_criteria(tmp_path: Path) -> None:
     assert result.report.labels_without_images == ["IMD200"]
 
 
+# The PH2 sheet as published (PH2_dataset.xlsx): title rows, then one header row; an X marks the clinical diagnosis
+# and each colour. Rows: image, histology, diagnosis (0/1/2), asymmetry, pigment network, colours (legend codes).
+PH2_SHEET_HEADER = [
+    "Image Name", "Histological Diagnosis", "Common Nevus", "Atypical Nevus", "Melanoma", "Asymmetry\n(0/1/2)",
+    "Pigment Network\n(AT/T)", "Dots/Globules\n(A/AT/T)", "Streaks\n(A/P)", "Regression Areas\n(A/P)",
+    "Blue-Whitish Veil\n(A/P)", "White", "Red", "Light-Brown", "Dark-Brown", "Blue-Gray", "Black",
+]  # fmt: skip
+PH2_ROWS = [
+    ("IMD002", "", 0, 0, "AT", (3, 4)),
+    ("IMD003", "", 1, 2, "T", (4,)),
+    ("IMD004", "Melanoma", 2, 1, "AT", (1, 6)),
+]
+
+
+def _ph2_images(root: Path) -> None:
+    for name, *_ in PH2_ROWS:
+        write_image(root / "PH2 Dataset images" / name / f"{name}_Dermoscopic_Image" / f"{name}.bmp")
+        write_image(root / "PH2 Dataset images" / name / f"{name}_lesion" / f"{name}_lesion.bmp", mask=True)
+
+
+def _ph2_sheet_rows(numbers: bool = False) -> list[list[object]]:
+    """The sheet: title rows, a blank row, the header, a row per image; ``numbers``: numbers as openpyxl stores them."""
+    rows: list[list[object]] = [
+        ["PH2 Database"],
+        ["Dermatology Service of Hospital Pedro Hispano"],
+        [],
+        PH2_SHEET_HEADER,
+    ]
+    for name, histology, code, asymmetry, network, colours in PH2_ROWS:
+        marks = ["X" if code == k else None for k in range(3)] + [asymmetry if numbers else str(asymmetry), network]
+        marks += ["A", "A", "A", "P" if code == 2 else "A"] + ["X" if k in colours else None for k in range(1, 7)]
+        rows.append([name, histology or None, *marks])
+    return rows
+
+
+def _write_xlsx(path: Path, rows: list[list[object]], title: str = "PH2") -> Path:
+    openpyxl = pytest.importorskip("openpyxl")
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.title = title
+    for row in rows:
+        sheet.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    book.save(path)
+    return path
+
+
+def _assert_ph2_table_read(root: Path) -> None:
+    result = FORMATS["ph2"](root)
+    rows = by_id(result)
+    assert [rows[f"IMD00{n}"]["label"] for n in (2, 3, 4)] == ["common_nevus", "atypical_nevus", "melanoma"]
+    assert [rows[f"IMD00{n}"]["colors"] for n in (2, 3, 4)] == ["3 4", "4", "1 6"]
+    assert [rows[f"IMD00{n}"]["asymmetry"] for n in (2, 3, 4)] == ["0", "2", "1"]
+    assert rows["IMD004"]["histology"] == "Melanoma" and rows["IMD003"]["pigment_network"] == "T"
+    assert rows["IMD004"]["blue_whitish_veil"] == "P" and rows["IMD002"]["dots_globules"] == "A"
+    assert result.report.labelled == 3 and result.report.bad_labels == []
+
+
+def test_ph2_xlsx_sheet_as_published(tmp_path: Path) -> None:
+    _ph2_images(tmp_path / "PH2Dataset")
+    _write_xlsx(tmp_path / "PH2Dataset" / "PH2_dataset.xlsx", _ph2_sheet_rows(numbers=True))
+    _assert_ph2_table_read(tmp_path)
+
+
+def test_ph2_xlsx_with_a_merged_clinical_diagnosis_header_above(tmp_path: Path) -> None:
+    _ph2_images(tmp_path)
+    rows = _ph2_sheet_rows(numbers=True)
+    header = rows[3]
+    above = ["Image Name", "Histological Diagnosis", "Clinical Diagnosis", None, None, "Dermoscopic Criteria"]
+    rows[3] = [None, None, *header[2:]]  # the two header rows of a sheet with merged cells
+    rows.insert(3, above)
+    _write_xlsx(tmp_path / "PH2_dataset.xlsx", rows)
+    _assert_ph2_table_read(tmp_path)
+
+
+@pytest.mark.parametrize("export", ["csv", "semicolon", "tsv", "utf16_txt"])
+def test_ph2_sheet_exports_csv_tab_and_excel_unicode_text(tmp_path: Path, export: str) -> None:
+    _ph2_images(tmp_path)
+    rows = [["" if c is None else str(c) for c in row] for row in _ph2_sheet_rows()]
+    if export == "csv":
+        write_csv(tmp_path / "PH2_dataset.csv", rows)
+    elif export == "semicolon":  # Excel's CSV where the decimal mark is a comma
+        with open(tmp_path / "PH2_dataset.csv", "w", newline="", encoding="utf-8-sig") as f:
+            csv.writer(f, delimiter=";").writerows(rows)
+    else:
+        text = "\r\n".join("\t".join(c.replace("\n", " ") for c in row) for row in rows) + "\r\n"
+        if export == "tsv":
+            (tmp_path / "PH2_dataset.tsv").write_text(text)
+        else:  # Excel's "Unicode text": UTF-16 with a byte-order mark, tab-separated, named .txt
+            (tmp_path / "PH2_dataset.txt").write_bytes(text.encode("utf-16"))
+    _assert_ph2_table_read(tmp_path)
+
+
+def test_ph2_csv_export_of_the_text_table(tmp_path: Path) -> None:
+    _ph2_images(tmp_path)
+    header = ["Name", "Histological Diagnosis", "Clinical Diagnosis", "Asymmetry", "Pigment Network", "Dots/Globules"]
+    header += ["Streaks", "Regression Areas", "Blue-Whitish Veil", "Colors"]
+    rows = [header]
+    for name, histology, code, asymmetry, network, colours in PH2_ROWS:
+        veil = "P" if code == 2 else "A"
+        rows.append([name, histology, code, asymmetry, network, "A", "A", "A", veil, " ".join(map(str, colours))])
+    write_csv(tmp_path / "ph2_dataset.csv", rows)
+    _assert_ph2_table_read(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "what"),
+    [
+        ("PH2_dataset.txt", b"the PH2 labels are on the web site\n", "no PH2 header row"),
+        ("PH2_dataset.csv", b"Name,Diagnosis\nIMD002,0\n", "no PH2 header row"),
+        ("PH2_dataset.xlsx", b"PK\x03\x04 not really a workbook", "not a readable .xlsx workbook"),
+        ("PH2_dataset.xls", b"\xd0\xcf\x11\xe0 an old workbook", "old Excel .xls file"),
+        ("PH2_dataset.tsv", b"Name\tClinical Diagnosis\nIMD002\tmaybe\nIMD003\t7\n", "none of its 2 label rows"),
+    ],
+)
+def test_ph2_table_that_cannot_be_read_is_one_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str, content: bytes, what: str
+) -> None:
+    _ph2_images(tmp_path)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ConversionError, match=what) as caught:
+        FORMATS["ph2"](tmp_path)
+    assert str(tmp_path / name) in str(caught.value)
+    assert main(["--format", "ph2", "--root", str(tmp_path), "--out", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and name in err
+    assert not (tmp_path / "m.csv").exists()  # no manifest of unlabelled rows
+
+
 def test_derm7pt_meta_dermoscopic_images_cases_and_official_index_split(tmp_path: Path) -> None:
     release = tmp_path / "release_v0"
     header = ["case_num", "diagnosis", "seven_point_score", "pigment_network", "location", "sex", "clinic", "derm"]
@@ -406,6 +535,82 @@ def test_folder_flat_is_unlabelled_and_split_folders_are_kept(tmp_path: Path) ->
         "train/nv/img2": ("nv", "train"),
         "test/mel/img1": ("mel", "test"),
     }
+
+
+def test_semicolon_separated_ground_truth_is_read(tmp_path: Path) -> None:
+    _isic2019(tmp_path)
+    gt = tmp_path / "ISIC_2019_Training_GroundTruth.csv"
+    rows = list(csv.reader(gt.open()))
+    with open(gt, "w", newline="", encoding="utf-8-sig") as f:  # Excel where the decimal mark is a comma
+        csv.writer(f, delimiter=";").writerows([[c.replace(".", ",") for c in row] for row in rows])
+    result = FORMATS["isic2019"](tmp_path)
+    assert by_id(result)["ISIC_0000002"]["label"] == "SCC" and result.report.labelled == 4
+
+
+@pytest.mark.parametrize(
+    ("fmt", "make", "table", "content", "what"),
+    [
+        ("ham10000", _ham10000, "HAM10000_metadata.csv", b"PK\x03\x04\x14\x00binary\x00xlsx", "named like the label"),
+        ("ham10000", _ham10000, "HAM10000_metadata.csv", b"lesion;image;diagnosis\nHAM_1;ISIC_0024306;nv\n", "dx"),
+        ("isic2019", _isic2019, "ISIC_2019_Training_GroundTruth.csv", b"image MEL NV\n", "named like the label"),
+        ("isic2019", _isic2019, "ISIC_2019_Training_GroundTruth.csv",
+         b"image,MEL,NV,SCC\nISIC_0000001,yes,no,no\nISIC_0000002,no,no,yes\n", "none of its 2 label rows"),
+        ("isic2016", lambda root: _isic2016_many(root), "ISBI2016_ISIC_Part3_Training_GroundTruth.csv",
+         b"\xff\xfe\x00garbage", "named"),
+    ],
+)  # fmt: skip
+def test_label_table_that_cannot_be_parsed_fails_naming_it(
+    tmp_path: Path, fmt: str, make, table: str, content: bytes, what: str
+) -> None:
+    make(tmp_path)
+    for stale in tmp_path.glob("*.csv"):  # the fixture's own tables: only the unreadable one stays
+        stale.unlink()
+    (tmp_path / table).write_bytes(content)
+    with pytest.raises(ConversionError, match=what) as caught:
+        FORMATS[fmt](tmp_path)
+    assert str(caught.value).startswith(str(tmp_path / table)) and "\n" not in str(caught.value)
+
+
+def test_images_without_any_label_table_still_convert_unlabelled(tmp_path: Path) -> None:
+    _ham10000(tmp_path)
+    (tmp_path / "HAM10000_metadata.csv").unlink()
+    result = FORMATS["ham10000"](tmp_path)
+    assert result.report.labelled == 0 and any("no HAM10000_metadata" in n for n in result.report.notes)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")
+def test_a_fifo_named_like_a_table_is_never_opened(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    _ham10000(tmp_path)
+    os.mkfifo(tmp_path / "extra_metadata.csv")  # opening it would block until a writer comes
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(FORMATS["ham10000"](tmp_path)), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert done and done[0].report.labelled == 6
+
+
+def test_file_names_that_cannot_be_ids_are_skipped_with_a_note(tmp_path: Path) -> None:
+    write_image(tmp_path / "nv" / "fine.jpg")
+    write_image(tmp_path / "nv" / "two\nlines.jpg")
+    result = FORMATS["folder"](tmp_path)
+    assert sorted(by_id(result)) == ["fine"]
+    assert any("control character" in note and "\\n" in note and "\n" not in note for note in result.report.notes)
+
+
+def test_every_converter_writes_a_manifest_that_reads_back(tmp_path: Path) -> None:
+    fixtures = {"ham10000": _ham10000, "isic2019": _isic2019, "isic2016": _isic2016_many}
+    fixtures["isic2018"] = lambda root: _isic2018_task3(root, with_task1=True)
+    for fmt, make in fixtures.items():
+        make(tmp_path / fmt)
+        written = FORMATS[fmt](tmp_path / fmt).manifest().write(tmp_path / f"{fmt}.csv")
+        back = Manifest.read(written)
+        assert len(back) == len({r["image_id"] for r in back.rows}) > 0, fmt
+    _ph2_images(tmp_path / "ph2")
+    _write_xlsx(tmp_path / "ph2" / "PH2_dataset.xlsx", _ph2_sheet_rows(numbers=True))
+    assert len(Manifest.read(FORMATS["ph2"](tmp_path / "ph2").manifest().write(tmp_path / "ph2.csv"))) == 3
 
 
 def test_empty_root_and_missing_root_raise_one_clear_error(tmp_path: Path) -> None:

@@ -56,12 +56,13 @@ def test_folder_with_bad_files_completes_and_reports(stages, tmp_path, capsys):
     assert predict_script.main(_args(stages, folder, out)) == 0
     rows = _read(out / "predictions.csv")
     assert [r["image_id"] for r in rows] == ["clinic_b/gray", "clinic_b/rgba", *[f"photo_{i}" for i in range(4)]]
-    assert list(rows[0]) == ["image_id", "path", *CLASSES, "predicted", "confidence", "refer", "box", "fallback"]
+    columns = ["image_id", "path", *CLASSES, "predicted", "confidence", "refer", "box", "fallback", "quality"]
+    assert list(rows[0]) == columns
     for r in rows:
         probs = [float(r[c]) for c in CLASSES]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert r["predicted"] == CLASSES[int(np.argmax(probs))] and float(r["confidence"]) == max(probs)
-        assert r["refer"] == str(int(max(probs) < 0.5))
+        assert r["refer"] == str(int(max(probs) < 0.5 or bool(r["quality"])))  # unsure, or not judgeable
         assert len(r["box"].split()) == 4
     skipped = {r["image_id"]: r["reason"] for r in _read(out / "skipped.csv")}
     assert set(skipped) == {"truncated", "notes"}

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import zlib
 from pathlib import Path
 
 import cv2
@@ -14,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from dermpipe.data import reading
 from dermpipe.data.reading import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -195,6 +200,100 @@ def test_unsupported_format_is_named(tmp_path: Path) -> None:
         read_image(path)
 
 
+def _returns_in_time(function, *args, seconds: float = 10.0) -> BaseException | None:
+    """Call ``function`` in a thread; the exception it raised (None if none), failing if it blocks past ``seconds``."""
+    box: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            function(*args)
+        except BaseException as error:  # handed back to the test
+            box[0] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__}{args} blocked: it opened a file it should only have stat-ed"
+    return box[0]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and /dev/zero are POSIX")
+def test_special_files_and_bad_links_are_refused_unopened(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
+    os.symlink(tmp_path / "loop_b.jpg", tmp_path / "loop_a.jpg")
+    os.symlink(tmp_path / "loop_a.jpg", tmp_path / "loop_b.jpg")
+    expected = {
+        "pipe.jpg": "is a named pipe (FIFO), not an image file",
+        "zero.png": "is a character device (via a link to /dev/zero)",
+        "broken.jpg": "broken link: it points to",
+        "loop_a.jpg": "symbolic link loop",
+    }
+    for name, what in expected.items():
+        for reader in (read_image, read_mask, image_size):
+            error = _returns_in_time(reader, tmp_path / name)
+            assert isinstance(error, ImageReadError), (name, reader.__name__, error)
+            message = str(error)
+            assert message.startswith(f"{tmp_path / name}: {what}"), message
+            assert message.endswith(")") and "\n" not in message
+    assert capfd.readouterr().err == ""
+
+
+def test_file_size_bound_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "photo.png"
+    Image.fromarray(_smooth_rgb(32, 32)).save(path)
+    assert read_image(path).shape == (32, 32, 3)
+    monkeypatch.setattr(reading, "MAX_FILE_BYTES", path.stat().st_size - 1)
+    for reader in (read_image, read_mask, image_size):
+        with pytest.raises(ImageReadError) as caught:
+            reader(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: file is ") and "bound on one image file" in message
+        assert "MAX_FILE_BYTES" in message and message.endswith(")")
+    assert reading.MAX_FILE_BYTES < 2**30  # the shipped bound: 512 MiB
+    monkeypatch.undo()
+    assert reading.MAX_FILE_BYTES == 512 * 2**20
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` grey pixels, with a tiny IDAT: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def test_pixel_bound_and_decompression_bombs_are_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between our bound (150 Mpx) and Pillow's refusal (about 179 Mpx): ours speaks, from the header alone.
+    ours = tmp_path / "ours.png"
+    ours.write_bytes(_png_header_only(13_000, 12_000))
+    # Far over Pillow's decompression-bomb bound: Pillow refuses at open, we say it in our form.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(40_000, 40_000))
+    for path, what in ((ours, "156 megapixels), over the 150-megapixel bound"), (bomb, "too large to decode")):
+        assert path.stat().st_size < 1000
+        for reader in (read_image, read_mask, image_size):
+            with pytest.raises(ImageReadError) as caught:
+                reader(path)
+            message = str(caught.value)
+            assert message.startswith(f"{path}: image is ") and what in message, message
+            assert "decompression bomb" in message and message.endswith(")") and "\n" not in message
+    small = tmp_path / "small.png"
+    Image.fromarray(_smooth_rgb(20, 10)).save(small)
+    monkeypatch.setattr(reading, "MAX_IMAGE_PIXELS", 199)
+    with pytest.raises(ImageReadError, match=r"20 pixels \(0 megapixels\), over the 0.000199-megapixel bound"):
+        read_image(small)
+    monkeypatch.setattr(reading, "MAX_IMAGE_PIXELS", 200)
+    assert read_image(small).shape == (20, 10, 3)
+
+
 def test_read_mask_binarises_and_checks_size(tmp_path: Path) -> None:
     values = np.array([[0, 127, 128, 255]] * 3, dtype=np.uint8)
     Image.fromarray(values).save(tmp_path / "m_segmentation.png")
@@ -242,10 +341,13 @@ def test_list_images_recursive_sorted_skips_hidden_and_masks(tmp_path: Path) -> 
         ".cache/x.jpg",
         "notes.txt",
         "labels.csv",
+        "empty.jpg",
     ]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"x")
+        (tmp_path / name).write_bytes(b"" if name == "empty.jpg" else b"x")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.jpg")  # never listed, never opened
     found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
     assert found == ["a.PNG", "b.jpg", "sub/c.tiff", "sub/deeper/d.BMP", "sub/e.jpeg", "sub/f.tif"]
     assert all(Path(name).suffix.lower() in IMAGE_EXTENSIONS for name in found)

@@ -10,14 +10,12 @@ from dermpipe.data.formats.layout import (
     ConversionResult,
     Layout,
     clean_value,
-    read_records,
-    read_table,
+    refuse_unread_label_tables,
     require_root,
     scan_files,
-    table_files,
-    table_header,
     unique_ids,
 )
+from dermpipe.data.formats.tables import read_records, read_table, table_files, table_header
 from dermpipe.data.reading import IMAGE_EXTENSIONS
 
 
@@ -27,6 +25,7 @@ def read_derm7pt(root: Path) -> ConversionResult:
     files = scan_files(root)
     metas = [t for t in table_files(files) if {"case_num", "diagnosis", "derm"} <= table_header(t)]
     if not metas:
+        refuse_unread_label_tables(files, r"^meta\.", "the columns case_num, diagnosis, derm")
         raise ConversionError(f"no Derm7pt meta/meta.csv (case_num, diagnosis, derm columns) under {root}")
     meta = metas[0]
     _, records = read_records(meta)

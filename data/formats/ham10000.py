@@ -10,10 +10,9 @@ from dermpipe.data.formats.layout import (
     clean_value,
     isic_id,
     isic_layout,
-    read_records,
-    table_files,
-    table_header,
+    refuse_unread_label_tables,
 )
+from dermpipe.data.formats.tables import read_records, table_files, table_header
 
 HAM10000_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
@@ -54,5 +53,6 @@ def read_ham10000(root: Path) -> ConversionResult:
             label = dx if dx in HAM10000_CLASSES else None
             layout.add_label(image_id, label, table, f"dx {dx!r} is not one of {','.join(HAM10000_CLASSES)}")
     if not found:
+        refuse_unread_label_tables(files, r"metadata", "the columns lesion_id, image_id, dx")
         layout.report.notes.append("no HAM10000_metadata CSV (image_id, dx, lesion_id) found: images unlabelled")
     return layout.finish(HAM10000_CLASSES, "ISIC_*.jpg")

@@ -12,16 +12,15 @@ from dermpipe.data.formats.layout import (
     isic_id,
     isic_layout,
     official_split,
-    read_records,
-    read_table,
-    table_files,
-    table_header,
+    refuse_unread_label_tables,
 )
+from dermpipe.data.formats.tables import read_records, read_table, table_files, table_header
 
 ISIC2017_CLASSES: tuple[str, ...] = ("melanoma", "nevus", "seborrheic_keratosis")
 ISIC2018_CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 ISIC2019_CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 BINARY_CLASSES: tuple[str, ...] = ("benign", "malignant")
+_GROUND_TRUTH = r"ground_?truth"  # the published label tables' names: *_GroundTruth.csv
 
 
 def _one_hot(record: dict[str, str], columns: Sequence[str], names: Sequence[str]) -> tuple[str | None, int]:
@@ -29,7 +28,7 @@ def _one_hot(record: dict[str, str], columns: Sequence[str], names: Sequence[str
     hits: list[str] = []
     for column, name in zip(columns, names):
         try:
-            value = float(record.get(column, ""))
+            value = float(record.get(column, "").replace(",", "."))  # 1,0 from a decimal-comma export
         except ValueError:
             return None, -1
         if value == 1.0:
@@ -63,6 +62,7 @@ def read_isic2016(root: Path) -> ConversionResult:
             label = values.get(row[1].lower())
             layout.add_label(image_id, label, table, f"value {row[1]!r} is not benign/malignant")
     if not found:
+        refuse_unread_label_tables(files, _GROUND_TRUTH, "header-less rows of an ISIC id and benign/malignant")
         layout.report.notes.append("no Part 3 ground truth found (a header-less CSV of id,benign|malignant)")
     return layout.finish(BINARY_CLASSES, "ISIC_*.jpg")
 
@@ -87,6 +87,7 @@ def read_isic2017(root: Path) -> ConversionResult:
                 if image_id := isic_id(record.get("image_id", "")):
                     layout.add_metadata(image_id, {"age": record.get("age_approximate"), "sex": record.get("sex")})
     if not found:
+        refuse_unread_label_tables(files, _GROUND_TRUTH, "the columns image_id, melanoma, seborrheic_keratosis")
         layout.report.notes.append("no Part 3 ground truth found (image_id,melanoma,seborrheic_keratosis)")
     return layout.finish(ISIC2017_CLASSES, "ISIC_*.jpg")
 
@@ -108,6 +109,7 @@ def read_isic2018(root: Path) -> ConversionResult:
             for record in read_records(table)[1]:
                 add_ham_metadata(layout, record)
     if not found:
+        refuse_unread_label_tables(files, _GROUND_TRUTH, "the columns image, MEL, NV, BCC, AKIEC, BKL, DF, VASC")
         layout.report.notes.append(
             "no Task 3 ground truth found (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC): images unlabelled"
         )
@@ -142,6 +144,7 @@ def read_isic2019(root: Path) -> ConversionResult:
                         image_id, {"age": record.get("age_approx"), "sex": record.get("sex"), "site": site}
                     )
     if not found:
+        refuse_unread_label_tables(files, _GROUND_TRUTH, "the columns image, MEL, NV, BCC, AK, BKL, DF, VASC, SCC")
         layout.report.notes.append("no ground truth found (image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK): images unlabelled")
     # UNK is an empty column in the training ground truth; a class nobody carries would only confuse the metrics.
     uses_unk = "UNK" in layout.labels.values()
@@ -186,5 +189,7 @@ def read_isic2020(root: Path) -> ConversionResult:
             elif split := official_split(table, layout.root, include_name=True):
                 layout.label_splits.setdefault(image_id, split)
     if not found:
+        expected = "the columns image_name, patient_id and target (or benign_malignant)"
+        refuse_unread_label_tables(files, _GROUND_TRUTH + r"|^train\.", expected)
         layout.report.notes.append("no train.csv with a target column found: images unlabelled")
     return layout.finish(BINARY_CLASSES, "ISIC_*.jpg")

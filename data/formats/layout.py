@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 from collections import Counter
@@ -11,10 +9,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dermpipe.data.manifest import SPLITS, Manifest
+from dermpipe.data.formats.tables import ConversionError, first_line, table_files
+from dermpipe.data.manifest import SPLITS, Manifest, id_problem
 from dermpipe.data.reading import walk_files
 from dermpipe.data.splits import assign_splits
-from dermpipe.errors import DermpipeError
 
 # `_downsampled` marks ISIC 2019 images that were shrunk; the id is the same lesion image.
 ISIC_IMAGE = re.compile(r"^(ISIC_\d+)(?:_downsampled)?\.(?:jpe?g|png|bmp|tiff?)$", re.IGNORECASE)
@@ -30,11 +28,6 @@ _SPLIT_WORDS = {
     "testing": "test",
 }
 _MISSING_VALUES = {"", "unknown", "nan", "na", "n/a", "none", "null"}
-_TABLE_SUFFIXES = (".csv", ".tab", ".tsv")
-
-
-class ConversionError(DermpipeError):
-    """A dataset layout, class map or option the converter cannot use; the message names the thing and the fix."""
 
 
 @dataclass
@@ -148,40 +141,17 @@ def clean_value(value: str | None) -> str:
     return "" if value.lower() in _MISSING_VALUES else value
 
 
-def read_table(path: Path) -> list[list[str]]:
-    """Rows of a CSV or tab-separated file (the delimiter is guessed from the first line), blank rows skipped."""
-    try:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
-    except OSError as error:
-        raise ConversionError(f"cannot read {path}: {error.strerror}") from error
-    first = text.split("\n", 1)[0]
-    delimiter = "\t" if first.count("\t") > first.count(",") else ","
-    return [[c.strip() for c in row] for row in csv.reader(io.StringIO(text), delimiter=delimiter) if any(row)]
-
-
-def read_records(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Lower-cased header and one dict per data row of a table with a header."""
-    rows = read_table(path)
-    if not rows:
-        return [], []
-    header = [h.lower() for h in rows[0]]
-    return header, [dict(zip(header, row)) for row in rows[1:]]
-
-
-def table_files(files: Iterable[Path]) -> list[Path]:
-    """The CSV and tab-separated files among ``files``."""
-    return [f for f in files if f.suffix.lower() in _TABLE_SUFFIXES]
-
-
-def table_header(path: Path) -> set[str]:
-    """The lower-cased column names of a table's first line (empty when unreadable), to tell tables apart."""
-    try:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            first = f.readline()
-    except OSError:
-        return set()
-    delimiter = "\t" if first.count("\t") > first.count(",") else ","
-    return {c.strip().strip('"').lower() for c in first.split(delimiter)}
+def refuse_unread_label_tables(files: Iterable[Path], name_pattern: str, expected: str) -> None:
+    """Called when a reader recognised no label table: a table named like one (``name_pattern``, a regex on the file
+    name) is a table it cannot parse, and converting every image unlabelled would hide that. One error names it."""
+    named = [t for t in table_files(files) if re.search(name_pattern, t.name, re.IGNORECASE)]
+    if named:
+        more = f"; {len(named) - 1} more such file(s)" if len(named) > 1 else ""
+        raise ConversionError(
+            f"{named[0]} is named like the label table but cannot be read as one: expected {expected}, its first "
+            f"line reads {first_line(named[0])[:120]!r} (save it as a comma-separated UTF-8 CSV with the published "
+            f"header{more})"
+        )
 
 
 def isic_id(name: str) -> str | None:
@@ -208,8 +178,13 @@ class Layout:
     groups: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     report: ConversionReport = field(default_factory=ConversionReport)
+    # per label table: [rows with a class, rows without one, the first problem]
+    label_sources: dict[Path, list] = field(default_factory=dict)
 
     def add_image(self, image_id: str, path: Path, split: str = "") -> None:
+        if problem := id_problem(image_id):
+            self.report.notes.append(f"{str(path.relative_to(self.root))[:80]!r} skipped: its image id {problem}")
+            return
         if image_id in self.images:
             self.report.duplicates.append(str(path.relative_to(self.root)))
             return
@@ -228,6 +203,9 @@ class Layout:
         split = official_split(source, self.root, include_name=True)
         if split:
             self.label_splits.setdefault(image_id, split)
+        counts = self.label_sources.setdefault(source, [0, 0, ""])
+        counts[label is None] += 1
+        counts[2] = counts[2] or ("" if label is not None else problem)
         if label is None:
             self.bad.setdefault(image_id, problem or f"unusable label row in {source.name}")
             return
@@ -252,6 +230,12 @@ class Layout:
     def finish(self, classes: Sequence[str], what: str) -> ConversionResult:
         if not self.images:
             raise ConversionError(f"no {what} images found under {self.root}: is --root the folder you unzipped into?")
+        for source, (good, bad, problem) in self.label_sources.items():
+            if bad and not good:  # a table read as labels of which no row names a class: not the table it seems
+                raise ConversionError(
+                    f"{source}: none of its {bad} label rows names a class (first: {problem or 'no label'}): is it "
+                    "the label table as published, unedited?"
+                )
         report = self.report
         report.images_found = len(self.images)
         report.masks_found = len(self.masks)

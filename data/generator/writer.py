@@ -39,11 +39,8 @@ def class_counts(n_images: int, n_classes: int, imbalance: float) -> list[int]:
 
 
 def _write_image(path: Path, pixels: np.ndarray, image_format: str) -> None:
-    """Write an RGB image or a single-channel mask."""
-    try:
-        write_image(path, pixels, [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [])
-    except OSError:
-        raise SyntheticDataError(f"could not write {path}: is the folder writable?") from None
+    """Write an RGB image or a single-channel mask (a failed write is one error naming the file)."""
+    write_image(path, pixels, [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [])
 
 
 def generate_dataset(
