@@ -73,6 +73,8 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         raise FileInputError(f"{path}: no such file (check the path)") from None
     except IsADirectoryError:
         raise FileInputError(f"{path}: is a folder, not a file (point to the file itself)") from None
+    except OSError as e:  # a symlink loop, a name too long, a permission or I/O error: the input cannot be read
+        raise FileInputError(f"{path}: cannot be read ({e.strerror or e})") from None
     return h.hexdigest()
 
 

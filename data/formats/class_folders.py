@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dermpipe.data.formats.layout import ConversionResult, Layout, is_skipped, require_root, scan_files, unique_ids
-from dermpipe.data.reading import IMAGE_EXTENSIONS
+from dermpipe.data.reading import IMAGE_EXTENSIONS, format_problem
 
 _FOLDER_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _MASK_SUFFIXES = ("_segmentation", "_mask")
@@ -38,10 +38,14 @@ def read_folder(root: Path) -> ConversionResult:
     splits: dict[Path, str] = {}
     classes: set[str] = set()
     loose = 0
+    not_taken: list[str] = []
     for base, split in bases:
         for path in scan_files(base):
             rel = path.relative_to(base)
-            if path.suffix.lower() not in IMAGE_EXTENSIONS or "masks" in rel.parts[:-1]:
+            if "masks" in rel.parts[:-1]:
+                continue
+            if problem := format_problem(path):  # named in the report, never dropped silently
+                not_taken.append(f"{str(rel)[:80]!r}: {problem}")
                 continue
             images[str(path)] = path
             splits[path] = split
@@ -50,13 +54,16 @@ def read_folder(root: Path) -> ConversionResult:
                 classes.add(rel.parts[0])
             else:
                 loose += 1
+    if not_taken:
+        shown = "; ".join(not_taken[:5]) + (f"; and {len(not_taken) - 5} more" if len(not_taken) > 5 else "")
+        layout.report.notes.append(f"{len(not_taken)} file(s) not taken: {shown}")
     if classes and loose:
         layout.report.notes.append(f"{loose} image(s) beside the class folders: kept unlabelled")
     if not classes:
         layout.report.notes.append("no class sub-folders: a flat folder of unlabelled images")
     for image_id, path in unique_ids(images, root, layout.report).items():
         layout.add_image(image_id, path, splits[path])
-        if path in labels:
+        if path in labels and layout.images.get(image_id) == path:  # a refused image brings no label
             layout.labels[image_id] = labels[path]
     id_of_stem = {path.stem: image_id for image_id, path in layout.images.items()}
     for path in scan_files(root):

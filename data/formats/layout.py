@@ -292,8 +292,11 @@ def unique_ids(paths: dict[str, Path], base: Path, report: ConversionReport) -> 
     stems = Counter(p.stem for p in paths.values())
     if all(n == 1 for n in stems.values()):
         return {p.stem: p for p in paths.values()}
-    report.notes.append("file names repeat across folders: image ids are paths under --root without the extension")
-    return {p.relative_to(base).with_suffix("").as_posix(): p for p in paths.values()}
+    report.notes.append("file names repeat: image ids are paths under --root without the extension (with it where two "
+                        "files differ only by their extension, e.g. dup.jpg and dup.png)")  # fmt: skip
+    stem_ids = {p: p.relative_to(base).with_suffix("").as_posix() for p in paths.values()}
+    counts = Counter(stem_ids.values())
+    return {(i if counts[i] == 1 else p.relative_to(base).as_posix()): p for p, i in stem_ids.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
