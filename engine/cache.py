@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dermpipe.engine.files import write_bytes_atomic
+from dermpipe.engine.files import remove_stale_temporaries, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class StageCache:
         self.root = Path(root) / stage
         self.stage = stage
         self.force = force
+        remove_stale_temporaries(self.root)  # entries a killed run left half-written
         self.reused = 0
         self.computed = 0
         self.corrupt = 0

@@ -269,8 +269,11 @@ def fit(
                 f"resume state {state_path} was made with other settings or data: rerun without --resume to "
                 "train afresh, or with the settings of that run"
             )
-        weights, _ = load_checkpoint(run.dir / "last.safetensors", expect={"stage": s.stage})
-        load_weights(model, weights, run.dir / "last.safetensors")
+        if "model" in state:  # the weights saved with the state, as one unit (a kill between files cannot split them)
+            load_weights(model, state["model"], state_path)
+        else:
+            weights, _ = load_checkpoint(run.dir / "last.safetensors", expect={"stage": s.stage})
+            load_weights(model, weights, run.dir / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -335,6 +338,7 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
+                "model": model.state_dict(),
                 "fingerprint": s.fingerprint,
                 "finished": stopped or epoch + 1 == s.epochs,
                 "stopped": stopped,

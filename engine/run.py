@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from dermpipe.configs.loader import config_hash, to_dict
-from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.files import remove_stale_temporaries, write_text_atomic
 from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class Run:
     def begin(self) -> None:
         """The run starts for real (everything validated): create the folder, log there, write config.yaml once."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.dir, recursive=False)  # what a killed run left half-written
         setup_logging(self.dir)
         if self.config is not None:
             save_config(self.config, self.dir / "config.yaml")
