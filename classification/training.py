@@ -54,7 +54,7 @@ from dermpipe.data.reading import read_image
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import read_metadata, save_checkpoint, weights_digest
 from dermpipe.engine.loop import LoopSettings, epoch_seed, evaluate, finished_state, fit, read_metrics
-from dermpipe.engine.run import Run, start_run
+from dermpipe.engine.run import Run, start_stage_run
 from dermpipe.engine.schedules import Schedule
 
 logger = logging.getLogger(__name__)
@@ -371,10 +371,9 @@ def run_classification(cfg: ClassificationConfig, resume: bool = False) -> dict[
     resolve_backbone(cfg.model.backbone)  # an unknown name fails before any run folder is made
     manifest = read_training_manifest(cfg)
     backbone_dir = Path(cfg.run.out_dir) / cfg.model.backbone
-    r = cfg.run
 
     def start(path: Path) -> Run:
-        return start_run(path, cfg, r.seed, r.device, r.amp, r.channels_last, r.threads, stage="classification")
+        return start_stage_run(cfg, "classification", path)
 
     if not cfg.train.folds:
         return train_fold(cfg, start(backbone_dir), manifest, None, resume)

@@ -173,3 +173,9 @@ def start_run(
     )
     logger.info("run %s on %s (amp=%s, channels_last=%s)", path, dev, run.amp, run.channels_last)
     return run
+
+
+def start_stage_run(cfg: Any, stage: str, run_dir: str | os.PathLike | None = None) -> Run:
+    """``start_run`` with a stage config's ``run`` section (seed, device, AMP, channels_last, threads)."""
+    r = cfg.run
+    return start_run(run_dir or r.out_dir, cfg, r.seed, r.device, r.amp, r.channels_last, r.threads, stage=stage)

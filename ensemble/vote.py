@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
-from dermpipe.engine.run import start_run
+from dermpipe.engine.run import start_stage_run
 from dermpipe.ensemble.config import EnsembleConfig
 from dermpipe.ensemble.voting import run_vote
 
@@ -40,16 +40,7 @@ def _vote(args: argparse.Namespace) -> int:
         "run.out_dir": args.out,
     }
     cfg = resolve_config(EnsembleConfig, args, flags)
-    run = start_run(
-        cfg.run.out_dir,
-        cfg,
-        cfg.run.seed,
-        cfg.run.device,
-        cfg.run.amp,
-        cfg.run.channels_last,
-        cfg.run.threads,
-        stage="ensemble",
-    )
+    run = start_stage_run(cfg, "ensemble")
     summary = run_vote(cfg, run)
     rows = {row["method"]: row for row in summary["methods"]}
     scores = {name: row["balanced_accuracy"] for name, row in rows.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
-from dermpipe.engine.run import start_run
+from dermpipe.engine.run import start_stage_run
 from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.segmentation.training import train_segmentation
 
@@ -26,16 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.manifest:
             raise ManifestError("no manifest: pass --manifest FILE.csv (make one with `python data/convert.py`)")
         Manifest.read(cfg.data.manifest)  # fail on a wrong path before a run folder is made
-        run = start_run(
-            cfg.run.out_dir,
-            cfg,
-            cfg.run.seed,
-            cfg.run.device,
-            cfg.run.amp,
-            cfg.run.channels_last,
-            cfg.run.threads,
-            stage="segmentation",
-        )
+        run = start_stage_run(cfg, "segmentation")
         result = train_segmentation(cfg, run, resume=args.resume)
         print(
             f"segmentation: best val Jaccard {result['best_val_jaccard']:.4f} at epoch {result['best_epoch']} "
