@@ -109,6 +109,35 @@ def _create_backbone(spec: BackboneSpec, pretrained: bool | str) -> nn.Module:
         ) from None
 
 
+def _map_channels(backbone: nn.Module, name: str, spec: BackboneSpec) -> int:
+    """The channel count of ``backbone``'s output feature map, from one forward pass on a blank image.
+
+    Tried at a small size first (convolutional networks take any size above their minimum), then at the native one
+    (vision transformers take only that). A network that gives tokens instead of a B x C x H x W map is refused.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    sizes = dict.fromkeys((max(spec.min_input_size, 64), spec.input_size))
+    try:
+        for size in sizes:
+            try:
+                with torch.no_grad():
+                    out = backbone(torch.zeros(1, 3, size, size))
+            except (RuntimeError, AssertionError, ValueError) as e:
+                failure = e
+                continue
+            if out.ndim != 4:
+                raise BackboneError(
+                    f"backbone {name!r} gives a {out.ndim}-d output of shape {tuple(out.shape)} (tokens), not a "
+                    "B x C x H x W feature map: the SE block and Grad-CAM here need a convolutional network "
+                    "(e.g. convnext_*, efficientnet_*, resnet*, mobilenetv3_*)"
+                )
+            return int(out.shape[1])
+        raise BackboneError(f"backbone {name!r} takes no blank {spec.input_size} px image: {failure}")
+    finally:
+        backbone.train(was_training)
+
+
 class LesionClassifier(nn.Module):
     """timm backbone feature map -> SE block -> global average pool -> dropout -> linear head (logits)."""
 
@@ -129,7 +158,9 @@ class LesionClassifier(nn.Module):
         self.se_reduction = se_reduction
         self.backbone_frozen = False
         self.backbone = _create_backbone(spec, pretrained)
-        channels = int(self.backbone.num_features)
+        # the channels of what the backbone really gives (MobileNetV3 and GhostNet put a 1x1 conv after
+        # num_features), not timm's num_features
+        channels = _map_channels(self.backbone, backbone, spec)
         # se_reduction 0 leaves the SE block out: an ablation, to measure what the block adds.
         self.se = SEBlock(channels, se_reduction) if se_reduction else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -185,26 +216,7 @@ def build_classifier(
     """
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-    model = LesionClassifier(backbone, num_classes, pretrained, drop_rate, se_reduction)
-    if backbone not in BACKBONES:
-        _check_feature_map(model)
-    return model
-
-
-def _check_feature_map(model: LesionClassifier) -> None:
-    """Fail at build time, not mid-training, for a timm model (e.g. a ViT) that gives tokens instead of a map."""
-    size = model.input_size  # some timm models (ViTs) accept only their native size
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model.features(torch.zeros(1, 3, size, size))
-    except BackboneError:
-        raise
-    except (RuntimeError, AssertionError):
-        pass  # a model with stricter input rules; the training run reports a real mismatch
-    finally:
-        model.train(was_training)
+    return LesionClassifier(backbone, num_classes, pretrained, drop_rate, se_reduction)
 
 
 def checkpoint_metadata(model: LesionClassifier, classes: tuple[str, ...] | list[str], **extra: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         help="resnet50, densenet169, inception_v3, inception_resnet_v2, xception, "
         "or any timm model name (model.backbone)",
     )
+    parser.add_argument("--epochs", type=int, help="number of epochs (train.epochs), as segmentation/train.py takes")
     parser.add_argument("--folds", type=int, help="K-fold training on the train split with out-of-fold probabilities")
     parser.add_argument("--fold", type=int, help="with --folds: train only this fold (0..K-1)")
     parser.add_argument(
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = {
             "data.manifest": args.manifest,
             "model.backbone": args.backbone,
+            "train.epochs": args.epochs,
             "train.folds": args.folds,
             "train.fold": args.fold,
             "data.crops": args.crops,

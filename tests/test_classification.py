@@ -96,6 +96,27 @@ def test_any_timm_cnn_builds_and_a_token_model_is_refused():
         build_classifier("test_vit", 3)
 
 
+# Small models of six timm families; in the first two the map the backbone gives is wider than timm's num_features
+# (a 1x1 conv follows it), so an SE block sized from num_features would fail on the first batch.
+FAMILIES = ["mobilenetv3_small_050", "ghostnet_050", "test_efficientnet", "test_convnext", "regnetx_002", "test_nfnet"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_se_block_is_sized_from_the_feature_map_the_backbone_really_gives(name):
+    model = build_classifier(name, 3, drop_rate=0.0).eval()
+    fmap = model.backbone(torch.zeros(1, 3, 64, 64))
+    assert model.se.excite[0].in_features == fmap.shape[1] == model.head.in_features
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    if name.startswith(("mobilenetv3", "ghostnet")):
+        assert fmap.shape[1] != model.backbone.num_features  # the case that used to fail
+
+
+def test_a_vision_transformer_is_refused_naming_the_reason():
+    with pytest.raises(BackboneError, match=r"tokens\), not a B x C x H x W feature map"):
+        build_classifier("test_vit", 3)
+
+
 def test_se_block_sits_on_the_feature_map_and_changes_outputs():
     torch.manual_seed(0)
     model = build_classifier(TINY, 3, drop_rate=0.0).eval()
@@ -453,3 +474,9 @@ def test_local_pretrained_weights_file_is_loaded_without_its_head(tmp_path):
     assert torch.equal(model.backbone.conv1[0].weight, source.conv1[0].weight)
     with pytest.raises(CheckpointError, match="not found"):
         build_classifier(TINY, 2, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_epochs_flag_sets_train_epochs_over_the_config(crops_manifest, tmp_path):
+    out = tmp_path / "runs"
+    assert main(_args(crops_manifest, out, "--epochs", "1", "--set", "train.gradcam_images=0")) == 0  # _args: 2
+    assert [r["epoch"] for r in _rows(out / TINY / "metrics.csv")] == ["1"]
