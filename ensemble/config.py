@@ -13,7 +13,9 @@ DEFAULT_BACKBONES: tuple[str, ...] = ("resnet50", "densenet169", "inception_v3",
 @dataclass(frozen=True)
 class EnsembleDataConfig:
     classification_root: str = "runs/classification"  # holds <backbone>/probs_<split>.csv from the classifiers
-    backbones: tuple[str, ...] = DEFAULT_BACKBONES  # the stacking order (the meta-network's backbone axis)
+    backbones: tuple[
+        str, ...
+    ] = ()  # the stacking order (the meta-network's axis); () = every one trained under the root
     fit_split: Literal["val", "oof"] = "val"  # held-out probabilities the vote learns from; never the training split
     test_split: str = "test"  # evaluated once, never used to choose anything
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from dermpipe.classification.backbones import DEFAULT_BACKBONES
 from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,15 @@ def table_paths(root: str | os.PathLike, backbone: str, split: str) -> tuple[Pat
     """``<root>/<backbone>/probs_<split>.csv`` and its JSON sidecar."""
     folder = Path(root) / backbone
     return folder / f"probs_{split}.csv", folder / f"probs_{split}.json"
+
+
+def trained_backbones(root: str | os.PathLike, split: str) -> list[str]:
+    """The backbones with a ``<split>`` table under ``root``: the default five first, in their order, then the others
+    by name."""
+    folder = Path(root)
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and all(p.is_file() for p in table_paths(
+        folder, d.name, split))) if folder.is_dir() else []  # fmt: skip
+    return [b for b in DEFAULT_BACKBONES if b in found] + [b for b in found if b not in DEFAULT_BACKBONES]
 
 
 def _make_command(backbone: str, split: str) -> str:

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
+from dermpipe.classification.backbones import DEFAULT_BACKBONES
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 from dermpipe.engine.run import start_stage_run
 from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.ensemble.stacked_tables import TableError, trained_backbones
 from dermpipe.ensemble.voting import run_vote
+
+
+def found_backbones(cfg: EnsembleConfig) -> list[str]:
+    """The backbones trained under the classification root, with the defaults that are not; none is an error."""
+    root, split = cfg.data.classification_root, cfg.data.fit_split
+    found = trained_backbones(root, split)
+    if not found:
+        raise TableError(
+            f"no trained backbone under {root} (no <backbone>/probs_{split}.csv): train one with "
+            "`python classification/train.py --backbone NAME`, or point --root at the classification runs"
+        )
+    missing = [b for b in DEFAULT_BACKBONES if b not in found]
+    print(f"vote: stacking the {len(found)} backbones trained under {root}: {', '.join(found)}"
+          + (f" (defaults not trained: {', '.join(missing)})" if missing else ""))  # fmt: skip
+    return found
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -17,7 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "held-out split (settings chosen by cross-validation inside it), and score every method once on test.",
     )
     parser.add_argument("--root", help="classification run folder holding <backbone>/probs_<split>.csv")
-    parser.add_argument("--backbones", help="comma-separated backbones to stack, in order, e.g. resnet50,xception")
+    parser.add_argument(
+        "--backbones",
+        help="comma-separated backbones to stack, in order, e.g. resnet50,xception (default: every backbone trained "
+        "under --root, the default five first)",
+    )
     parser.add_argument(
         "--fit-split",
         choices=("val", "oof"),
@@ -40,6 +62,8 @@ def _vote(args: argparse.Namespace) -> int:
         "run.out_dir": args.out,
     }
     cfg = resolve_config(EnsembleConfig, args, flags)
+    if not cfg.data.backbones:  # every backbone trained under the root, said aloud
+        cfg = replace(cfg, data=replace(cfg.data, backbones=tuple(found_backbones(cfg))))
     run = start_stage_run(cfg, "ensemble")
     summary = run_vote(cfg, run)
     rows = {row["method"]: row for row in summary["methods"]}

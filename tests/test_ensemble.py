@@ -498,3 +498,17 @@ def test_vote_refuses_test_images_that_were_fitted_on(tmp_path, capsys):
     write_tables(tmp_path, "test", labels, probs, ids=[f"a_val_{i:04d}" for i in range(60)])
     assert main(_args(tmp_path, tmp_path / "run")) == 2
     assert "a_val_0000" in capsys.readouterr().err
+
+
+def test_vote_stacks_the_backbones_it_finds_trained_and_says_which(tables, tmp_path, capsys):
+    args = _args(tables, tmp_path / "run")
+    i = args.index("--backbones")
+    del args[i : i + 2]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "stacking the 3 backbones trained under" in said and "good_a, good_b, noise" in said
+    assert "defaults not trained: resnet50, densenet169" in said
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["backbones"] == ["good_a", "good_b", "noise"]
+    assert main([*args[:1], str(tmp_path / "empty"), *args[2:]]) == 2
+    assert "no trained backbone under" in capsys.readouterr().err
