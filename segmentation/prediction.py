@@ -315,8 +315,8 @@ def write_crops(
 
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
     for result in tqdm(skipped.passed(predictor.crop(items)), total=len(items), desc="crops", leave=False):
-        crop_path = out / "crops" / f"{result.crop_key[:16]}.png"
-        if write_crop_files and not crop_path.exists():
+        crop_path = out / "crops" / f"{output_stem(result.image_id)}.png"  # named by id: found in one guess
+        if write_crop_files:  # rewritten every run: an image changed under the same id never keeps a stale crop
             write_image(crop_path, result.crop)
         if write_masks:
             mask = result.full_mask(predictor.predict_cfg.threshold) * 255

@@ -1,6 +1,7 @@
 """Segmentation stage: training lowers the loss, resume, boxes cover lesions, cache reuse, whole-image fallback."""
 
 import csv
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.manifest import Manifest, manifest_from_folder
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dermpipe.engine.files import output_stem
 from dermpipe.segmentation import predict as predict_script
 from dermpipe.segmentation import train as train_script
 from dermpipe.segmentation.config import SegmentationConfig, SegModelConfig
@@ -121,6 +123,7 @@ def test_boxes_cover_true_lesions_and_cache_is_reused(trained, tmp_path, capsys)
         x0, y0, x1, y1 = map(int, row["box"].split())
         covered.append(truth[y0:y1, x0:x1].sum() / truth.sum())
         assert cv2.imread(row["crop_path"]).shape == (32, 32, 3)
+        assert Path(row["crop_path"]).name == f"{output_stem(row['image_id'])}.png"  # crop files named by id
     assert np.median(covered) > 0.95, covered
     masks = sorted((out / "masks").glob("*_segmentation.png"))
     assert len(masks) == 40 and set(np.unique(cv2.imread(str(masks[0]), cv2.IMREAD_GRAYSCALE))) <= {0, 255}
