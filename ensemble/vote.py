@@ -76,9 +76,10 @@ def _vote(args: argparse.Namespace) -> int:
         else ""
     )
     referral = summary["referral_test"]
+    missed = f", BELOW the {summary['target_sensitivity']:.2f} target" if summary.get("target_missed") else ""
     refer = (
         f"; {referral['referred_fraction']:.0%} referred below top probability {summary['refer_threshold']:.3f} "
-        f"({cfg.calibration.refer_class} sensitivity {referral['sensitivity_with_referral']:.3f})"
+        f"({cfg.calibration.refer_class} sensitivity {referral['sensitivity_with_referral']:.3f}{missed})"
         if referral
         else ""
     )

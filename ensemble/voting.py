@@ -244,6 +244,11 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         "refer_threshold": threshold,
         "referral_fit": referral_fit,
         "referral_test": referral_test,
+        # the sensitivity the refer threshold was set for, and whether the test split reached it (flagged, not hidden)
+        "target_sensitivity": cfg.calibration.target_sensitivity if referral_test else None,
+        "target_missed": bool(
+            referral_test and referral_test["sensitivity_with_referral"] < cfg.calibration.target_sensitivity
+        ),
         "methods": rows,
         "paths": {k: str(v) for k, v in paths.items()},
     }

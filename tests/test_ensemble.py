@@ -397,6 +397,8 @@ def test_vote_end_to_end_writes_every_method(tables, tmp_path, capsys):
     assert meta["temperature"] == pytest.approx(summary["temperature"])
     assert meta["refer_threshold"] == pytest.approx(summary["refer_threshold"])
     assert summary["referral_fit"]["sensitivity_with_referral"] >= 0.95
+    test_sensitivity = summary["referral_test"]["sensitivity_with_referral"]
+    assert summary["target_sensitivity"] == 0.95 and summary["target_missed"] == (test_sensitivity < 0.95)
     with (out / "test_predictions.csv").open() as f:
         preds = list(csv.DictReader(f))
     assert len(preds) == 200
