@@ -5,17 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 import textwrap
 import threading
-import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from corpus import png_header_only
 from PIL import Image, ImageOps
 
 from dermpipe.data import reading
@@ -256,27 +255,15 @@ def test_file_size_bound_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.
     assert reading.MAX_FILE_BYTES == 512 * 2**20
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` grey pixels, with a tiny IDAT: a decompression bomb's shape."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-
-
 def test_pixel_bound_and_decompression_bombs_are_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Between our bound (150 Mpx) and Pillow's refusal (about 179 Mpx): ours speaks, from the header alone.
     ours = tmp_path / "ours.png"
-    ours.write_bytes(_png_header_only(13_000, 12_000))
+    ours.write_bytes(png_header_only(13_000, 12_000))
     # Far over Pillow's decompression-bomb bound: Pillow refuses at open, we say it in our form.
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_png_header_only(40_000, 40_000))
+    bomb.write_bytes(png_header_only(40_000, 40_000))
     for path, what in ((ours, "156 megapixels), over the 150-megapixel bound"), (bomb, "too large to decode")):
         assert path.stat().st_size < 1000
         for reader in (read_image, read_mask, image_size):
