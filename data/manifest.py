@@ -383,3 +383,10 @@ def list_folder(folder: str | os.PathLike, mask_names: bool = True) -> FolderLis
 def manifest_from_folder(folder: str | os.PathLike) -> Manifest:
     """An unlabelled manifest of every image under ``folder`` (recursive): ``list_folder(folder).manifest``."""
     return list_folder(folder).manifest
+
+
+def read_inputs(manifest: str | os.PathLike | None, folder: str | os.PathLike | None) -> FolderListing:
+    """What a prediction command was given: a manifest (nothing excluded), or a folder listed by ``list_folder``."""
+    if manifest:
+        return FolderListing(Manifest.read(manifest), ())
+    return list_folder(folder)  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ VERSIONED_LIBRARIES = (
     "scikit-image",
     "dermpipe",
 )
+_SWEPT: set[Path] = set()  # stage folders already cleared of stale temporaries in this process
 _DIGEST = "__digest__"
 _META = "__meta__"
 
@@ -115,7 +116,9 @@ class StageCache:
         self.root = Path(root) / stage
         self.stage = stage
         self.force = force
-        remove_stale_temporaries(self.root)  # entries a killed run left half-written
+        if self.root not in _SWEPT:  # entries a killed run left half-written; one walk of the folder per process
+            _SWEPT.add(self.root)
+            remove_stale_temporaries(self.root)
         self.reused = 0
         self.computed = 0
         self.corrupt = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dermpipe.data.manifest import Manifest, list_folder
+from dermpipe.data.manifest import read_inputs
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 from dermpipe.engine.files import check_output_file, check_output_folder
 from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
@@ -51,11 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             check_output_folder(output.parent, "--output", [args.input])
         check_run_folder(Path(cfg.segmentation_run), "segmentation")
         check_run_folder(Path(cfg.ensemble_run), "ensemble")
-        if args.manifest:
-            manifest, excluded = Manifest.read(args.manifest), ()
-        else:
-            listing = list_folder(args.input)
-            manifest, excluded = listing.manifest, listing.excluded
+        inputs = read_inputs(args.manifest, args.input)
+        manifest, excluded = inputs.manifest, inputs.excluded
         predictor = EnsemblePredictor(cfg, choose_device(cfg.run.device))
         setup_logging(out)  # everything validated: from here on the output folder is written
         s = predict_folder(manifest, predictor, output, out, excluded)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from dermpipe.configs.loader import default_config_path
-from dermpipe.data.manifest import Manifest, list_folder
+from dermpipe.data.manifest import read_inputs
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 from dermpipe.engine.files import check_output_folder
 from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
@@ -46,11 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             strict = True
         cfg = resolve_config(SegmentationConfig, args, {"predict.write_masks": args.masks, "predict.tta": args.tta})
         check_output_folder(args.out, "--out", [args.input] if args.input else [])
-        if args.manifest:
-            manifest, excluded = Manifest.read(args.manifest), ()
-        else:
-            listing = list_folder(args.input)
-            manifest, excluded = listing.manifest, listing.excluded
+        inputs = read_inputs(args.manifest, args.input)
+        manifest, excluded = inputs.manifest, inputs.excluded
         if args.split:
             manifest = manifest.select(args.split)
         checkpoint = args.checkpoint or run_dir / "best.safetensors"
