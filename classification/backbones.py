@@ -13,6 +13,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from dermpipe.engine import hub
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from dermpipe.errors import DermpipeError, did_you_mean
 
@@ -83,8 +84,16 @@ class SEBlock(nn.Module):
         return x * gate[:, :, None, None]
 
 
+def _weights_error(spec: BackboneSpec, source: str, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"could not load pretrained weights for {spec.timm_name} from {source} ({why}); "
+        "set model.pretrained to false, or to a local weights file made for this model"
+    )
+
+
 def _create_backbone(spec: BackboneSpec, pretrained: bool | str) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
+    source = "timm's download"
     if isinstance(pretrained, str) and pretrained:
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -94,19 +103,32 @@ def _create_backbone(spec: BackboneSpec, pretrained: bool | str) -> nn.Module:
             )
         # timm's own loader reads safetensors, or a .pth with weights_only=True, then drops the classifier.
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        source = str(path)
+    elif pretrained:
+        kwargs["pretrained"] = True
+        # offline (HF_HUB_OFFLINE, or no answer from the weights' host) and not cached: fail now, not after a minute
+        # of retries; cached weights load from the cache as a local file, without the network
+        download = hub.timm_download(spec.timm_name)
+        why = hub.unreachable(download)
+        if why:
+            raise _weights_error(spec, source, why)
+        overlay = hub.timm_cache_overlay(download)
+        if overlay:
+            kwargs["pretrained_cfg_overlay"] = overlay
+            source = f"the local cache ({overlay['file']})"
     else:
-        kwargs["pretrained"] = bool(pretrained)
+        kwargs["pretrained"] = False
     try:
-        return timm.create_model(spec.timm_name, **kwargs)
+        backbone = timm.create_model(spec.timm_name, **kwargs)
     except (RuntimeError, ValueError, OSError, KeyError) as e:
         if not kwargs["pretrained"]:
             raise
-        source = kwargs.get("pretrained_cfg_overlay", {}).get("file", "timm's download")
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"could not load pretrained weights for {spec.timm_name} from {source} ({first}); "
-            "set model.pretrained to false, or to a local weights file made for this model"
-        ) from None
+        raise _weights_error(spec, source, first) from None
+    # timm loads a headless model non-strictly: a file of another network would leave every weight random
+    if isinstance(pretrained, str) and pretrained and not hub.holds_weights_of(backbone, source):
+        raise _weights_error(spec, source, "none of its weights fits this model")
+    return backbone
 
 
 def _map_channels(backbone: nn.Module, name: str, spec: BackboneSpec) -> int:

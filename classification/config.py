@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from dermpipe.configs.schema import RunConfig
 from dermpipe.data.augment import AugmentConfig
@@ -13,7 +13,7 @@ from dermpipe.data.preprocess import PreprocessConfig
 
 @dataclass(frozen=True)
 class ClsDataConfig:
-    manifest: str = "runs/crops/crops.csv"  # the crops manifest written by segmentation/predict.py
+    manifest: str = ""  # the crops manifest written by segmentation/predict.py; '' = <root>/crops/crops.csv
     crops: bool = True  # false: train on whole images (image_path) instead of the lesion crops (crop_path)
     image_size: int = 0  # square input side; 0 = the backbone's native size (224, or 299 for the Inception family)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -48,7 +48,9 @@ class ClsTrainConfig:
     label_smoothing: float = 0.0
     loss: Literal["ce", "focal"] = "ce"  # focal: Lin et al. 2017
     focal_gamma: float = 2.0
-    freeze_epochs: int = 1  # train only the SE block and head for this many epochs, then unfreeze the backbone
+    # train only the SE block and head for this many epochs, then unfreeze the backbone; None = auto: 1 with
+    # pretrained weights (true or a local file), 0 from scratch (effective_freeze_epochs below)
+    freeze_epochs: int | None = None
     unfreeze_lr_scale: float = 0.1  # once unfrozen, the whole network learns at lr x this (fine-tuning)
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     patience: int = 8  # early stopping on validation balanced accuracy; 0 = off
@@ -70,9 +72,10 @@ class ClsTrainConfig:
             raise ValueError(f"train.fold {self.fold} needs train.folds (--folds K) as well")
         if self.folds and not -1 <= self.fold < self.folds:
             raise ValueError(f"train.fold must be -1 (all) or 0..{self.folds - 1}, got {self.fold}")
-        if self.freeze_epochs < 0 or self.freeze_epochs > self.epochs:
+        if self.freeze_epochs is not None and not 0 <= self.freeze_epochs <= self.epochs:
             raise ValueError(
-                f"train.freeze_epochs must be in 0..train.epochs ({self.epochs}), got {self.freeze_epochs}"
+                f"train.freeze_epochs must be in 0..train.epochs ({self.epochs}), or null (auto); "
+                f"got {self.freeze_epochs}"
             )
 
 
@@ -81,4 +84,19 @@ class ClassificationConfig:
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
     model: ClsModelConfig = field(default_factory=ClsModelConfig)
     train: ClsTrainConfig = field(default_factory=ClsTrainConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/classification"))
+    run: RunConfig = field(default_factory=RunConfig)  # out_dir holds one run folder per backbone
+
+    ROOT_PATHS: ClassVar[dict[str, str]] = {
+        "data.manifest": "crops/crops.csv",
+        "run.out_dir": "classification",
+        "run.cache_dir": "cache",
+    }
+
+
+def effective_freeze_epochs(cfg: ClassificationConfig) -> int:
+    """The head-only epochs: ``train.freeze_epochs`` when given, else (null, auto) 1 on pretrained weights (timm's
+    download or a local file: the new head first learns on features worth keeping) and 0 from scratch (nothing to
+    protect, and a head fitted to random features only delays training)."""
+    if cfg.train.freeze_epochs is not None:
+        return cfg.train.freeze_epochs
+    return 1 if cfg.model.pretrained else 0

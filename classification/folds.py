@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.config import ClassificationConfig, effective_freeze_epochs
 from dermpipe.classification.evaluation import save_report
 from dermpipe.classification.metrics import classification_report, format_report
 from dermpipe.classification.probability_tables import combined_digest, read_probability_table, write_probability_table
@@ -97,6 +97,7 @@ def row_keys(rows: Manifest, column: str) -> list[str]:
 def training_fingerprint(cfg: ClassificationConfig, manifest_path: str, fold: int | None) -> str:
     """What decides the trained weights: data/model/train settings, seed, manifest bytes and fold."""
     train = {k: v for k, v in asdict(cfg.train).items() if k not in AFTER_TRAINING}
+    train["freeze_epochs"] = effective_freeze_epochs(cfg)  # auto (null) and the number it stands for train alike
     payload = {
         "data": to_dict(cfg.data),
         "model": to_dict(cfg.model),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dermpipe.classification.config import ClassificationConfig
 from dermpipe.classification.training import run_classification
-from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
+from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
 
 
 def _score(value: float | None) -> str:
@@ -46,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             "run.out_dir": args.out,
         }
         cfg = resolve_config(ClassificationConfig, args, flags)
+        if not Path(cfg.data.manifest).is_file():
+            raise MissingInputError(
+                f"no crops manifest at {cfg.data.manifest}: make it with `python segmentation/predict.py --manifest "
+                f"FILE --root {cfg.run.root}`, or pass --manifest FILE (any manifest, with --no-crop for whole images)"
+            )
         result = run_classification(cfg, resume=args.resume)
         folds = f" over {cfg.train.folds} folds (val = out-of-fold)" if result.get("combined") else ""
         print(

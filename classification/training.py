@@ -28,7 +28,7 @@ from dermpipe.classification.backbones import (
     load_classifier,
     resolve_backbone,
 )
-from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.config import ClassificationConfig, effective_freeze_epochs
 from dermpipe.classification.evaluation import ProbabilityScorer, TrainScorer, save_report
 from dermpipe.classification.folds import (
     SplitRows,
@@ -161,7 +161,7 @@ class ClassificationStage:
         )  # fmt: skip
 
     def start_epoch(self, epoch: int) -> dict[str, Any]:
-        frozen = epoch < self.cfg.train.freeze_epochs
+        frozen = epoch < effective_freeze_epochs(self.cfg)
         self.model.set_backbone_trainable(not frozen)
         return {"phase": "head" if frozen else "all"}
 
@@ -246,11 +246,12 @@ def _fit(
 ) -> list[dict[str, Any]]:
     """Loss, optimiser and schedule for this backbone, then the engine's loop; returns the history."""
     t = cfg.train
-    if t.freeze_epochs and not cfg.model.pretrained:
-        logger.warning(
-            "train.freeze_epochs=%d on a randomly initialised backbone: the head first learns on random "
-            "features (set train.freeze_epochs=0 when training from scratch)",
-            t.freeze_epochs,
+    freeze = effective_freeze_epochs(cfg)
+    if t.freeze_epochs is None:
+        logger.info(
+            "train.freeze_epochs auto: %d head-only epoch(s) (%s)",
+            freeze,
+            "pretrained weights" if cfg.model.pretrained else "training from scratch",
         )
     counts = np.bincount(train_ds.labels, minlength=len(classes))
     weights = class_weights(counts, cfg.data.balance.class_weights, cfg.data.balance.effective_beta)
@@ -277,13 +278,13 @@ def _fit(
         columns=METRIC_COLUMNS,
         monitor="val_balanced_accuracy",
         tie_break="val_loss",
-        patience_from=t.freeze_epochs,
+        patience_from=freeze,
         fingerprint=key,
         stage=STAGE,
     )
     steps = settings.steps_per_epoch(len(stage.first))
     # the head-only phase ends at freeze_epochs; the whole network then warms up again at unfreeze_lr_scale x lr
-    unfreeze = t.freeze_epochs * steps if 0 < t.freeze_epochs < t.epochs else 0
+    unfreeze = freeze * steps if 0 < freeze < t.epochs else 0
     schedule = Schedule(t.schedule, t.epochs * steps, int(t.warmup_epochs * steps), unfreeze, t.unfreeze_lr_scale)
     return fit(stage, model, loss_fn, optimizer, schedule.scheduler(optimizer), run, settings, resume).history
 

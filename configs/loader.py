@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.errors import DermpipeError, did_you_mean
 
 T = TypeVar("T")
@@ -194,7 +195,35 @@ def load_config(
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     flag_items = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in given.items()]
     data = _merge(data, parse_set(flag_items))
-    return from_dict(cls, data)
+    return place_under_root(from_dict(cls, data))
+
+
+def _get(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _replace(config: Any, key: str, value: Any) -> Any:
+    head, _, rest = key.partition(".")
+    inner = _replace(getattr(config, head), rest, value) if rest else value
+    return dataclasses.replace(config, **{head: inner})
+
+
+def place_under_root(config: T) -> T:
+    """Fill the path settings left empty with their place under ``run.root``.
+
+    A stage config names its paths in ``ROOT_PATHS`` (dotted key -> entry of ``configs.schema.ROOT_LAYOUT``, with an
+    optional file name after a slash); a path given explicitly is kept.
+    """
+    paths: Mapping[str, str] = getattr(type(config), "ROOT_PATHS", {})
+    root = Path(_get(config, "run.root")) if paths else Path()
+    for key, where in paths.items():
+        if _get(config, key) == "":
+            folder, _, name = where.partition("/")
+            path = root / ROOT_LAYOUT[folder]
+            config = _replace(config, key, str(path / name if name else path))
+    return config
 
 
 def config_hash(config: Any) -> str:

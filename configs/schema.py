@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Where each stage reads and writes under one run root (``--root``, default ``runs``). A path setting left empty
+# ('') in a stage config takes its place here; one set to a path keeps it (the cache can be shared between roots).
+ROOT_LAYOUT = {
+    "segmentation": "segmentation",  # the U-Net run
+    "crops": "crops",  # segmentation/predict.py: crops.csv, boxes.csv, crops/
+    "classification": "classification",  # one run folder per backbone
+    "ensemble": "ensemble",  # the vote
+    "predict": "predict",  # batch prediction's skipped.csv, report.html and optional outputs
+    "cache": "cache",  # every stage's content-addressed cache
+}
+DEFAULT_ROOT = "runs"
+
 
 @dataclass(frozen=True)
 class RunConfig:
     """Where a run writes, how it is seeded, and on what it runs."""
 
-    out_dir: str = "runs/segmentation"
-    cache_dir: str = "runs/cache"
+    root: str = DEFAULT_ROOT  # the run root every stage reads and writes under (--root)
+    out_dir: str = ""  # '' = the stage's folder under root
+    cache_dir: str = ""  # '' = <root>/cache
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # only on CUDA

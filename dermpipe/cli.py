@@ -14,6 +14,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("dermpipe.segmentation.score", "score predicted masks against truth as the ISIC challenge does"),
     "train-classifier": ("dermpipe.classification.train", "train one backbone (with its SE block) on the crops"),
     "vote": ("dermpipe.ensemble.vote", "fit the meta-network vote on held-out probabilities, test it once"),
+    "run": ("dermpipe.ensemble.pipeline", "the whole pipeline from one manifest: train, crop, vote, test, summary"),
+    "bundle": ("dermpipe.ensemble.make_bundle", "a trained run root -> one portable, verified model bundle"),
     "predict": ("dermpipe.ensemble.predict", "a folder of photos end to end: crops, classifiers, vote, report"),
     "demo": ("dermpipe.ensemble.demo", "the whole pipeline on synthetic data, on the CPU, in a few minutes"),
 }

@@ -29,6 +29,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class MissingInputError(DermpipeError):
+    """An input a stage reads is not there: the message names the command that makes it and the flag to point
+    elsewhere."""
+
+
 def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
     """A parser with --config, --set, --device and --force; the stage adds its own flags."""
     parser = argparse.ArgumentParser(description=description)
@@ -43,6 +48,12 @@ def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set train.epochs=5 (repeatable)",
     )
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="run root every stage reads and writes under: segmentation/, crops/, classification/<backbone>/, "
+        "ensemble/, predict/, cache/ (run.root; default: runs)",
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--force", action="store_true", default=None, help="recompute cached stage outputs")
     return parser
@@ -50,7 +61,7 @@ def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
 
 def resolve_config(cls: type[T], args: argparse.Namespace, flags: Mapping[str, Any]) -> T:
     """defaults < --config < --set < named flags (flags left at None do not override)."""
-    common = {"run.device": args.device, "run.force": args.force}
+    common = {"run.root": args.root, "run.device": args.device, "run.force": args.force}
     return load_config(cls, args.config, args.overrides, {**common, **flags})
 
 

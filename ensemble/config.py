@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from dermpipe.configs.schema import RunConfig
 
@@ -12,7 +12,7 @@ DEFAULT_BACKBONES: tuple[str, ...] = ("resnet50", "densenet169", "inception_v3",
 
 @dataclass(frozen=True)
 class EnsembleDataConfig:
-    classification_root: str = "runs/classification"  # holds <backbone>/probs_<split>.csv from the classifiers
+    classification_root: str = ""  # holds <backbone>/probs_<split>.csv; '' = <root>/classification
     backbones: tuple[
         str, ...
     ] = ()  # the stacking order (the meta-network's axis); () = every one trained under the root
@@ -69,7 +69,13 @@ class EnsembleConfig:
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/ensemble"))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    ROOT_PATHS: ClassVar[dict[str, str]] = {
+        "data.classification_root": "classification",
+        "run.out_dir": "ensemble",
+        "run.cache_dir": "cache",
+    }
 
 
 @dataclass(frozen=True)
@@ -86,11 +92,19 @@ class PredictOutputs:
 class PredictConfig:
     """Batch prediction over a folder: the trained stages' run folders in, one row per image out."""
 
-    segmentation_run: str = "runs/segmentation"
-    classification_root: str = "runs/classification"
-    ensemble_run: str = "runs/ensemble"
+    segmentation_run: str = ""  # '' = <root>/segmentation
+    classification_root: str = ""  # '' = <root>/classification
+    ensemble_run: str = ""  # '' = <root>/ensemble
     batch_size: int = 32  # images per forward pass (and per streamed chunk)
     tta: bool = False  # classifier flip/rotation TTA (the segmentation TTA comes from its run's config)
     refer: bool = True  # apply the ensemble run's refer threshold
     outputs: PredictOutputs = field(default_factory=PredictOutputs)
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/predict"))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    ROOT_PATHS: ClassVar[dict[str, str]] = {
+        "segmentation_run": "segmentation",
+        "classification_root": "classification",
+        "ensemble_run": "ensemble",
+        "run.out_dir": "predict",
+        "run.cache_dir": "cache",
+    }

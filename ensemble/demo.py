@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    cache = ["--set", f"run.cache_dir={out / 'cache'}", "--device", "cpu"]
+    root = ["--root", str(out), "--device", "cpu"]  # every stage reads and writes under the demo folder
     t0 = time.time()
 
     start = time.time()
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     code = segmentation_train.main([
-        "--manifest", str(manifest), "--out", str(out / "segmentation"), "--epochs", str(args.seg_epochs), *cache,
+        "--manifest", str(manifest), "--epochs", str(args.seg_epochs), *root,
         "--set", "model.encoder=tu-test_resnet", "--set", "model.encoder_weights=null",
         "--set", "model.decoder_channels=[64,32,16,16,8]", "--set", "data.image_size=64",
         "--set", "train.batch_size=16", "--set", "train.lr=0.005",
@@ -77,18 +77,15 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     code = segmentation_predict.main([
-        "--manifest", str(manifest), "--run", str(out / "segmentation"), "--out", str(out / "crops"), *cache,
-        "--set", "predict.crop_size=64",
+        "--manifest", str(manifest), *root, "--set", "predict.crop_size=64",
     ])  # fmt: skip
     _step("segmentation/predict.py", code, start)
 
     for backbone in args.backbones.split(","):
         start = time.time()
         code = classification_train.main([
-            "--backbone", backbone, "--manifest", str(out / "crops" / "crops.csv"),
-            "--out", str(out / "classification"), *cache,
+            "--backbone", backbone, "--epochs", str(args.cls_epochs), *root,
             "--set", "model.pretrained=false", "--set", "data.image_size=48",
-            "--set", f"train.epochs={args.cls_epochs}", "--set", "train.freeze_epochs=0",
             "--set", "train.batch_size=32", "--set", "train.lr=0.003", "--set", "train.gradcam_images=2",
             "--set", "run.threads=1",  # tiny models run faster on one thread than on two contending ones
         ])  # fmt: skip
@@ -96,15 +93,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     code = ensemble_vote.main([
-        "--root", str(out / "classification"), "--backbones", args.backbones, "--out", str(out / "ensemble"), *cache,
+        "--backbones", args.backbones, *root,
     ])  # fmt: skip
     _step("ensemble/vote.py", code, start)
 
     start = time.time()
     code = ensemble_predict.main([
-        "--input", str(out / "photos"), "--output", str(out / "predictions.csv"), "--out", str(out), *cache,
-        "--segmentation-run", str(out / "segmentation"), "--classification-root", str(out / "classification"),
-        "--ensemble-run", str(out / "ensemble"), "--gradcam",
+        "--input", str(out / "photos"), "--output", str(out / "predictions.csv"), "--out", str(out), *root,
+        "--gradcam",
     ])  # fmt: skip
     _step("ensemble/predict.py", code, start)
     print(f"demo: finished in {time.time() - t0:.0f}s; see {out / 'predictions.csv'} and {out / 'report.html'}")

@@ -1,7 +1,8 @@
 """Batch prediction: a folder of photos -> lesion crops -> five classifiers -> meta-network vote -> one row per image.
 
 Streams in chunks, so memory stays flat over any number of images; every stage goes through the cache, so a rerun
-after adding ten images computes ten.
+after adding ten images computes ten. When the manifest gives the truth (labels, lesion masks), the predictions are
+scored against it as they stream (``dermpipe.ensemble.truth``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +36,8 @@ from dermpipe.engine.run import check_run_folder
 from dermpipe.ensemble.calibration import apply_temperature
 from dermpipe.ensemble.config import PredictConfig
 from dermpipe.ensemble.meta import load_meta, meta_logits
-from dermpipe.ensemble.report import ReportRow, save_thumbnail, write_report
+from dermpipe.ensemble.report import ReportRow, ReviewSelection, review_rank, save_thumbnail, write_report
+from dermpipe.ensemble.truth import TRUTH_OUTPUTS, TruthScorer, refer_class_of
 from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.segmentation.prediction import CROP_SETTINGS, CropResult, SegmentationPredictor, SkipLog
 
@@ -51,7 +54,9 @@ class Classifier:
         check_run_folder(backbone_dir, "classification")
         if not path.is_file():
             raise CheckpointError(
-                f"{path} not found: train it with `python classification/train.py --backbone {backbone_dir.name}`"
+                f"backbone {backbone_dir.name} is not trained: {path} not found; train it with `python "
+                f"classification/train.py --backbone {backbone_dir.name} --root ROOT`, or pass --classification-root "
+                "FOLDER (the folder of backbone runs)"
             )
         self.model, self.meta = load_classifier(path, device)
         self.name = backbone_dir.name
@@ -137,6 +142,8 @@ class EnsemblePredictor:
             )
         self.temperature = float(self.meta.get("temperature") or 1.0)
         self.refer_threshold = float(self.meta.get("refer_threshold") or 0.0) if cfg.refer else 0.0
+        # the class whose sensitivity the refer threshold protects (the vote's metadata, else mel when there is one)
+        self.refer_class = refer_class_of(self.meta, self.classes)
 
     def vote(self, crops: Sequence[CropResult]) -> tuple[np.ndarray, np.ndarray]:
         """(stacked N x B x C backbone probabilities, final N x C probabilities)."""
@@ -161,15 +168,34 @@ class EnsemblePredictor:
         return f"cache: {sum(c.reused for c in caches)} reused, {sum(c.computed for c in caches)} computed"
 
 
+PREDICTION_COLUMNS: tuple[str, ...] = ("predicted", "confidence", "refer", "box", "fallback", "quality")
+TRUTH_COLUMNS: tuple[str, ...] = ("truth", "correct", "model")  # always there, so the table's columns never vary
+
+
+def prediction_columns(classes: Sequence[str]) -> list[str]:
+    """The columns of predictions.csv, in order."""
+    return ["image_id", "path", *classes, *PREDICTION_COLUMNS, *TRUTH_COLUMNS]
+
+
 def predict_folder(
     manifest: Manifest,
     predictor: EnsemblePredictor,
     output: str | os.PathLike,
     out_dir: str | os.PathLike,
     excluded: Sequence[Mapping[str, str]] = (),
+    *,
+    model_id: str = "",
 ) -> dict[str, Any]:
     """Write ``output`` (predictions CSV, rows in input order), ``skipped.csv`` (the unreadable inputs and the
-    ``excluded`` files of the folder listing) and the optional outputs into ``out_dir``."""
+    ``excluded`` files of the folder listing) and the optional outputs into ``out_dir``.
+
+    ``model_id`` names the trained pipeline (a bundle's ``name@sha256:...`` or the vote's run folder): the ``model``
+    column of every row and the report's first line. Where the manifest gives a row's ``label``, its ``truth`` and
+    ``correct`` columns are filled and ``metrics.json`` with ``confusion.csv``/``.png`` are written; where it gives a
+    ``mask_path``, the predicted mask is scored into ``segmentation_scores.csv`` (see ``dermpipe.ensemble.truth``).
+    Returns the summary, with ``scored`` (images scored against a label) and ``balanced accuracy`` (``None`` when
+    none was).
+    """
     cfg, classes = predictor.cfg, predictor.classes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,12 +205,19 @@ def predict_folder(
     remove_stale_temporaries(output.parent, recursive=False)
     if cfg.outputs.report:  # rewritten at the end: a run killed before then leaves no report that looks current
         (out / "report.html").unlink(missing_ok=True)
+    for name in TRUTH_OUTPUTS:  # an earlier run's scores never pass for this input's
+        (out / name).unlink(missing_ok=True)
     assets = out / "report_files"
-    columns = ["image_id", "path", *classes, "predicted", "confidence", "refer", "box", "fallback", "quality"]
-    report_rows: list[ReportRow] = []
+    columns = prediction_columns(classes)
+    mask_threshold = predictor.segmenter.predict_cfg.threshold
+    truth = TruthScorer(
+        manifest, classes, predictor.refer_class, predictor.refer_threshold, mask_threshold, model_id=model_id
+    )
+    selection = ReviewSelection(cfg.outputs.report_max_images if cfg.outputs.report else 0)
     skipped = SkipLog(excluded)
     isic_rows: list[dict[str, str]] = []
-    n = refer_count = fallback_count = 0
+    predicted_counts: Counter[str] = Counter()
+    n = refer_count = fallback_count = quality_count = 0
     gradcam_model = predictor.classifiers[0] if cfg.outputs.gradcam else None
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
     with atomic_path(output) as partial, open(partial, "w", newline="") as f:
@@ -194,6 +227,8 @@ def predict_folder(
             top = int(np.argmax(probs))
             # an image the models cannot judge (too small, dark, blurred, no lesion found) is referred, never confident
             refer = bool(probs[top] < predictor.refer_threshold) or bool(crop.quality)
+            label = truth.label(crop.image_id)
+            correct = truth.add(crop.image_id, probs, refer)
             row = {
                 "image_id": crop.image_id,
                 "path": crop.path,
@@ -204,41 +239,114 @@ def predict_folder(
                 "box": crop.box.as_text(),
                 "fallback": crop.box.fallback,
                 "quality": quality_text(crop.quality),
+                "truth": label,
+                "correct": "" if correct is None else int(correct),
+                "model": model_id,
             }
             writer.writerow(row)
             n += 1
             refer_count += refer
             fallback_count += bool(crop.box.fallback)
+            quality_count += bool(crop.quality)
+            predicted_counts[classes[top]] += 1
             if cfg.outputs.isic_csv:
                 isic_rows.append({"image": crop.image_id, **{c.upper(): f"{p:.6f}" for c, p in zip(classes, probs)}})
-            _write_extras(crop, cfg, out, predictor, gradcam_model)
-            if cfg.outputs.report and len(report_rows) < cfg.outputs.report_max_images:
-                report_rows.append(_report_row(crop, probs, classes, refer, assets, out, gradcam_model))
+            full_mask = None
+            if cfg.outputs.masks or truth.needs_mask(crop.image_id):
+                full_mask = crop.full_mask(mask_threshold)
+            if full_mask is not None and truth.needs_mask(crop.image_id):
+                truth.add_mask(crop.image_id, full_mask)
+            _write_extras(crop, cfg, out, predictor, full_mask)
+            if selection.wants(review_rank(refer, correct)):
+                report_row = _report_row(crop, probs, classes, refer, assets, out, gradcam_model, label, correct)
+                evicted = selection.add(report_row)
+                if evicted is not None:  # pushed out of the first report_max_images: its pictures go too
+                    for rel in evicted.images.values():
+                        (out / rel).unlink(missing_ok=True)
     skipped.write(out)
     if cfg.outputs.isic_csv:
         write_table(out / "isic_submission.csv", ["image", *[c.upper() for c in classes]], isic_rows)
+    metrics = truth.write(out)
+    segmentation = (metrics or {}).get("segmentation") or {}
     summary = {
+        "model": model_id,
         "images": n,
         "skipped": len(skipped),
         "referred": refer_count,
         "whole-image fallbacks": fallback_count,
+        "scored": truth.scored,
+        "balanced accuracy": metrics["balanced_accuracy"] if truth.scored and metrics else None,
+        "masks scored": truth.masks_scored,
+        "mask jaccard": segmentation.get("jaccard"),
         "backbones": ", ".join(predictor.backbones),
         "refer threshold": f"{predictor.refer_threshold:.3f}",
         "temperature": f"{predictor.temperature:.3f}",
         "cache": predictor.cache_summary(),
     }
     if cfg.outputs.report:
-        write_report(out / "report.html", report_rows, classes, summary, skipped.rows)
+        write_report(
+            out / "report.html",
+            selection.rows,
+            classes,
+            _report_summary(summary, metrics, len(selection.rows)),
+            skipped.rows,
+            predicted_counts=predicted_counts,
+            quality_warnings=quality_count,
+        )
     return summary
 
 
+def _report_summary(summary: Mapping[str, Any], metrics: Mapping[str, Any] | None, shown: int) -> dict[str, Any]:
+    """The report's summary table: the run's summary with the scores against the truth spelled out, numbers rounded
+    and what does not apply to this run left out."""
+    lines: dict[str, Any] = {}
+    for key, value in summary.items():
+        if key in ("scored", "balanced accuracy", "masks scored", "mask jaccard") or (key == "model" and not value):
+            continue
+        lines[key] = value
+        if key == "images" and shown < int(value):
+            lines["shown in this report"] = f"{shown} (to refer first, then wrong, then the rest)"
+    if not metrics:
+        return lines
+    outside = metrics.get("labels_outside_classes") or {}
+    if metrics.get("scored") or outside:
+        lines["scored against their label"] = metrics["scored"]
+    if outside:
+        named = ", ".join(f"{label} ({count})" for label, count in outside.items())
+        lines["labels the model cannot name (not scored)"] = named
+    if metrics.get("scored"):
+        lines["balanced accuracy"] = _number(metrics["balanced_accuracy"])
+        lines["accuracy"] = _number(metrics["accuracy"])
+        lines["macro AUC (classes present)"] = _number(metrics["macro_auc"])
+        refer = metrics.get("refer")
+        if refer:
+            lines[f"{refer['class']} sensitivity / specificity (referred = sent to a dermatologist)"] = (
+                f"{_number(refer['sensitivity'])} / {_number(refer['specificity'])}"
+            )
+    segmentation = metrics.get("segmentation")
+    if segmentation:
+        n_missing = segmentation["missing"]
+        missing = f" ({n_missing} true masks not scored: see segmentation_scores.csv)" if n_missing else ""
+        lines["masks scored"] = f"{segmentation['scored']}{missing}"
+        if segmentation["scored"]:
+            lines["mask Jaccard / Dice (mean)"] = (
+                f"{_number(segmentation['jaccard'])} / {_number(segmentation['dice'])}"
+            )
+    return lines
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _write_extras(
-    crop: CropResult, cfg: PredictConfig, out: Path, predictor: EnsemblePredictor, gradcam_model: Classifier | None
+    crop: CropResult, cfg: PredictConfig, out: Path, predictor: EnsemblePredictor, full_mask: np.ndarray | None
 ) -> None:
     name = output_stem(crop.image_id)  # unique per id: a/x.jpg and b/x.jpg never share an output file
     if cfg.outputs.masks:
-        mask = crop.full_mask(predictor.segmenter.predict_cfg.threshold) * 255
-        write_image(out / "masks" / f"{name}_segmentation.png", mask)
+        if full_mask is None:
+            full_mask = crop.full_mask(predictor.segmenter.predict_cfg.threshold)
+        write_image(out / "masks" / f"{name}_segmentation.png", full_mask * 255)
     if cfg.outputs.crops:
         write_image(out / "crops" / f"{name}.png", crop.crop)
 
@@ -251,6 +359,8 @@ def _report_row(
     assets: Path,
     out: Path,
     gradcam_model: Classifier | None,
+    truth: str = "",
+    correct: bool | None = None,
 ) -> ReportRow:
     stem = output_stem(crop.image_id)
     images = {}
@@ -273,4 +383,6 @@ def _report_row(
         crop.box.fallback,
         images,
         crop.quality,
+        truth=truth,
+        correct=correct,
     )

@@ -1,6 +1,10 @@
 """A self-contained HTML report of a batch prediction: per image the thumbnail with the lesion contour, the crop, the
-Grad-CAM, the probability bars and any input-quality warnings, sortable by class and confidence, with a summary on
-top."""
+Grad-CAM, the probability bars, any input-quality warnings and, when the input gave it, the truth and whether the
+prediction is right; sortable by class and confidence, with a summary on top.
+
+It opens on what needs a human: the images to refer first, then the wrongly predicted ones, then the rest, each group
+in input order (``review_rank``; ``ReviewSelection`` keeps the first ``report_max_images`` of that order while a batch
+streams)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import html
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,49 @@ class ReportRow:
     fallback: str
     images: dict[str, str] = field(default_factory=dict)  # kind -> path relative to the report
     quality: tuple[str, ...] = ()  # why the models may not judge this image (dermpipe.data.quality); () = fine
+    truth: str = ""  # the true class when the input gave one
+    correct: bool | None = None  # whether ``predicted`` is the truth; None without truth
+
+
+REVIEW_GROUPS: tuple[str, ...] = ("to refer", "wrong", "the rest")
+
+
+def review_rank(refer: bool, correct: bool | None) -> int:
+    """Where an image goes in the report: 0 to refer, 1 wrongly predicted (not referred), 2 the rest."""
+    if refer:
+        return 0
+    return 1 if correct is False else 2
+
+
+def review_order(rows: Sequence[ReportRow]) -> list[ReportRow]:
+    """The rows to refer, then the wrong ones, then the rest, each group in the given (input) order."""
+    return sorted(rows, key=lambda r: review_rank(r.refer, r.correct))  # sorted is stable
+
+
+class ReviewSelection:
+    """The first ``limit`` images of the review order, chosen while a batch streams in input order.
+
+    ``wants(rank)`` says whether an image of that rank would be shown (so its thumbnails are worth making); ``add``
+    keeps it and returns the row it pushes out of the first ``limit`` (the last of the lowest-priority group), whose
+    files the caller removes, or ``None``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, int(limit))
+        self._groups: tuple[list[ReportRow], ...] = tuple([] for _ in REVIEW_GROUPS)
+
+    def wants(self, rank: int) -> bool:
+        return sum(len(g) for g in self._groups[: rank + 1]) < self.limit
+
+    def add(self, row: ReportRow) -> ReportRow | None:
+        self._groups[review_rank(row.refer, row.correct)].append(row)
+        if sum(len(g) for g in self._groups) <= self.limit:
+            return None
+        return next(g for g in reversed(self._groups) if g).pop()
+
+    @property
+    def rows(self) -> list[ReportRow]:
+        return [row for group in self._groups for row in group]
 
 
 def save_thumbnail(image: np.ndarray, path: Path, mask: np.ndarray | None = None, side: int = THUMB) -> Path:
@@ -55,6 +102,8 @@ th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}img{display:block}
 tr.warn{background:#fff4d6}tr.warn td:first-child{border-left:4px solid #d08000}
 .quality{color:#8a4b00;font-size:90%;margin:4px 0 0;padding-left:1.1em}.badge{background:#d08000;color:#fff;
 border-radius:3px;padding:0 4px;font-size:80%;font-weight:bold}
+tr.wrong td:first-child{border-left:4px solid #b00}.right{color:#2a7a2a;font-weight:bold}
+.wrong-mark{color:#b00;font-weight:bold}
 """
 
 _SCRIPT = """
@@ -63,8 +112,9 @@ const dir=t.dataset.col==col&&t.dataset.dir=='desc'?'asc':'desc';t.dataset.col=c
 rows.sort((a,b)=>{let x=a.dataset[col],y=b.dataset[col];if(numeric){x=+x;y=+y}
 return (x<y?-1:x>y?1:0)*(dir=='asc'?1:-1)});rows.forEach(r=>t.tBodies[0].appendChild(r))}
 function applyFilter(){const c=document.getElementById('cls').value,w=document.getElementById('warn').checked;
+const x=document.getElementById('wrong'),o=x!==null&&x.checked;
 for(const r of document.getElementById('preds').tBodies[0].rows)
-r.style.display=((c==''||r.dataset.predicted==c)&&(!w||r.dataset.quality=='1'))?'':'none'}
+r.style.display=((c==''||r.dataset.predicted==c)&&(!w||r.dataset.quality=='1')&&(!o||r.dataset.correct=='0'))?'':'none'}
 """
 
 
@@ -72,17 +122,29 @@ def write_report(
     path: str | os.PathLike,
     rows: Sequence[ReportRow],
     classes: Sequence[str],
-    summary: dict,
+    summary: Mapping[str, object],
     skipped: Sequence[dict[str, str]] = (),
+    predicted_counts: Mapping[str, int] | None = None,
+    quality_warnings: int | None = None,
 ) -> Path:
-    """Write ``report.html`` (images referenced by relative path, so the page stays small for big batches)."""
+    """Write ``report.html`` (images referenced by relative path, so the page stays small for big batches).
+
+    ``rows`` are shown in review order (``review_order``: to refer, wrong, the rest). ``predicted_counts`` and
+    ``quality_warnings`` are over every image of the batch when the report shows only some of them (default: over
+    ``rows``).
+    """
     path = Path(path)
-    counts = Counter(r.predicted for r in rows)
+    rows = review_order(rows)
+    counts = Counter(r.predicted for r in rows) if predicted_counts is None else Counter(predicted_counts)
     n_warn = sum(1 for r in rows if r.quality)
+    all_warn = n_warn if quality_warnings is None else quality_warnings
+    with_truth = any(r.correct is not None for r in rows)
+    n_wrong = sum(1 for r in rows if r.correct is False)
     head = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     per_class = "".join(f"<tr><td>{html.escape(c)}</td><td>{counts.get(c, 0)}</td></tr>" for c in classes)
     options = "".join(f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in classes)
     sort_heads = "".join(f"<th onclick=\"sortBy('p{i}',true)\">{html.escape(c)}</th>" for i, c in enumerate(classes))
+    truth_head = "<th onclick=\"sortBy('truth',false)\">truth</th>" if with_truth else ""
     body = []
     for r in rows:
         data = " ".join(f'data-p{i}="{r.probabilities.get(c, 0.0):.6f}"' for i, c in enumerate(classes))
@@ -99,37 +161,63 @@ def write_report(
         )
         refer = '<span class="refer">refer</span>' if r.refer else ""
         note = f'<div class="small">{html.escape(r.fallback)}</div>' if r.fallback else ""
-        badge, warn, quality = "", "", ""
+        badge, quality = "", ""
+        css: list[str] = []
         reasons = (r.quality,) if isinstance(r.quality, str) else tuple(r.quality)  # one reason passed as a str
         if reasons:
             badge = ' <span class="badge" title="input quality warning">quality</span>'
-            warn = ' class="warn"'
+            css.append("warn")
             items = "".join(f"<li>{html.escape(reason)}</li>" for reason in reasons)
             quality = f'<ul class="quality" title="input quality warnings">{items}</ul>'
+        truth_cell, truth_data = "", ""
+        if with_truth:
+            mark = ""
+            if r.correct is True:
+                mark = ' <span class="right" title="the prediction is the truth">&#10003; right</span>'
+            elif r.correct is False:
+                mark = ' <span class="wrong-mark" title="the prediction is not the truth">&#10007; wrong</span>'
+                css.append("wrong")
+            truth_cell = f"<td>{html.escape(r.truth)}{mark}</td>"
+            correct = "" if r.correct is None else str(int(r.correct))
+            truth_data = f' data-truth="{html.escape(r.truth)}" data-correct="{correct}"'
+        attrs = f' class="{" ".join(css)}"' if css else ""
         body.append(
-            f'<tr{warn} data-id="{html.escape(r.image_id)}" data-predicted="{html.escape(r.predicted)}" '
-            f'data-quality="{int(bool(reasons))}" data-confidence="{r.confidence:.6f}" {data}>'
+            f'<tr{attrs} data-id="{html.escape(r.image_id)}" data-predicted="{html.escape(r.predicted)}" '
+            f'data-quality="{int(bool(reasons))}" data-confidence="{r.confidence:.6f}"{truth_data} {data}>'
             f"<td>{html.escape(r.image_id)}{badge}{note}{quality}</td>{imgs}"
-            f"<td>{html.escape(r.predicted)} {refer}</td><td>{r.confidence:.3f}</td>{bars}</tr>"
+            f"<td>{html.escape(r.predicted)} {refer}</td>{truth_cell}<td>{r.confidence:.3f}</td>{bars}</tr>"
         )
     skipped_html = ""
     if skipped:
         items = "".join(f"<li>{html.escape(s['path'])}: {html.escape(s['reason'])}</li>" for s in skipped)
         skipped_html = f"<h2>Skipped ({len(skipped)})</h2><ul>{items}</ul>"
+    order = "the images to refer first, then " + ("the wrongly predicted ones, then " if with_truth else "")
+    truth_note = (
+        "\nWhere the input gave the truth, each image shows it and is marked <b>right</b> or <b>wrong</b>."
+        if with_truth
+        else ""
+    )
+    wrong_filter = (
+        f' &middot; <label><input type="checkbox" id="wrong" onchange="applyFilter()"> only wrong predictions '
+        f"({n_wrong})</label>"
+        if with_truth
+        else ""
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Lesion predictions</title>
 <style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>
 <h1>Lesion predictions</h1>
 <p class="small">Research software, not a medical device: every call needs a clinician's review.
 Images marked <b>refer</b> had a confidence below the threshold chosen for the target melanoma sensitivity.
 Images marked <span class="badge">quality</span> are outside what the models can judge (too small, badly exposed,
-blurred, no lesion found): their probabilities are not to be trusted.</p>
-<table class="summary">{head}<tr><td>quality warnings</td><td>{n_warn}</td></tr></table>
+blurred, no lesion found): their probabilities are not to be trusted.{truth_note}
+The table opens on {order}the rest, each in input order.</p>
+<table class="summary">{head}<tr><td>quality warnings</td><td>{all_warn}</td></tr></table>
 <h2>Predicted classes</h2><table class="summary">{per_class}</table>
 <p>Show class <select id="cls" onchange="applyFilter()"><option value="">all</option>{options}</select>
  &middot; <label><input type="checkbox" id="warn" onchange="applyFilter()"> only images with quality warnings
-({n_warn})</label> &middot; click a column header to sort</p>
+({n_warn})</label>{wrong_filter} &middot; click a column header to sort</p>
 <table id="preds"><thead><tr><th onclick="sortBy('id',false)">image</th><th>image + lesion</th><th>crop</th>
-<th>Grad-CAM</th><th onclick="sortBy('predicted',false)">predicted</th>
+<th>Grad-CAM</th><th onclick="sortBy('predicted',false)">predicted</th>{truth_head}
 <th onclick="sortBy('confidence',true)">confidence</th>{sort_heads}</tr></thead>
 <tbody>{"".join(body)}</tbody></table>{skipped_html}
 <script>const meta={json.dumps({"images": len(rows)})};</script></body></html>"""

@@ -20,7 +20,8 @@ def found_backbones(cfg: EnsembleConfig) -> list[str]:
     if not found:
         raise TableError(
             f"no trained backbone under {root} (no <backbone>/probs_{split}.csv): train one with "
-            "`python classification/train.py --backbone NAME`, or point --root at the classification runs"
+            f"`python classification/train.py --backbone NAME --root {cfg.run.root}`, or pass --root (the run root) "
+            "or --classification-root (the folder of backbone runs)"
         )
     missing = [b for b in DEFAULT_BACKBONES if b not in found]
     print(f"vote: stacking the {len(found)} backbones trained under {root}: {', '.join(found)}"
@@ -34,11 +35,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Stack the classifiers' probabilities, fit the locally connected meta-network and the baselines on the "
         "held-out split (settings chosen by cross-validation inside it), and score every method once on test.",
     )
-    parser.add_argument("--root", help="classification run folder holding <backbone>/probs_<split>.csv")
+    parser.add_argument(
+        "--classification-root",
+        help="folder holding <backbone>/probs_<split>.csv (default: ROOT/classification)",
+    )
     parser.add_argument(
         "--backbones",
         help="comma-separated backbones to stack, in order, e.g. resnet50,xception (default: every backbone trained "
-        "under --root, the default five first)",
+        "under ROOT/classification, the default five first)",
     )
     parser.add_argument(
         "--fit-split",
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _vote(args: argparse.Namespace) -> int:
     flags = {
-        "data.classification_root": args.root,
+        "data.classification_root": args.classification_root,
         "data.backbones": args.backbones,
         "data.fit_split": args.fit_split,
         "run.out_dir": args.out,

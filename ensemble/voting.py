@@ -26,7 +26,12 @@ from dermpipe.ensemble.calibration import (
 from dermpipe.ensemble.config import EnsembleConfig
 from dermpipe.ensemble.evaluation import bootstrap_balanced_accuracy, method_metrics
 from dermpipe.ensemble.meta import fit_meta, meta_logits, save_meta, select_meta_settings, softmax
-from dermpipe.ensemble.outputs import write_confusion_matrix, write_methods_table, write_predictions
+from dermpipe.ensemble.outputs import (
+    write_confusion_matrix,
+    write_methods_plot,
+    write_methods_table,
+    write_predictions,
+)
 from dermpipe.ensemble.stacked_tables import (
     StackedTable,
     TableError,
@@ -187,6 +192,12 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     out = run.dir
     paths = {
         "methods": write_methods_table(out / "methods.csv", rows, classes),
+        "methods_plot": write_methods_plot(
+            out / "methods.png",
+            rows,
+            backbones[best_index],
+            cfg.evaluation.confidence if cfg.evaluation.bootstrap else None,
+        ),
         "confusion": write_confusion_matrix(
             test.labels, test_meta[labelled].argmax(1), classes, out / "confusion_meta", "meta-network, test split"
         ),

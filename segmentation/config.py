@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from dermpipe.configs.schema import RunConfig
 from dermpipe.data.augment import AugmentConfig
@@ -65,4 +65,7 @@ class SegmentationConfig:
     model: SegModelConfig = field(default_factory=SegModelConfig)
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
     predict: SegPredictConfig = field(default_factory=SegPredictConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/segmentation"))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # empty path settings -> their place under run.root (configs.loader.place_under_root)
+    ROOT_PATHS: ClassVar[dict[str, str]] = {"run.out_dir": "segmentation", "run.cache_dir": "cache"}

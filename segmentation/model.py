@@ -10,6 +10,7 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 
+from dermpipe.engine import hub
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from dermpipe.errors import DermpipeError, did_you_mean
 from dermpipe.segmentation.config import SegModelConfig
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 STAGE = "segmentation"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# a model.encoder_weights value ending so (or holding a path separator) is a local file, not a weights name
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".tar", ".ckpt")
 
 
 class ModelBuildError(DermpipeError):
@@ -42,40 +45,137 @@ def build_unet(cfg: SegModelConfig) -> torch.nn.Module:
             "'tu-<timm name>'"
         )
     weights = cfg.encoder_weights
-    local = weights is not None and (os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors", ".bin")))
+    local = weights is not None and (os.sep in weights or weights.endswith(WEIGHT_FILE_SUFFIXES))
+    timm_encoder = cfg.encoder.startswith("tu-")
     kwargs: dict[str, Any] = {}
     if cfg.architecture.lower() in ("unet", "unetplusplus"):
         kwargs["decoder_channels"] = list(cfg.decoder_channels)
         if cfg.decoder_attention:
             kwargs["decoder_attention_type"] = cfg.decoder_attention
+    # what smp is given: a weights name, True for a tu- encoder (timm picks its default weights), or None
+    encoder_weights: str | bool | None = None if local else weights
+    timm_file: Path | None = None  # a local file that timm's own loader reads into a tu- encoder
+    if local and timm_encoder:
+        # read by timm into the timm model before smp keeps its feature stages (head dropped, formats and wrappers as
+        # for a classifier): a plain timm or torchvision state dict fits, although it lacks smp's "model." prefix
+        timm_file = _weights_file(Path(weights))
+        encoder_weights = True
+        kwargs["pretrained_cfg_overlay"] = {"file": str(timm_file)}
+    elif weights is not None and not local:
+        if timm_encoder:
+            encoder_weights = True  # smp warns about a name for a tu- encoder: the tag is part of the encoder name
+        download = _encoder_download(cfg.encoder, weights)
+        # offline (HF_HUB_OFFLINE, or no answer from the weights' host) and not cached: fail now, not after retries
+        why = hub.unreachable(download)
+        if why:
+            raise ModelBuildError(_download_advice(weights, cfg.encoder, why))
+        if timm_encoder and (overlay := hub.timm_cache_overlay(download)):
+            kwargs["pretrained_cfg_overlay"] = overlay  # the cached copy as a local file: no network at all
     try:
         model = archs[cfg.architecture.lower()](
-            encoder_name=cfg.encoder, encoder_weights=None if local else weights, classes=1, activation=None, **kwargs
+            encoder_name=cfg.encoder, encoder_weights=encoder_weights, classes=1, activation=None, **kwargs
         )
     except Exception as e:  # smp/timm raise many kinds when a download fails offline
+        if timm_file is not None:
+            raise ModelBuildError(
+                f"cannot load encoder {cfg.encoder} weights from {timm_file} ({type(e).__name__}: {str(e)[:160]}); "
+                "pass weights made for this timm model (a timm or torchvision state dict, .safetensors or .pth)"
+            ) from None
         if weights and not local:
             raise ModelBuildError(
-                f"cannot get {weights} weights for encoder {cfg.encoder} ({type(e).__name__}: {str(e)[:120]}); "
-                "offline? pass a local file with --set model.encoder_weights=PATH or train from scratch with "
-                "--set model.encoder_weights=null"
+                _download_advice(weights, cfg.encoder, f"{type(e).__name__}: {str(e)[:120]}")
             ) from None
         raise
-    if local:
+    if timm_file is not None and not hub.holds_weights_of(model.encoder, timm_file):
+        # timm loads a feature extractor non-strictly: a file of another network would leave it random
+        raise ModelBuildError(
+            f"cannot load encoder {cfg.encoder} weights from {timm_file} (none of its weights fits this model); pass "
+            "weights made for this timm model (a timm or torchvision state dict, .safetensors or .pth)"
+        )
+    if local and timm_file is None:
         _load_encoder_file(model, Path(weights))
     return model
 
 
-def _load_encoder_file(model: torch.nn.Module, path: Path) -> None:
+def _download_advice(weights: str, encoder: str, why: str) -> str:
+    return (
+        f"cannot get {weights} weights for encoder {encoder} ({why}); offline? pass a local file with "
+        "--set model.encoder_weights=PATH or train from scratch with --set model.encoder_weights=null"
+    )
+
+
+def _encoder_download(encoder: str, weights: str) -> hub.Download | None:
+    """Where smp would fetch ``weights`` for ``encoder`` from: timm's source for a tu- encoder, the smp hub repository
+    (its config.json and model.safetensors, both needed) or, with older smp, a URL. None for a name smp will refuse."""
+    if encoder.startswith("tu-"):
+        return hub.timm_download(encoder[3:])
+    settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get(weights)
+    if not settings:
+        return None
+    if "repo_id" in settings:
+        revision = settings.get("revision")
+        config = hub.hf_download(settings["repo_id"], "config.json", revision)
+        state = hub.hf_download(settings["repo_id"], "model.safetensors", revision)
+        # smp asks for both by commit hash: with both cached it reads them without a request
+        return state if config.cached else hub.Download(state.url, None, hf=True)
+    if settings.get("url"):
+        return hub.url_download(settings["url"])
+    return None
+
+
+def _weights_file(path: Path) -> Path:
+    path = path.expanduser()
     if not path.is_file():
         raise ModelBuildError(f"encoder weights file {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    return path
 
-        state = load_file(str(path))
+
+def _load_encoder_file(model: torch.nn.Module, path: Path) -> None:
+    """An smp encoder's weights from a state dict file (.safetensors, or a torch.save'd .pth/.pt/.bin whose
+    tensors may sit under a "state_dict" or "model" key); a file that fits none of the encoder's keys is refused."""
+    path = _weights_file(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt file, or a pickle that is more than tensors
+        raise ModelBuildError(f"cannot read encoder weights file {path} ({type(e).__name__}: {str(e)[:160]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelBuildError(f"encoder weights file {path} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.encoder.state_dict()
+    if not own.keys() & state.keys():
+        raise ModelBuildError(
+            f"encoder weights file {path} fits none of the {type(model.encoder).__name__}'s {len(own)} weights "
+            f"(its keys look like {next(iter(state), 'nothing')!r}, the encoder's like {next(iter(own))!r}): pass "
+            "weights made for this encoder, e.g. its smp-hub model.safetensors"
+        )
+    try:
+        # the encoder's own loader first: smp's drop their classifier or rename old keys (DenseNet), then load strictly
+        model.encoder.load_state_dict(dict(state))
+        missing, unexpected = [], []
+    except (RuntimeError, TypeError, KeyError):
+        try:  # a partial fit: what matches (torch's loader, as some smp overrides take no strict=)
+            missing, unexpected = torch.nn.Module.load_state_dict(model.encoder, state, strict=False)
+        except RuntimeError as e:  # a shape that differs
+            raise ModelBuildError(f"encoder weights file {path} does not fit the encoder: {str(e)[:300]}") from None
+    if missing:
+        logger.warning(
+            "encoder weights from %s leave %d of the encoder's %d weights untouched (e.g. %s); %d keys unused",
+            path,
+            len(missing),
+            len(own),
+            missing[0],
+            len(unexpected),
+        )
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    logger.info("encoder weights from %s (%d missing, %d unexpected keys)", path, len(missing), len(unexpected))
+        logger.info("encoder weights from %s (%d keys unused)", path, len(unexpected))
 
 
 def save_unet(

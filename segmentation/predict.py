@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from dermpipe.configs.loader import default_config_path
+from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import read_inputs
-from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
+from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
 from dermpipe.engine.files import check_output_folder
 from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
 from dermpipe.segmentation.config import SegmentationConfig
@@ -20,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--manifest", help="manifest CSV of the images to crop")
     source.add_argument("--input", help="a folder of images (recursive)")
     parser.add_argument("--split", help="with --manifest: only the rows of this split (train, val or test)")
-    parser.add_argument("--run", default="runs/segmentation", help="trained segmentation run folder")
+    parser.add_argument("--run", help="trained segmentation run folder (default: ROOT/segmentation)")
     parser.add_argument("--checkpoint", help="U-Net checkpoint (default: RUN/best.safetensors)")
-    parser.add_argument("--out", default="runs/crops", help="where crops.csv, boxes.csv and crops/ go")
+    parser.add_argument("--out", help="where crops.csv, boxes.csv and crops/ go (default: ROOT/crops)")
     parser.add_argument(
         "--masks",
         action="store_true",
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        run_dir = Path(args.run)
+        root = Path(resolve_config(SegmentationConfig, args, {}).run.root)
+        run_dir = Path(args.run) if args.run else root / ROOT_LAYOUT["segmentation"]
+        args.out = args.out or str(root / ROOT_LAYOUT["crops"])
         check_run_folder(run_dir, "segmentation")
         # a config of the run's own, or the user's, must agree with what the checkpoint was trained with
         strict = args.config != str(default_config_path("segmentation")) or any(
@@ -50,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         manifest, excluded = inputs.manifest, inputs.excluded
         if args.split:
             manifest = manifest.select(args.split)
-        checkpoint = args.checkpoint or run_dir / "best.safetensors"
+        checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "best.safetensors"
+        if not checkpoint.is_file():
+            raise MissingInputError(
+                f"no trained U-Net at {checkpoint}: train one with `python segmentation/train.py --manifest FILE "
+                f"--root {root}`, or pass --run FOLDER (a segmentation run) or --checkpoint FILE"
+            )
         device = choose_device(cfg.run.device)
         predictor = SegmentationPredictor(checkpoint, cfg, device, force=cfg.run.force, strict=strict)
         setup_logging(Path(args.out))  # everything validated: from here on the output folder is written

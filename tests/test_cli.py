@@ -24,6 +24,8 @@ EXPECTED = [
     "evaluate",
     "train-classifier",
     "vote",
+    "run",
+    "bundle",
     "predict",
     "demo",
 ]

@@ -87,7 +87,7 @@ def tables(tmp_path):
 
 def _args(root, out, *extra):
     return [
-        "--root",
+        "--classification-root",
         str(root),
         "--backbones",
         ",".join(BACKBONES),
@@ -514,3 +514,29 @@ def test_vote_stacks_the_backbones_it_finds_trained_and_says_which(tables, tmp_p
     assert summary["backbones"] == ["good_a", "good_b", "noise"]
     assert main([*args[:1], str(tmp_path / "empty"), *args[2:]]) == 2
     assert "no trained backbone under" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bootstrap", [200, 0])
+def test_methods_forest_plot_shows_the_values_of_methods_csv(tables, tmp_path, bootstrap):
+    from dermpipe.ensemble.outputs import methods_plot_data
+
+    out = tmp_path / "run"
+    assert main([*_args(tables, out), "--set", f"evaluation.bootstrap={bootstrap}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    png = out / "methods.png"
+    assert summary["paths"]["methods_plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with (out / "methods.csv").open() as f:
+        table = list(csv.DictReader(f))
+    plotted = methods_plot_data(summary["methods"], summary["best_single"])  # what run_vote drew...
+    assert plotted == methods_plot_data(table, summary["best_single"])  # ...is what methods.csv says, read back
+    assert list(plotted.methods) == [r["method"] for r in table]
+    assert list(plotted.balanced_accuracy) == [float(r["balanced_accuracy"]) for r in table]
+    best = next(r for r in table if r["method"] == "best_single")
+    assert plotted.reference == float(best["balanced_accuracy"])
+    assert plotted.best_single == "good_a" and best["detail"].startswith("good_a ")
+    if bootstrap:
+        assert list(plotted.low) == [float(r["balanced_accuracy_low"]) for r in table]
+        assert list(plotted.high) == [float(r["balanced_accuracy_high"]) for r in table]
+    else:
+        assert plotted.low is None and plotted.high is None and "balanced_accuracy_low" not in table[0]

@@ -1,0 +1,135 @@
+"""The model card of a bundle (MODEL_CARD.md): what it was trained on, how well it did, what it is for and not for."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+LIMITS = """\
+## Intended use and limits
+
+- Research software for dermoscopic images of skin lesions: to study, compare and audit lesion classifiers, and to
+  triage images for a dermatologist's review in research settings. **It is not a medical device**: it has not been
+  cleared or approved by any regulator, and it must not be used to diagnose, to rule out melanoma or to decide
+  treatment.
+- It judges dermoscopic photographs like those it was trained on. Clinical (non-dermoscopic) photos, other body
+  sites, skin types or devices under-represented in the training data, and classes it was not trained on (every image
+  gets one of its classes) are outside what the metrics below describe.
+- The metrics were measured once on the held-out test split of the training data set; they say how the models did
+  there, not on another clinic's patients. Rare classes are scored on few images: read the intervals.
+- Images the models cannot judge (too small, dark, blurred, no lesion found) and images below the refer threshold are
+  flagged `refer` = 1: send them to a dermatologist.
+"""
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def _data_table(images: Mapping[str, Mapping[str, int]] | None, classes: Sequence[str]) -> str:
+    if not images:
+        return "The training manifest was not found when the bundle was made: counts not recorded.\n"
+    splits = [s for s in ("train", "val", "test") if s in images] + sorted(s for s in images if s not in
+                                                                          ("train", "val", "test"))  # fmt: skip
+    labels = [c for c in classes if any(c in images[s] for s in splits)]
+    labels += sorted({c for s in splits for c in images[s]} - set(labels))
+    lines = ["| class | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for c in labels:
+        lines.append(f"| {c} | " + " | ".join(str(images[s].get(c, 0)) for s in splits) + " |")
+    lines.append("| **all** | " + " | ".join(str(sum(images[s].values())) for s in splits) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _methods_table(summary: Mapping[str, Any]) -> str:
+    rows = summary.get("methods") or []
+    if not rows:
+        return "No test-split scores were recorded (the vote's summary.json is missing).\n"
+    lines = ["| method | balanced accuracy | 95% interval | macro AUC |", "|---|---|---|---|"]
+    for row in rows:
+        low, high = row.get("balanced_accuracy_low"), row.get("balanced_accuracy_high")
+        interval = f"{_number(low)} to {_number(high)}" if low is not None else "n/a"
+        lines.append(f"| {row['method']} | {_number(row.get('balanced_accuracy'))} | {interval} | "
+                     f"{_number(row.get('macro_auc'))} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _referral(summary: Mapping[str, Any], calibration: Mapping[str, Any]) -> str:
+    referral = summary.get("referral_test") or {}
+    if not referral:
+        return "No refer threshold (calibration.refer was off).\n"
+    missed = (
+        f" **This is below the {_number(summary.get('target_sensitivity'), 2)} target.**"
+        if summary.get("target_missed")
+        else ""
+    )
+    return (
+        f"Images whose top probability is below {_number(calibration.get('refer_threshold'))} are referred. On the "
+        f"test split {_number(referral.get('referred_fraction'), 3)} of images were referred, and the "
+        f"{calibration.get('refer_class')} sensitivity counting referred images as caught was "
+        f"{_number(referral.get('sensitivity_with_referral'))} (target "
+        f"{_number(calibration.get('target_sensitivity'), 2)}, set on the held-out fit split).{missed}\n"
+    )
+
+
+def model_card(info: Mapping[str, Any], summary: Mapping[str, Any], seg_metrics: Sequence[Mapping[str, str]]) -> str:
+    """MODEL_CARD.md from the bundle's bundle.json, the vote's summary.json and the U-Net's metrics.csv."""
+    classes = list(info["classes"])
+    seg = info.get("segmentation") or {}
+    best = max(seg_metrics, key=lambda r: float(r.get("val_jaccard") or 0), default=None)
+    seg_line = (
+        f"best validation Jaccard (per image, as ISIC scores) {_number(best.get('val_jaccard'))} at epoch "
+        f"{best.get('epoch')}, Dice {_number(best.get('val_dice'))}"
+        if best
+        else "not recorded"
+    )
+    crops = info.get("crops") or {}
+    data = info.get("training_data") or {}
+    backbones = "\n".join(
+        f"  - `{name}`: input {c.get('input_size')} px, SE reduction {c.get('se_reduction')}, mean {c.get('mean')}, "
+        f"std {c.get('std')}"
+        for name, c in (info.get("classifiers") or {}).items()
+    )
+    vote = info.get("vote") or {}
+    calibration = info.get("calibration") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items())
+    return f"""# Model card: {info["name"]}
+
+Made by dermpipe on {info.get("created")} from the run root `{info.get("source_root")}`. Its files and their
+sha256 are listed in `SHA256SUMS`; `dermpipe predict --model` refuses the bundle if any of them changed.
+
+{LIMITS}
+## Classes (in the order of the probability columns)
+
+{", ".join(f"`{c}`" for c in classes)}
+
+## Training data
+
+Manifest `{data.get("manifest")}`; images per split and class (splits grouped by lesion: no lesion on two sides):
+
+{_data_table(data.get("images"), classes)}
+## Pipeline
+
+- Segmentation: {seg.get("architecture")} with encoder `{seg.get("encoder")}` at {seg.get("input_size")} px;
+  {seg_line}.
+- Crops: the lesion's box with a margin of {crops.get("margin")} of its side, square, resized to
+  {crops.get("crop_size")} px (mask threshold {crops.get("threshold")}, flip TTA {crops.get("tta")}).
+- Classifiers (each with a Squeeze-and-Excitation block before pooling):
+{backbones}
+- Vote: locally connected meta-network over the stacked probabilities (hidden {vote.get("hidden")}, weight decay
+  {vote.get("weight_decay")}, inputs {vote.get("inputs")}), fit on the `{vote.get("fit_split")}` split only;
+  temperature {_number(calibration.get("temperature"))}.
+
+## Measured on the test split ({summary.get("n_test", "n/a")} images, scored once)
+
+Balanced accuracy (mean per-class recall) with a 95% interval from a paired, class-stratified bootstrap of the test
+images; `best_single` is the backbone chosen on the fit split.
+
+{_methods_table(summary)}
+{_referral(summary, calibration)}
+## Versions
+
+{versions}
+"""

@@ -1,0 +1,229 @@
+"""The whole pipeline from one manifest: ``dermpipe run --manifest FILE --root DIR [--config EXPERIMENT.yaml]``.
+
+Trains the U-Net, crops every image, trains each classifier, fits the vote and scores it once on the test split,
+all under one run root, then prints one summary table (also ``ROOT/summary.md``). Each step is the stage script
+itself, so it skips what is finished (same settings and data) and a rerun after an interrupt resumes the training
+that was cut.
+
+An experiment file holds the whole experiment: optional ``manifest``, ``root`` and ``backbones``, and one section
+per stage in that stage's own config form::
+
+    root: runs/ham
+    backbones: [resnet50, densenet169]
+    segmentation: {train: {epochs: 20}}
+    classification: {train: {epochs: 15}, model: {pretrained: false}}
+    ensemble: {calibration: {target_sensitivity: 0.9}}
+
+``--set STAGE.section.key=value`` overrides one value of one stage (after the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dermpipe.classification import train as classification_train
+from dermpipe.classification.backbones import DEFAULT_BACKBONES
+from dermpipe.classification.config import ClassificationConfig
+from dermpipe.configs.loader import ConfigError, default_config_path, load_config, load_yaml
+from dermpipe.configs.schema import DEFAULT_ROOT, ROOT_LAYOUT
+from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.engine.checkpoint import CheckpointError, load_resume_state
+from dermpipe.engine.cli import run_cli
+from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.loop import STATE_FILE, read_metrics
+from dermpipe.ensemble import vote as ensemble_vote
+from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.errors import did_you_mean
+from dermpipe.segmentation import predict as segmentation_predict
+from dermpipe.segmentation import train as segmentation_train
+from dermpipe.segmentation.config import SegmentationConfig
+
+STAGES: dict[str, type] = {
+    "segmentation": SegmentationConfig,
+    "classification": ClassificationConfig,
+    "ensemble": EnsembleConfig,
+}
+TOP_KEYS = ("manifest", "root", "backbones", *STAGES)
+
+
+def _flatten(section: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """A nested config section as ``--set key=value`` items (lists and mappings as JSON, which YAML reads back)."""
+    items = []
+    for key, value in section.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            items += _flatten(value, f"{name}.")
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            items.append(f"{name}={text}")
+    return items
+
+
+def experiment_settings(path: str | None, overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The experiment file's top-level values and, per stage, its ``--set`` items (file first, then ``--set``).
+
+    Every stage's settings are resolved here, so a mistyped key fails before anything runs.
+    """
+    data = load_yaml(path) if path else {}
+    for key in data:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"experiment file {path}: unknown key '{key}'{did_you_mean(key, TOP_KEYS)}; it takes "
+                              f"{', '.join(TOP_KEYS)}")  # fmt: skip
+    sets: dict[str, list[str]] = {}
+    for stage in STAGES:
+        section = data.get(stage) or {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"experiment file {path}: '{stage}' must be a mapping of that stage's config sections")
+        sets[stage] = _flatten(section)
+    for item in overrides:
+        stage, _, rest = item.partition(".")
+        if stage not in STAGES or not rest:
+            raise ConfigError(f"--set {item!r}: name the stage first, e.g. --set classification.train.epochs=5 "
+                              f"(stages: {', '.join(STAGES)}){did_you_mean(stage, STAGES)}")  # fmt: skip
+        sets[stage].append(rest)
+    for stage, cls in STAGES.items():
+        try:
+            load_config(cls, default_config_path(stage), sets[stage])
+        except ConfigError as e:
+            raise ConfigError(f"{stage}: {e}") from None
+    return data, sets
+
+
+def _resume(run_dir: Path) -> list[str]:
+    """``--resume`` when the folder holds an interrupted training (a finished one is reused by the stage itself)."""
+    try:
+        state = load_resume_state(run_dir / STATE_FILE) if (run_dir / STATE_FILE).is_file() else None
+    except CheckpointError:
+        return []
+    return ["--resume"] if state is not None and not state.get("finished") else []
+
+
+class Steps:
+    """Runs each stage script's ``main`` in turn, timing it; stops at the first that fails."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float]] = []
+
+    def __call__(self, name: str, main: Callable[[list[str]], int], argv: list[str]) -> None:
+        print(f"run: {name}", flush=True)
+        start = time.time()
+        code = main(argv)
+        self.times.append((name, time.time() - start))
+        if code != 0:
+            hint = " (it resumed an interrupted training: pass --force to train that stage afresh)" if "--resume" in \
+                argv else ""  # fmt: skip
+            raise StepFailed(code, f"run: stopped at {name} (exit status {code}){hint}; finished stages are kept")
+
+
+class StepFailed(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _segmentation_row(root: Path) -> list[str]:
+    rows = read_metrics(root / ROOT_LAYOUT["segmentation"] / "metrics.csv", (), 10**9)
+    best = max(rows, key=lambda r: float(r.get("val_jaccard") or 0), default=None)
+    if best is None:
+        return ["segmentation", "U-Net, val Jaccard (not recorded)", "n/a", ""]
+    return ["segmentation", f"U-Net, val Jaccard at epoch {best['epoch']}", f"{float(best['val_jaccard']):.4f}", ""]
+
+
+def summary_table(root: Path, times: Sequence[tuple[str, float]]) -> str:
+    """One Markdown table: the U-Net's Jaccard, then every backbone's and every vote's test balanced accuracy."""
+    summary_path = root / ROOT_LAYOUT["ensemble"] / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    rows = [_segmentation_row(root)]
+    for row in summary.get("methods", []):
+        low, high = row.get("balanced_accuracy_low"), row.get("balanced_accuracy_high")
+        interval = f"{low:.4f} to {high:.4f}" if low is not None else ""
+        detail = f"test balanced accuracy; {row['detail']}" if row.get("detail") else "test balanced accuracy"
+        rows.append([row["method"], detail, f"{row['balanced_accuracy']:.4f}", interval])
+    lines = [
+        f"# dermpipe run: {root}",
+        "",
+        f"Test split: {summary.get('n_test', 'n/a')} images, scored once; intervals: 95% paired class-stratified "
+        "bootstrap of the test images.",
+        "",
+        "| what | measure | score | 95% interval |",
+        "|---|---|---|---|",
+        *(f"| {' | '.join(cells)} |" for cells in rows),
+    ]
+    if summary.get("target_missed"):
+        lines += ["", f"The refer threshold missed its {summary['target_sensitivity']:.2f} sensitivity target on test "
+                  f"({summary['referral_test']['sensitivity_with_referral']:.3f})."]  # fmt: skip
+    lines += ["", "| step | seconds |", "|---|---|", *(f"| {name} | {sec:.0f} |" for name, sec in times)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", help="manifest CSV with images, masks, labels and splits (data/convert.py)")
+    parser.add_argument("--root", help=f"run root for every stage (default: the file's root, else {DEFAULT_ROOT})")
+    parser.add_argument("--config", help="experiment YAML: manifest, root, backbones and one section per stage")
+    parser.add_argument(
+        "--backbones", help=f"comma-separated classifiers (default: the file's, else {','.join(DEFAULT_BACKBONES)})"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override one value of one stage, e.g. --set classification.train.epochs=5 (repeatable)",
+    )
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--force", action="store_true", help="retrain and recompute every stage")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        data, sets = experiment_settings(args.config, args.overrides)
+        manifest = args.manifest or data.get("manifest")
+        if not manifest:
+            raise ManifestError("no manifest: pass --manifest FILE.csv (make one with `python data/convert.py`)")
+        Manifest.read(manifest)  # a manifest that cannot be used fails before anything runs
+        root = Path(args.root or data.get("root") or DEFAULT_ROOT)
+        backbones = args.backbones.split(",") if args.backbones else list(data.get("backbones") or DEFAULT_BACKBONES)
+        common = ["--root", str(root)] + (["--device", args.device] if args.device else [])
+        common += ["--force"] if args.force else []
+        stage_sets = {stage: [x for item in items for x in ("--set", item)] for stage, items in sets.items()}
+        step = Steps()
+        try:
+            seg = stage_sets["segmentation"]
+            step(
+                "segmentation/train.py",
+                segmentation_train.main,
+                ["--manifest", str(manifest), *common, *seg, *_resume(root / ROOT_LAYOUT["segmentation"])],
+            )
+            step("segmentation/predict.py", segmentation_predict.main, ["--manifest", str(manifest), *common, *seg])
+            for backbone in backbones:
+                run_dir = root / ROOT_LAYOUT["classification"] / backbone
+                step(
+                    f"classification/train.py --backbone {backbone}",
+                    classification_train.main,
+                    ["--backbone", backbone, *common, *stage_sets["classification"], *_resume(run_dir)],
+                )
+            step("ensemble/vote.py", ensemble_vote.main,
+                 ["--backbones", ",".join(backbones), *common, *stage_sets["ensemble"]])  # fmt: skip
+        except StepFailed as e:
+            print(str(e))
+            return e.code
+        table = summary_table(root, step.times)
+        write_text_atomic(root / "summary.md", table)
+        print(f"\n{table}\nwrote {root / 'summary.md'}; bundle it with `dermpipe bundle --root {root} --out NAME`")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

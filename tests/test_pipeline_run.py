@@ -1,0 +1,109 @@
+"""`dermpipe run`: one experiment file, every stage under one root, resumed after an interrupt, refused when wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dermpipe.data.generator import generate_dataset
+from dermpipe.engine.loop import read_metrics
+from dermpipe.ensemble.pipeline import main
+
+EXPERIMENT = {
+    "backbones": ["test_resnet", "test_efficientnet"],
+    "segmentation": {
+        "model": {"encoder": "tu-test_resnet", "encoder_weights": None, "decoder_channels": [16, 8, 8, 8, 8]},
+        "data": {"image_size": 32},
+        "train": {"epochs": 2, "batch_size": 16, "panel_images": 0},
+        "predict": {"crop_size": 32},
+    },
+    "classification": {
+        "model": {"pretrained": False},
+        "data": {"image_size": 32},
+        "train": {"epochs": 3, "gradcam_images": 0},
+        "run": {"threads": 1},
+    },
+    "ensemble": {
+        "meta": {"epochs": 20, "cv_folds": 2, "hidden_grid": [4], "weight_decay_grid": [0.001],
+                 "inputs_grid": ["probs"]},
+        "evaluation": {"bootstrap": 50},
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("data"), n_images=80, size=64, seed=0)
+
+
+def experiment(tmp_path: Path, name: str = "experiment", **changes) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**EXPERIMENT, **changes}))
+    return path
+
+
+def test_interrupted_run_resumes_the_cut_training_and_reuses_the_rest(
+    manifest: Path, tmp_path: Path, interrupt_epoch, capsys: pytest.CaptureFixture
+) -> None:
+    root, config = tmp_path / "exp", experiment(tmp_path)
+    argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(config), "--device", "cpu"]
+    restore = interrupt_epoch(2 + 3 + 2)  # the second backbone's second epoch
+    assert main(argv) == 130
+    restore()
+    second = root / "classification" / "test_efficientnet"
+    assert [r["epoch"] for r in read_metrics(second / "metrics.csv", (), 10**9)] == ["1"]
+    assert not (root / "ensemble").exists() and not (root / "summary.md").exists()
+    first = root / "classification" / "test_resnet" / "best.safetensors"
+    kept = (first.read_bytes(), first.stat().st_mtime_ns)
+    capsys.readouterr()
+
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == kept  # finished: reused, not retrained
+    assert [r["epoch"] for r in read_metrics(second / "metrics.csv", (), 10**9)] == ["1", "2", "3"]
+    table = (root / "summary.md").read_text()
+    assert table in out.out
+    for name in ("| segmentation |", "| test_resnet |", "| test_efficientnet |", "| mean_vote |", "| meta_network |"):
+        assert name in table
+    assert (root / "cache" / "crops").is_dir() and (root / "crops" / "crops.csv").is_file()
+
+
+def test_a_mistyped_experiment_is_refused_before_anything_runs(
+    manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root = tmp_path / "exp"
+    cases = [
+        (experiment(tmp_path, "a", classification={"train": {"epoch": 3}}), [], "did you mean 'epochs'"),
+        (experiment(tmp_path, "b", backbone=["x"]), [], "unknown key 'backbone' (did you mean 'backbones'?)"),
+        (experiment(tmp_path), ["--set", "train.epochs=2"], "name the stage first"),
+    ]
+    for config, extra, message in cases:
+        assert main(["--manifest", str(manifest), "--root", str(root), "--config", str(config), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+        assert not root.exists()
+
+
+def test_missing_inputs_name_the_command_and_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dermpipe.classification import train as classification_train
+    from dermpipe.ensemble import predict, vote
+    from dermpipe.segmentation import predict as segment
+
+    root = str(tmp_path / "empty")
+    calls = [
+        (segment.main, ["--manifest", "m.csv", "--root", root], "python segmentation/train.py", "--run"),
+        (classification_train.main, ["--backbone", "resnet50", "--root", root], "python segmentation/predict.py",
+         "--manifest"),
+        (vote.main, ["--root", root], "python classification/train.py", "--classification-root"),
+        (predict.main, ["--input", str(tmp_path / "photos"), "--root", root, "--out", str(tmp_path / "o")],
+         "python segmentation/train.py", "--segmentation-run"),
+    ]  # fmt: skip
+    (tmp_path / "m.csv").write_text("image_id,image_path\na,a.jpg\n")
+    (tmp_path / "photos").mkdir()
+    for script, argv, command, flag in calls:
+        argv = [a if a != "m.csv" else str(tmp_path / "m.csv") for a in argv]
+        assert script(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and command in err and flag in err and root in err, err
