@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's `Use` sequence on a real HAM10000-layout sample, each command timed (BENCHMARKS.md, "Quick start").
 #
-#   python benchmarks/ham_layout.py --root ../shared/data/isic_real --out runs/bench/quickstart/HAM10000 --n 500
+#   python benchmarks/ham_layout.py --root ../shared/data/isic_real --out runs/bench/quickstart/HAM10000 --n 300
 #   bash benchmarks/quickstart_real.sh runs/bench/quickstart
 #
 # Runs in WORKDIR exactly the README's commands (HAM10000 from WORKDIR/HAM10000, photos/ = 40 of its test images),
@@ -11,8 +11,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$REPO/.venv/bin/python}
 cd "$1"
-SEG="--epochs 12 --set model.encoder=resnet18 --set model.encoder_weights=null --set data.image_size=128"
-CLS="--epochs 8 --set model.pretrained=false --set data.image_size=96"
+SEG="--epochs 6 --set model.encoder=resnet18 --set model.encoder_weights=null --set data.image_size=128"
+CLS="--epochs 4 --set model.pretrained=false --set data.image_size=96"
 : > times.tsv
 timed() {
   local start=$SECONDS

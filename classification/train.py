@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"FILE --root {cfg.run.root}`, or pass --manifest FILE (any manifest, with --no-crop for whole images)"
             )
         result = run_classification(cfg, resume=args.resume)
+        if "rank" in result:  # another rank than 0 under torchrun: rank 0 reports
+            return 0
         folds = f" over {cfg.train.folds} folds (val = out-of-fold)" if result.get("combined") else ""
         print(
             f"classification {cfg.model.backbone}{folds}: best epoch {result['best_epoch']}, "

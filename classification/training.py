@@ -53,6 +53,7 @@ from dermpipe.data.manifest import Manifest
 from dermpipe.data.reading import read_image
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import read_metadata, save_checkpoint, weights_digest
+from dermpipe.engine.distributed import is_main, rank
 from dermpipe.engine.loop import LoopSettings, epoch_seed, evaluate, finished_state, fit, read_metrics
 from dermpipe.engine.run import Run, start_stage_run
 from dermpipe.engine.schedules import Schedule
@@ -227,6 +228,8 @@ def train_fold(
     else:
         fit_ds = dataset(rows.fit, build_transform(cfg.data.augment, size, train=True, mean=mean, std=std))
         history = _fit(cfg, run, model, rows, fit_ds, monitor_ds, classes, fold, key, resume)
+    if not is_main():  # under torchrun rank 0 alone evaluates and writes the tables
+        return {"run_dir": str(run.dir), "rank": rank()}
     return _after_training(
         cfg, run, rows, monitor_ds, lambda subset: dataset(subset, eval_tf), classes, column, history
     )
@@ -379,10 +382,13 @@ def run_classification(cfg: ClassificationConfig, resume: bool = False) -> dict[
     if not cfg.train.folds:
         return train_fold(cfg, start(backbone_dir), manifest, None, resume)
     k = cfg.train.folds
-    backbone_dir.mkdir(parents=True, exist_ok=True)
-    manifest.write(backbone_dir / "folds.csv")
+    if is_main():
+        backbone_dir.mkdir(parents=True, exist_ok=True)
+        manifest.write(backbone_dir / "folds.csv")
     chosen = [cfg.train.fold] if cfg.train.fold >= 0 else list(range(k))
     folds = [train_fold(cfg, start(backbone_dir / f"fold{i}"), manifest, i, resume) for i in chosen]
+    if not is_main():
+        return folds[-1]
     combined = combine_folds(cfg, backbone_dir, k)
     summary = dict(folds[-1])
     summary.update({"folds": folds, "run_dir": str(backbone_dir) if combined else folds[-1]["run_dir"]})

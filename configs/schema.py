@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 # Where each stage reads and writes under one run root (``--root``, default ``runs``). A path setting left empty
 # ('') in a stage config takes its place here; one set to a path keeps it (the cache can be shared between roots).
@@ -26,8 +27,10 @@ class RunConfig:
     cache_dir: str = ""  # '' = <root>/cache
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: bool = True  # only on CUDA
+    amp: bool = True  # mixed precision, only on CUDA
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a gradient scaler; bfloat16 needs none
     channels_last: bool = True  # only on CUDA
+    compile: bool = False  # torch.compile the model for training (CUDA; slow to start, faster per step)
     num_workers: int = 0
     threads: int = 0  # torch CPU threads; 0 = torch's default
     force: bool = False  # recompute cached stage outputs

@@ -3,10 +3,16 @@
 Like MONAI's ``PersistentDataset`` but with its two traps avoided: the key hashes the image *bytes* (not the path) and
 the transform settings. Entries are written to a temporary name and renamed, every entry carries a digest of its
 arrays, and an entry that fails to load or to verify is recomputed, never trusted.
+
+An entry's modification time is its last use: a hit refreshes it (at most once per ``TOUCH_AFTER_S``), so
+``dermpipe cache prune --older-than DAYS`` (engine/cache_admin.py) removes what no run used for DAYS. A prune renames
+an entry away before deleting it: a reader that already opened it reads it whole, one that comes after misses and
+recomputes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -14,6 +20,8 @@ import io
 import json
 import logging
 import os
+import stat
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -38,6 +46,9 @@ VERSIONED_LIBRARIES = (
 _SWEPT: set[Path] = set()  # stage folders already cleared of stale temporaries in this process
 _DIGEST = "__digest__"
 _META = "__meta__"
+# A hit refreshes the entry's modification time (its last use) when it is older than this: one utime per entry per
+# hour at most, not one per read (a training run reads every resized image once per epoch).
+TOUCH_AFTER_S = 3600.0
 
 
 @functools.cache
@@ -105,11 +116,26 @@ def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-class StageCache:
-    """Per-item entries of one stage under ``root/stage/ab/<key>.npz``.
+def _touch(path: Path) -> None:
+    """Mark an entry used now (its modification time); a read-only cache or an entry pruned meanwhile stays as is."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
-    ``get`` returns ``None`` on a miss or a corrupt entry (which it deletes), so callers recompute; ``put`` writes
-    atomically. ``force=True`` ignores existing entries (and overwrites them). ``reused``/``computed`` count per run.
+
+def _unlink_if_same(path: Path, found: os.stat_result) -> None:
+    """Delete the corrupt file that was read, not an entry another process has put in its place since."""
+    with contextlib.suppress(FileNotFoundError):
+        now = path.stat()
+        if (now.st_dev, now.st_ino) == (found.st_dev, found.st_ino):
+            path.unlink()
+
+
+class StageCache:
+    """Per-item entries of one stage under ``root/stage/ab/<key>.npz``: one file each.
+
+    ``get`` returns ``None`` on a miss or a corrupt entry (which it deletes), so callers recompute, and marks a hit
+    used (the file's modification time); ``put`` writes atomically. ``force=True`` ignores existing entries (and
+    overwrites them). ``reused``/``computed`` count per run.
     """
 
     def __init__(self, root: str | os.PathLike, stage: str, force: bool = False) -> None:
@@ -134,21 +160,29 @@ class StageCache:
         if self.force:
             return None
         path = self.path(key)
-        if not path.is_file():
+        try:
+            found = path.stat()
+        except OSError:  # no entry (or no folder for it yet): a miss
+            return None
+        if not stat.S_ISREG(found.st_mode):
             return None
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            with np.load(path, allow_pickle=False) as npz:  # once open, a prune that renames it away cannot cut it
                 arrays = {k: npz[k] for k in npz.files if k not in (_DIGEST, _META)}
                 digest = str(npz[_DIGEST])
                 meta = json.loads(str(npz[_META]))
             if digest != arrays_digest(arrays):
                 raise ValueError("digest mismatch")
+        except FileNotFoundError:  # pruned between the stat and the open: a plain miss, recomputed
+            return None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
             logger.warning("cache: corrupt entry %s (%s); recomputing", path, e)
             self.corrupt += 1
-            path.unlink(missing_ok=True)
+            _unlink_if_same(path, found)
             return None
         self.reused += 1
+        if time.time() - found.st_mtime >= TOUCH_AFTER_S:
+            _touch(path)
         return arrays, meta
 
     def put(self, key: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> Path:

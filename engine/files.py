@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import stat
+import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,11 +25,14 @@ class FileInputError(DermpipeError):
 def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is renamed onto ``path``, else removed.
 
-    The temporary name keeps the suffix (``.x.<pid>.tmp.png``) so libraries that pick a format by suffix still can.
+    The temporary name keeps the suffix (``.x.h<host>.t<thread>.<pid>.tmp.png``) so libraries that pick a format by
+    suffix still can.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # host and thread in the name too: two threads of one process never share a temporary, and a sweep on one
+    # machine of a folder shared between machines can tell another machine's writer from a dead local one
+    tmp = path.with_name(f".{path.stem}.h{_HOST}.t{threading.get_native_id()}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
         if fsync:
@@ -118,13 +124,28 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) 
     removed = 0
     for path in folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*"):
         match = _TEMPORARY.fullmatch(path.name)
-        if match and path.is_file() and not _alive(int(match.group(1))):
+        if match and path.is_file() and _writer_gone(path, int(match.group(1))):
             path.unlink(missing_ok=True)
             removed += 1
     return removed
 
 
 _TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp(\.[^.]*)?")
+_HOSTED = re.compile(r"\..+\.h([0-9a-f]{8})\.t\d+\.\d+\.tmp(\.[^.]*)?")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+OTHER_HOST_STALE_S = 86400.0  # another machine's temporary: its process cannot be asked, so only once a day old
+
+
+def _writer_gone(path: Path, pid: int) -> bool:
+    """The process that writes ``path`` is gone: a local pid that no longer runs, or another machine's temporary
+    untouched for a day."""
+    hosted = _HOSTED.fullmatch(path.name)
+    if hosted and hosted.group(1) != _HOST:
+        try:
+            return time.time() - path.stat().st_mtime > OTHER_HOST_STALE_S
+        except FileNotFoundError:
+            return False
+    return not _alive(pid)
 
 
 def _alive(pid: int) -> bool:

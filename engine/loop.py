@@ -29,6 +29,15 @@ from dermpipe.engine.checkpoint import (
     load_weights,
     save_resume_state,
 )
+from dermpipe.engine.distributed import (
+    barrier,
+    broadcast,
+    is_main,
+    rank,
+    rank_loader,
+    sum_over_ranks,
+    world_size,
+)
 from dermpipe.engine.files import atomic_path, file_digest
 from dermpipe.engine.run import Run
 
@@ -199,9 +208,10 @@ def train_one_epoch(
         loss_sum += loss.detach().float() * len(images)
         seen += len(images)
     elapsed = time.perf_counter() - start
+    total_loss, total_seen = sum_over_ranks(float(loss_sum), seen)  # every rank's share of the global batches
     out: dict[str, Any] = {
-        "train_loss": float(loss_sum) / seen if seen else float("nan"),
-        "images_per_sec": seen / max(elapsed, 1e-9),
+        "train_loss": total_loss / total_seen if total_seen else float("nan"),
+        "images_per_sec": total_seen / max(elapsed, 1e-9),
     }
     if scorer is not None and seen:
         out.update(scorer.compute())
@@ -257,7 +267,7 @@ def fit(
     the resume state per epoch. A resume with other settings or data is refused, never silently mixed.
     """
     s = settings
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.scaled)
     ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=True) if s.ema_decay > 0 else None
     scored = ema.module if ema is not None else model
     state_path, metrics_path = run.dir / STATE_FILE, run.dir / METRICS_FILE
@@ -287,21 +297,23 @@ def fit(
             start = s.epochs  # it had stopped early or run every epoch: nothing left to train
         logger.info("resuming at epoch %d of %d (best %s %.4f at epoch %d)", start + 1, s.epochs, s.monitor, best,
                     best_epoch)  # fmt: skip
-    run.begin()  # everything validated: from here on the run folder is written
-    if not resume and metrics_path.exists():
+    run.begin()  # everything validated: from here on the run folder is written (by rank 0 alone under torchrun)
+    main = is_main()
+    if main and not resume and metrics_path.exists():
         metrics_path.unlink()
-    history: list[dict[str, Any]] = read_metrics(metrics_path, s.columns, start)
+    history: list[dict[str, Any]] = read_metrics(metrics_path, s.columns, start) if main else []
     stopped = False
+    trainer = Trainer(model, run)
     for epoch in range(start, s.epochs):
         if epoch == s.patience_from and s.patience_from:
             stale = 0  # patience counts from the end of the warm phase
         row: dict[str, Any] = {"epoch": epoch + 1, **stage.start_epoch(epoch), "lr": optimizer.param_groups[0]["lr"]}
-        torch.manual_seed(epoch_seed(s.seed, epoch))  # dropout draws, reproducible across --resume
+        torch.manual_seed(epoch_seed(s.seed, epoch) + rank())  # dropout draws, reproducible across --resume
         t0 = time.time()
         row.update(
             train_one_epoch(
-                model,
-                stage.batches(epoch),
+                trainer.model(),  # DDP and torch.compile when on, rebuilt when a phase changes what trains
+                rank_loader(stage.batches(epoch)),
                 loss_fn,
                 optimizer,
                 scheduler,
@@ -314,37 +326,40 @@ def fit(
                 scorer=stage.train_scorer(),
             )
         )
-        row.update(stage.validate(scored))
+        row.update(broadcast(stage.validate(scored) if main else None))  # scored once, on rank 0: one decision
         row["sec"] = round(time.time() - t0, 2)
         history.append(row)
-        append_metrics(metrics_path, row, s.columns)
-        stage.save(run.dir / "last.safetensors", model, row)
+        if main:
+            append_metrics(metrics_path, row, s.columns)
+            stage.save(run.dir / "last.safetensors", model, row)
         score = float(row[s.monitor])
         tie = float(row[s.tie_break]) if s.tie_break else 0.0
         if score > best or (s.tie_break and score == best and tie < best_tie):
             best, best_tie, best_epoch, stale = score, tie, epoch + 1, 0
-            stage.save(run.dir / "best.safetensors", scored, row)
+            if main:
+                stage.save(run.dir / "best.safetensors", scored, row)
         elif epoch >= s.patience_from:
             stale += 1
         stopped = bool(s.patience and stale >= s.patience)
-        save_resume_state(
-            state_path,
-            {
-                "epoch": epoch,
-                "best": best,
-                "best_tie": best_tie,
-                "best_epoch": best_epoch,
-                "stale": stale,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "model": model.state_dict(),
-                "fingerprint": s.fingerprint,
-                "finished": stopped or epoch + 1 == s.epochs,
-                "stopped": stopped,
-                **({"ema": ema.module.state_dict()} if ema is not None else {}),
-            },
-        )
+        if main:
+            save_resume_state(
+                state_path,
+                {
+                    "epoch": epoch,
+                    "best": best,
+                    "best_tie": best_tie,
+                    "best_epoch": best_epoch,
+                    "stale": stale,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "model": model.state_dict(),
+                    "fingerprint": s.fingerprint,
+                    "finished": stopped or epoch + 1 == s.epochs,
+                    "stopped": stopped,
+                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
+                },
+            )
         logger.info("epoch %d/%d: %s", epoch + 1, s.epochs, describe(row))
         if stopped:
             logger.info("early stop: no better %s for %d epochs (best %.4f at epoch %d)", s.monitor, stale, best,
@@ -352,7 +367,34 @@ def fit(
             break
     if start >= s.epochs:
         logger.info("nothing left to resume: the run in %s had finished", run.dir)
+    barrier()  # every rank leaves once rank 0 has written the last epoch's files
     return FitResult(history, best, best_epoch, stopped)
+
+
+class Trainer:
+    """The module the training steps run: ``model`` itself, under DistributedDataParallel when several processes
+    train it (gradients averaged over ranks), and compiled when ``run.compile``. It shares the model's parameters: the
+    bare model is what is validated and saved. DDP registers only the parameters that train when it is built, so it
+    is built again when a phase freezes or unfreezes some (and compiled again with it)."""
+
+    def __init__(self, model: torch.nn.Module, run: Run) -> None:
+        self.bare, self.run = model, run
+        self.trains: tuple[bool, ...] | None = None
+        self.wrapped: torch.nn.Module = model
+
+    def model(self) -> torch.nn.Module:
+        trains = tuple(p.requires_grad for p in self.bare.parameters())
+        if trains != self.trains:
+            self.trains, self.wrapped = trains, self.bare
+            if world_size() > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                dev = self.run.device
+                ids = [dev.index] if dev.type == "cuda" else None
+                self.wrapped = DistributedDataParallel(self.bare, device_ids=ids)
+            if self.run.compile:
+                self.wrapped = torch.compile(self.wrapped)
+        return self.wrapped
 
 
 def describe(row: Mapping[str, Any]) -> str:

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from dermpipe.configs.loader import config_hash, to_dict
+from dermpipe.engine.distributed import init_distributed, is_main
 from dermpipe.engine.files import remove_stale_temporaries, write_text_atomic
 from dermpipe.errors import DermpipeError
 
@@ -118,10 +119,15 @@ class Run:
     amp: bool
     channels_last: bool
     config_hash: str
+    amp_dtype: torch.dtype = torch.bfloat16
+    compile: bool = False
     config: Any = field(default=None, repr=False, compare=False)
 
     def begin(self) -> None:
-        """The run starts for real (everything validated): create the folder, log there, write config.yaml once."""
+        """The run starts for real (everything validated): create the folder, log there, write config.yaml once.
+        Under torchrun only rank 0 writes."""
+        if not is_main():
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.dir, recursive=False)  # what a killed run left half-written
         setup_logging(self.dir)
@@ -130,7 +136,12 @@ class Run:
 
     def autocast(self) -> Any:
         """bf16/fp16 autocast on CUDA when AMP is on; a no-op context elsewhere."""
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    @property
+    def scaled(self) -> bool:
+        """A gradient scaler is needed: float16 autocast (bfloat16 has float32's range)."""
+        return self.amp and self.amp_dtype == torch.float16
 
     def batch(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch moved to the run's device, images channels-last when that is on."""
@@ -149,6 +160,8 @@ def start_run(
     channels_last: bool = True,
     threads: int = 0,
     stage: str | None = None,
+    amp_dtype: str = "bfloat16",
+    compile: bool = False,
 ) -> Run:
     """Seed, pick the device, and refuse a folder of another ``stage``; writes nothing (see ``Run.begin``).
 
@@ -158,10 +171,11 @@ def start_run(
     if stage is not None:
         check_run_folder(path, stage)
     setup_logging(None)
+    ranked = init_distributed(device)  # under torchrun or srun: join the process group, this rank's device
     seed_everything(seed)
     if threads > 0:
         torch.set_num_threads(threads)
-    dev = choose_device(device)
+    dev = ranked if ranked is not None else choose_device(device)
     on_gpu = dev.type == "cuda"
     run = Run(
         dir=path,
@@ -170,6 +184,8 @@ def start_run(
         channels_last=channels_last and on_gpu,
         config_hash=config_hash(config),
         config=config,
+        amp_dtype=getattr(torch, amp_dtype),
+        compile=compile and on_gpu,
     )
     logger.info("run %s on %s (amp=%s, channels_last=%s)", path, dev, run.amp, run.channels_last)
     return run
@@ -178,4 +194,5 @@ def start_run(
 def start_stage_run(cfg: Any, stage: str, run_dir: str | os.PathLike | None = None) -> Run:
     """``start_run`` with a stage config's ``run`` section (seed, device, AMP, channels_last, threads)."""
     r = cfg.run
-    return start_run(run_dir or r.out_dir, cfg, r.seed, r.device, r.amp, r.channels_last, r.threads, stage=stage)
+    return start_run(run_dir or r.out_dir, cfg, r.seed, r.device, r.amp, r.channels_last, r.threads, stage=stage,
+                     amp_dtype=r.amp_dtype, compile=r.compile)  # fmt: skip

@@ -1,17 +1,38 @@
-"""Predict a folder of photos end to end: ``python ensemble/predict.py --input DIR --output predictions.csv``."""
+"""Predict a folder of photos end to end: ``python ensemble/predict.py --input DIR --output predictions.csv``.
+
+With ``--num-shards N --shard-index I`` (or under torchrun, or in a SLURM array) one process predicts part I of N of
+the input list into ``OUT/shards/I-of-N/``; ``dermpipe merge --out OUT`` joins the parts (rank 0 does it under
+torchrun once every part is finished) into exactly what one process writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from dermpipe.data.manifest import read_inputs
+from dermpipe.data.manifest import Manifest, read_inputs
 from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
 from dermpipe.engine.files import check_output_file, check_output_folder
 from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
 from dermpipe.ensemble.bundle import BundleError, open_bundle
 from dermpipe.ensemble.config import PredictConfig
-from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
+from dermpipe.ensemble.prediction import EnsemblePredictor, merge_parts, predict_folder, predict_part
+from dermpipe.ensemble.shards import (
+    DEFAULT_MERGE_TIMEOUT,
+    Shard,
+    check_parts,
+    finished_part,
+    local_device,
+    merge_command,
+    plan_part,
+    resolve_shard,
+    settings_digest,
+    wait_for_parts,
+)
 
 
 def check_trained_stages(cfg: PredictConfig) -> None:
@@ -31,7 +52,23 @@ def check_trained_stages(cfg: PredictConfig) -> None:
             )
 
 
+def summary_line(s: Mapping[str, Any]) -> str:
+    """What a prediction did, in one line (without the file it wrote)."""
+    scored = ""
+    if s["balanced accuracy"] is not None:
+        scored = f"; balanced accuracy {s['balanced accuracy']:.3f} on {s['scored']} labelled"
+    elif s["scored"]:  # a shard's part: the merge scores the whole set
+        scored = f"; {s['scored']} labelled (scored when the parts are merged)"
+    if s["mask jaccard"] is not None:
+        scored += f"; mask Jaccard {s['mask jaccard']:.3f} on {s['masks scored']} true masks"
+    return (
+        f"{s['images']} images ({s['referred']} to refer, {s['whole-image fallbacks']} whole-image fallbacks), "
+        f"{s['skipped']} skipped{scored}; {s['cache']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = stage_parser("predict", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="folder of images (recursive: jpg, jpeg, png, bmp, tif)")
@@ -52,9 +89,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masks", action="store_true", default=None, help="write ISIC-style masks")
     parser.add_argument("--crops", action="store_true", default=None, help="write the lesion crops")
     parser.add_argument("--isic-csv", action="store_true", default=None, help="write an ISIC submission CSV")
+    shards = parser.add_argument_group("sharded prediction (several GPUs or nodes, a cluster)")
+    shards.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the input list into N contiguous parts (default: WORLD_SIZE under torchrun, "
+        "SLURM_ARRAY_TASK_COUNT in a SLURM array, their product for torchrun in each array task; 1: one process "
+        "over all, whatever the environment)",
+    )
+    shards.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="predict part I (0..N-1) only, into OUT/shards/I-of-N/ (default: RANK under torchrun, "
+        "SLURM_ARRAY_TASK_ID in a SLURM array); join the parts with `dermpipe merge --out OUT`",
+    )
+    shards.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after this part, wait for the other parts and merge them (default: on rank 0 under torchrun)",
+    )
+    shards.add_argument(
+        "--merge-timeout",
+        type=float,
+        default=DEFAULT_MERGE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"seconds --merge waits for the other parts (default {DEFAULT_MERGE_TIMEOUT:g})",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
+        shard = resolve_shard(args.num_shards, args.shard_index)  # None: one process over the whole list
         flags = {
             "run.out_dir": args.out,
             "segmentation_run": args.segmentation_run,
@@ -85,20 +154,57 @@ def main(argv: list[str] | None = None) -> int:
         check_trained_stages(cfg)
         inputs = read_inputs(args.manifest, args.input)
         manifest, excluded = inputs.manifest, inputs.excluded
-        predictor = EnsemblePredictor(cfg, choose_device(cfg.run.device))
-        setup_logging(out)  # everything validated: from here on the output folder is written
+        device = local_device(cfg.run.device) if shard is not None else cfg.run.device  # torchrun: cuda:LOCAL_RANK
+        predictor = EnsemblePredictor(cfg, choose_device(device))
         model_id = bundle.identity if bundle is not None else str(Path(cfg.ensemble_run))
+        if shard is not None:
+            return predict_shard(shard, args, argv, cfg, manifest, excluded, predictor, model_id, out, output)
+        setup_logging(out)  # everything validated: from here on the output folder is written
         s = predict_folder(manifest, predictor, output, out, excluded, model_id=model_id)
-        scored = f"; balanced accuracy {s['balanced accuracy']:.3f} on {s['scored']} labelled" if s["scored"] else ""
-        if s["masks scored"]:
-            scored += f"; mask Jaccard {s['mask jaccard']:.3f} on {s['masks scored']} true masks"
-        print(
-            f"predict: {s['images']} images ({s['referred']} to refer, {s['whole-image fallbacks']} whole-image "
-            f"fallbacks), {s['skipped']} skipped{scored}; {s['cache']}; wrote {output}"
-        )
+        print(f"predict: {summary_line(s)}; wrote {output}")
         return 0
 
     return run_cli(body)
+
+
+def predict_shard(
+    shard: Shard,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    cfg: PredictConfig,
+    manifest: Manifest,
+    excluded: Sequence[Mapping[str, str]],
+    predictor: EnsemblePredictor,
+    model_id: str,
+    out: Path,
+    output: Path,
+) -> int:
+    """Predict this shard's part into ``OUT/shards/I-of-N/`` (nothing when it is finished already), then, with
+    ``--merge`` (on rank 0 under torchrun by default), wait for the other parts and merge them."""
+    plan = plan_part(shard, manifest.rows, excluded, model=model_id, weights=predictor.weights,
+                     settings=settings_digest(cfg), argv=argv)  # fmt: skip
+    folder = shard.folder(out)
+    finished = None if cfg.run.force else finished_part(folder, plan)
+    if finished is not None:
+        counts = finished.get("counts", {})
+        print(
+            f"predict: {shard.name} is finished already ({counts.get('images')} images, {counts.get('skipped')} "
+            f"skipped in {folder}): nothing recomputed ({predictor.cache_summary()}); --force predicts it again"
+        )
+    else:
+        setup_logging(folder)  # everything validated: from here on the shard's folder is written
+        (start, stop), (first, last) = plan.images, plan.excluded
+        part = replace(manifest, rows=manifest.rows[start:stop])
+        s = predict_part(part, predictor, folder, out, excluded[first:last], model_id=model_id, part=plan.describe())
+        print(f"predict: {shard.name}: {summary_line(s)}; wrote {folder}")
+    merge = args.merge if args.merge is not None else (shard.source == "torchrun" and shard.index == 0)
+    if not merge:
+        print(f"predict: once all {shard.count} shards are finished, join them with `{merge_command(out)}`")
+        return 0
+    wait_for_parts(out, plan, args.merge_timeout)
+    s = merge_parts(check_parts(out, shard.count), out, output)
+    print(f"predict: merged {shard.count} shards: {summary_line(s)}; wrote {output}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ scored against it as they stream (``dermpipe.ensemble.truth``).
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,9 @@ from dermpipe.data.quality import quality_text
 from dermpipe.data.reading import read_image, write_image
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import CheckpointError, check_trained_setting, weights_digest
-from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries
+from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries, write_text_atomic
 from dermpipe.engine.run import check_run_folder
+from dermpipe.ensemble import shards
 from dermpipe.ensemble.calibration import apply_temperature
 from dermpipe.ensemble.config import PredictConfig
 from dermpipe.ensemble.meta import load_meta, meta_logits
@@ -128,6 +133,7 @@ class EnsemblePredictor:
                     f"backbone {c.name} was trained on classes {c.meta['classes']}, the vote on {self.classes}: "
                     "retrain the vote with `python ensemble/vote.py`"
                 )
+        self.meta_weights = weights_digest(Path(cfg.ensemble_run) / "meta.safetensors")
         seg_run = Path(cfg.segmentation_run)
         seg_cfg_path = seg_run / "config.yaml"
         seg_cfg = load_config(SegmentationConfig, seg_cfg_path) if seg_cfg_path.is_file() else SegmentationConfig()
@@ -163,9 +169,23 @@ class EnsemblePredictor:
         if chunk:
             yield from zip(chunk, self.vote(chunk)[1])
 
-    def cache_summary(self) -> str:
+    @property
+    def weights(self) -> str:
+        """A digest of every trained stage's weights (the U-Net, the backbones in the vote's order, the vote)."""
+        digests = [self.segmenter.weights, *(c.predictor.weights_digest for c in self.classifiers), self.meta_weights]
+        return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+    def cache_counts(self) -> tuple[int, int]:
+        """(entries reused, entries computed) over every stage cache so far."""
         caches = [self.segmenter.cache] + [c.cache for c in self.classifiers]
-        return f"cache: {sum(c.reused for c in caches)} reused, {sum(c.computed for c in caches)} computed"
+        return sum(c.reused for c in caches), sum(c.computed for c in caches)
+
+    def cache_summary(self) -> str:
+        return cache_text(*self.cache_counts())
+
+
+def cache_text(reused: int, computed: int) -> str:
+    return f"cache: {reused} reused, {computed} computed"
 
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("predicted", "confidence", "refer", "box", "fallback", "quality")
@@ -175,6 +195,96 @@ TRUTH_COLUMNS: tuple[str, ...] = ("truth", "correct", "model")  # always there, 
 def prediction_columns(classes: Sequence[str]) -> list[str]:
     """The columns of predictions.csv, in order."""
     return ["image_id", "path", *classes, *PREDICTION_COLUMNS, *TRUTH_COLUMNS]
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What a batch's outputs say besides its rows: the model and its settings, and which outputs are written. A shard
+    records it in its ``part.json``, so the merge writes what the one process would without loading the model."""
+
+    model_id: str
+    classes: tuple[str, ...]
+    backbones: tuple[str, ...]
+    refer_class: str | None
+    refer_threshold: float
+    temperature: float
+    mask_threshold: float
+    report: bool
+    report_max_images: int
+    isic_csv: bool
+
+    @classmethod
+    def of(cls, predictor: EnsemblePredictor, model_id: str) -> BatchInfo:
+        outputs = predictor.cfg.outputs
+        return cls(
+            model_id=model_id,
+            classes=tuple(predictor.classes),
+            backbones=tuple(predictor.backbones),
+            refer_class=predictor.refer_class,
+            refer_threshold=predictor.refer_threshold,
+            temperature=predictor.temperature,
+            mask_threshold=float(predictor.segmenter.predict_cfg.threshold),
+            report=bool(outputs.report),
+            report_max_images=int(outputs.report_max_images),
+            isic_csv=bool(outputs.isic_csv),
+        )
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> BatchInfo:
+        return cls(**{**state, "classes": tuple(state["classes"]), "backbones": tuple(state["backbones"])})
+
+
+class BatchTally:
+    """What a batch collects besides its rows, image by image: counts, skipped inputs, the report's rows, the truth
+    scores' inputs. A shard saves its tally (``state``); the merge adds the parts' up in input order (``add_state``),
+    which collects what one process over every image does."""
+
+    def __init__(self, info: BatchInfo, manifest: Manifest, excluded: Sequence[Mapping[str, str]] = ()) -> None:
+        self.truth = TruthScorer(
+            manifest, info.classes, info.refer_class, info.refer_threshold, info.mask_threshold, model_id=info.model_id
+        )
+        self.selection = ReviewSelection(info.report_max_images if info.report else 0)
+        self.skipped = SkipLog(excluded)
+        self.excluded = len(self.skipped)  # the folder listing's excluded entries: skipped.csv's first rows
+        self.isic_rows: list[dict[str, str]] = []
+        self.predicted: Counter[str] = Counter()
+        self.images = self.referred = self.fallbacks = self.quality = 0
+        self.folders: dict[int, Path] = {}  # id(report row) -> the folder its pictures are under (merged tallies)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "referred": self.referred,
+            "fallbacks": self.fallbacks,
+            "quality": self.quality,
+            "predicted": dict(self.predicted),
+            "excluded": self.excluded,
+            "skipped": self.skipped.rows,
+            "isic": self.isic_rows,
+            "report": [{**asdict(r), "quality": list(r.quality)} for r in self.selection.rows],
+            "truth": self.truth.state(),
+        }
+
+    def add_state(self, state: Mapping[str, Any], folder: Path) -> None:
+        """Add the tally of the next part (its pictures under ``folder``) after what this one holds."""
+        self.images += int(state["images"])
+        self.referred += int(state["referred"])
+        self.fallbacks += int(state["fallbacks"])
+        self.quality += int(state["quality"])
+        self.predicted.update({str(k): int(v) for k, v in state["predicted"].items()})
+        rows, excluded = [dict(r) for r in state["skipped"]], int(state["excluded"])
+        self.skipped.rows[self.excluded : self.excluded] = rows[:excluded]  # every excluded entry, then the unreadable
+        self.excluded += excluded
+        self.skipped.rows.extend(rows[excluded:])
+        self.isic_rows.extend(dict(r) for r in state["isic"])
+        for saved in state["report"]:  # in review order per part: the selection keeps the first of all parts'
+            row = ReportRow(**{**saved, "quality": tuple(saved["quality"])})
+            self.selection.add(row)
+            self.folders[id(row)] = folder
+        self.truth.add_state(state["truth"])
 
 
 def predict_folder(
@@ -196,34 +306,129 @@ def predict_folder(
     Returns the summary, with ``scored`` (images scored against a label) and ``balanced accuracy`` (``None`` when
     none was).
     """
-    cfg, classes = predictor.cfg, predictor.classes
-    out = Path(out_dir)
+    out, output = Path(out_dir), Path(output)
+    info = BatchInfo.of(predictor, model_id)
+    _prepare_outputs(out, output, info.report)
+    tally = BatchTally(info, manifest, excluded)
+    _predict_rows(manifest, predictor, tally, output, out, out)
+    return _write_outputs(out, tally, info, predictor.cache_counts())
+
+
+def predict_part(
+    manifest: Manifest,
+    predictor: EnsemblePredictor,
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    excluded: Sequence[Mapping[str, str]] = (),
+    *,
+    model_id: str = "",
+    part: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One shard's part: ``manifest`` (its rows of the input list) and ``excluded`` (its excluded folder entries)
+    predicted as ``predict_folder`` does, the rows into ``folder/predictions.csv``, the report's pictures under
+    ``folder``, the rest of what the merge needs into ``folder/tally.json``, then ``folder/part.json`` (``part``, the
+    shard's description, with the batch's settings and counts) last. Per-image outputs (masks, crops) go straight
+    into ``out_dir``, where one process writes them. Returns the part's summary (no scores: the merge scores the
+    whole set)."""
+    folder, out = Path(folder), Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / shards.PART_FILE).unlink(missing_ok=True)  # unfinished from here until the part is whole again
+    remove_stale_temporaries(folder)
+    info = BatchInfo.of(predictor, model_id)
+    tally = BatchTally(info, manifest, excluded)
+    _predict_rows(manifest, predictor, tally, folder / shards.PREDICTIONS_FILE, folder, out)
+    write_text_atomic(folder / shards.TALLY_FILE, json.dumps(tally.state()) + "\n")
+    reused, computed = predictor.cache_counts()
+    summary = _summary(info, tally, None, (reused, computed))
+    counts = {k: summary[k] for k in ("images", "skipped", "referred", "whole-image fallbacks")}
+    shards.write_part(
+        folder, {**part, "batch": info.state(), "counts": counts, "cache": {"reused": reused, "computed": computed}}
+    )
+    return summary
+
+
+def merge_parts(
+    parts: Sequence[tuple[Path, Mapping[str, Any]]], out_dir: str | os.PathLike, output: str | os.PathLike
+) -> dict[str, Any]:
+    """The shards' finished parts (``shards.check_parts``, in shard order) joined into what ``predict_folder`` writes
+    over the whole input list, byte for byte: the rows concatenated, the tallies added up, the report's pictures
+    copied, then the same writers. Everything is read and checked before the first output is touched."""
+    if not parts:
+        raise shards.ShardError("no parts to merge")
+    out, output = Path(out_dir), Path(output)
+    info = BatchInfo.from_state(parts[0][1]["batch"])
+    tally = BatchTally(info, Manifest(rows=(), classes=()))
+    reused = computed = 0
+    columns = prediction_columns(info.classes)
+    for folder, part in parts:
+        name = f"shard {part['shard']} of {part['shards']}"
+        again = f"make it again with `{part.get('command', 'dermpipe predict ...')}`"
+        try:
+            state = json.loads((folder / shards.TALLY_FILE).read_text(encoding="utf-8"))
+            with open(folder / shards.PREDICTIONS_FILE, newline="") as f:
+                header = next(csv.reader(f), None)
+        except (OSError, ValueError) as error:
+            raise shards.ShardError(f"{name}'s part in {folder} cannot be read ({error}): {again}") from None
+        if header != columns:
+            raise shards.ShardError(f"{name}'s {folder / shards.PREDICTIONS_FILE} has other columns: {again}")
+        tally.add_state(state, folder)
+        reused += int(part["cache"]["reused"])
+        computed += int(part["cache"]["computed"])
+    pictures = [(tally.folders[id(row)], rel) for row in tally.selection.rows for rel in row.images.values()]
+    for folder, rel in pictures:
+        if not (folder / rel).is_file():
+            part = next(p for f, p in parts if f == folder)
+            raise shards.ShardError(f"shard {part['shard']} of {part['shards']} lacks the report picture "
+                                    f"{folder / rel}: make it again with `{part.get('command')}`")  # fmt: skip
+    _prepare_outputs(out, output, info.report)  # everything read and checked: from here on the outputs are written
+    with _prediction_table(output, columns) as writer:
+        for folder, _ in parts:
+            with open(folder / shards.PREDICTIONS_FILE, newline="") as f:
+                writer.writerows(csv.DictReader(f))
+    for folder, rel in pictures:  # the report's pictures, where one process leaves them beside the report
+        with atomic_path(out / rel) as tmp:
+            shutil.copyfile(folder / rel, tmp)
+    return _write_outputs(out, tally, info, (reused, computed))
+
+
+def _prepare_outputs(out: Path, output: Path, report: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # what a killed run left half-written
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output.parent, recursive=False)
-    if cfg.outputs.report:  # rewritten at the end: a run killed before then leaves no report that looks current
+    if report:  # rewritten at the end: a run killed before then leaves no report that looks current
         (out / "report.html").unlink(missing_ok=True)
     for name in TRUTH_OUTPUTS:  # an earlier run's scores never pass for this input's
         (out / name).unlink(missing_ok=True)
-    assets = out / "report_files"
-    columns = prediction_columns(classes)
+
+
+@contextmanager
+def _prediction_table(output: Path, columns: Sequence[str]) -> Iterator[csv.DictWriter]:
+    """The predictions CSV, header written, rows to come; renamed into place when the block ends without error."""
+    with atomic_path(output) as partial, open(partial, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        yield writer
+
+
+def _predict_rows(
+    manifest: Manifest,
+    predictor: EnsemblePredictor,
+    tally: BatchTally,
+    output: Path,
+    report_dir: Path,
+    out: Path,
+) -> None:
+    """Predict every row of ``manifest`` into the CSV ``output``, adding each image to ``tally``; the report's
+    pictures go under ``report_dir/report_files``, masks and crops under ``out``."""
+    cfg, classes = predictor.cfg, predictor.classes
+    model_id, truth, selection = tally.truth.model_id, tally.truth, tally.selection
+    assets = report_dir / "report_files"
     mask_threshold = predictor.segmenter.predict_cfg.threshold
-    truth = TruthScorer(
-        manifest, classes, predictor.refer_class, predictor.refer_threshold, mask_threshold, model_id=model_id
-    )
-    selection = ReviewSelection(cfg.outputs.report_max_images if cfg.outputs.report else 0)
-    skipped = SkipLog(excluded)
-    isic_rows: list[dict[str, str]] = []
-    predicted_counts: Counter[str] = Counter()
-    n = refer_count = fallback_count = quality_count = 0
     gradcam_model = predictor.classifiers[0] if cfg.outputs.gradcam else None
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
-    with atomic_path(output) as partial, open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for crop, probs in tqdm(predictor.predict(items, skipped), total=len(items), desc="predict", leave=False):
+    with _prediction_table(output, prediction_columns(classes)) as writer:
+        for crop, probs in tqdm(predictor.predict(items, tally.skipped), total=len(items), desc="predict", leave=False):
             top = int(np.argmax(probs))
             # an image the models cannot judge (too small, dark, blurred, no lesion found) is referred, never confident
             refer = bool(probs[top] < predictor.refer_threshold) or bool(crop.quality)
@@ -244,13 +449,15 @@ def predict_folder(
                 "model": model_id,
             }
             writer.writerow(row)
-            n += 1
-            refer_count += refer
-            fallback_count += bool(crop.box.fallback)
-            quality_count += bool(crop.quality)
-            predicted_counts[classes[top]] += 1
+            tally.images += 1
+            tally.referred += refer
+            tally.fallbacks += bool(crop.box.fallback)
+            tally.quality += bool(crop.quality)
+            tally.predicted[classes[top]] += 1
             if cfg.outputs.isic_csv:
-                isic_rows.append({"image": crop.image_id, **{c.upper(): f"{p:.6f}" for c, p in zip(classes, probs)}})
+                tally.isic_rows.append(
+                    {"image": crop.image_id, **{c.upper(): f"{p:.6f}" for c, p in zip(classes, probs)}}
+                )
             full_mask = None
             if cfg.outputs.masks or truth.needs_mask(crop.image_id):
                 full_mask = crop.full_mask(mask_threshold)
@@ -258,40 +465,52 @@ def predict_folder(
                 truth.add_mask(crop.image_id, full_mask)
             _write_extras(crop, cfg, out, predictor, full_mask)
             if selection.wants(review_rank(refer, correct)):
-                report_row = _report_row(crop, probs, classes, refer, assets, out, gradcam_model, label, correct)
+                report_row = _report_row(crop, probs, classes, refer, assets, report_dir, gradcam_model, label, correct)
                 evicted = selection.add(report_row)
                 if evicted is not None:  # pushed out of the first report_max_images: its pictures go too
                     for rel in evicted.images.values():
-                        (out / rel).unlink(missing_ok=True)
-    skipped.write(out)
-    if cfg.outputs.isic_csv:
-        write_table(out / "isic_submission.csv", ["image", *[c.upper() for c in classes]], isic_rows)
-    metrics = truth.write(out)
+                        (report_dir / rel).unlink(missing_ok=True)
+
+
+def _summary(
+    info: BatchInfo, tally: BatchTally, metrics: Mapping[str, Any] | None, cache: tuple[int, int]
+) -> dict[str, Any]:
     segmentation = (metrics or {}).get("segmentation") or {}
-    summary = {
-        "model": model_id,
-        "images": n,
-        "skipped": len(skipped),
-        "referred": refer_count,
-        "whole-image fallbacks": fallback_count,
+    truth = tally.truth
+    return {
+        "model": info.model_id,
+        "images": tally.images,
+        "skipped": len(tally.skipped),
+        "referred": tally.referred,
+        "whole-image fallbacks": tally.fallbacks,
         "scored": truth.scored,
         "balanced accuracy": metrics["balanced_accuracy"] if truth.scored and metrics else None,
         "masks scored": truth.masks_scored,
         "mask jaccard": segmentation.get("jaccard"),
-        "backbones": ", ".join(predictor.backbones),
-        "refer threshold": f"{predictor.refer_threshold:.3f}",
-        "temperature": f"{predictor.temperature:.3f}",
-        "cache": predictor.cache_summary(),
+        "backbones": ", ".join(info.backbones),
+        "refer threshold": f"{info.refer_threshold:.3f}",
+        "temperature": f"{info.temperature:.3f}",
+        "cache": cache_text(*cache),
     }
-    if cfg.outputs.report:
+
+
+def _write_outputs(out: Path, tally: BatchTally, info: BatchInfo, cache: tuple[int, int]) -> dict[str, Any]:
+    """What follows the table: ``skipped.csv``, the ISIC CSV, the truth scores, then the report; the summary."""
+    classes = list(info.classes)
+    tally.skipped.write(out)
+    if info.isic_csv:
+        write_table(out / "isic_submission.csv", ["image", *[c.upper() for c in classes]], tally.isic_rows)
+    metrics = tally.truth.write(out)
+    summary = _summary(info, tally, metrics, cache)
+    if info.report:
         write_report(
             out / "report.html",
-            selection.rows,
+            tally.selection.rows,
             classes,
-            _report_summary(summary, metrics, len(selection.rows)),
-            skipped.rows,
-            predicted_counts=predicted_counts,
-            quality_warnings=quality_count,
+            _report_summary(summary, metrics, len(tally.selection.rows)),
+            tally.skipped.rows,
+            predicted_counts=tally.predicted,
+            quality_warnings=tally.quality,
         )
     return summary
 

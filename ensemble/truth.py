@@ -206,6 +206,31 @@ class TruthScorer:
         self.mask_rows.append({"image_id": image_id, **{m: f"{scores[m]:.6f}" for m in METRICS}, "missing": ""})
         return scores
 
+    def state(self) -> dict[str, Any]:
+        """What this scorer has collected, as JSON (a shard's part of the truth scores): ``add_state`` of the parts'
+        states, in input order, collects what one scorer over every image does."""
+        return {
+            "images": self.images,
+            "labelled": self.labelled,
+            "outside": dict(self.outside),
+            "labels": list(self._scored_labels),
+            "probs": [p.tolist() for p in self._scored_probs],  # float64 as JSON: the same numbers read back
+            "refer": list(self._scored_refer),
+            "mask_rows": list(self.mask_rows),
+            "mask_scores": [{k: float(v) for k, v in s.items()} for s in self._mask_scores],
+        }
+
+    def add_state(self, state: Mapping[str, Any]) -> None:
+        """Add what another scorer collected (its ``state``) after what this one holds."""
+        self.images += int(state["images"])
+        self.labelled += int(state["labelled"])
+        self.outside.update({str(k): int(v) for k, v in state["outside"].items()})
+        self._scored_labels.extend(int(i) for i in state["labels"])
+        self._scored_probs.extend(np.asarray(p, dtype=np.float64) for p in state["probs"])
+        self._scored_refer.extend(bool(r) for r in state["refer"])
+        self.mask_rows.extend(dict(r) for r in state["mask_rows"])
+        self._mask_scores.extend(dict(s) for s in state["mask_scores"])
+
     @property
     def scored(self) -> int:
         return len(self._scored_labels)

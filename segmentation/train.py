@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         Manifest.read(cfg.data.manifest)  # fail on a wrong path before a run folder is made
         run = start_stage_run(cfg, "segmentation")
         result = train_segmentation(cfg, run, resume=args.resume)
+        if "rank" in result:  # another rank than 0 under torchrun: rank 0 reports
+            return 0
         print(
             f"segmentation: best val Jaccard {result['best_val_jaccard']:.4f} at epoch {result['best_epoch']} "
             f"({result['epochs_run']} epochs run); checkpoint {result['checkpoint']}"

@@ -15,6 +15,7 @@ from dermpipe.configs.loader import to_dict
 from dermpipe.data.augment import build_transform
 from dermpipe.data.loaders import SegmentationDataset, seed_epoch, seed_worker
 from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.engine.distributed import is_main, rank
 from dermpipe.engine.files import atomic_path
 from dermpipe.engine.loop import LoopSettings, evaluate, fingerprint, finished_state, fit, read_metrics
 from dermpipe.engine.run import Run
@@ -150,6 +151,8 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         stage = SegmentationStage(cfg, run, train_loader, val_loader, loss_fn)
         result = fit(stage, model, loss_fn, optimizer, schedule.scheduler(optimizer), run, settings, resume)
         history, best, best_epoch = result.history, result.best, result.best_epoch
+    if not is_main():  # under torchrun rank 0 alone draws and writes
+        return {"best_val_jaccard": best, "best_epoch": best_epoch, "rank": rank()}
     plot_curves(history, run.dir / "curves.png")
     if t.panel_images:
         loaded = load_unet(run.dir / "best.safetensors", run.device)

@@ -27,6 +27,8 @@ EXPECTED = [
     "run",
     "bundle",
     "predict",
+    "merge",
+    "cache",
     "demo",
 ]
 
