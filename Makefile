@@ -28,7 +28,7 @@ test: $(STAMP)
 # A quick offline measurement set on synthetic data, on the CPU, in a few minutes: JSON under runs/bench/quick
 # (benchmarks/README.md; the full-size commands are in BENCHMARKS.md).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/quick_synthetic.py --out runs/bench/quick
+	$(BIN)/python benchmarks/quick_synthetic.py --out runs/bench/quick --tables BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

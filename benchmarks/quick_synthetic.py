@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -64,13 +65,87 @@ def steps(out: Path, manifest: Path, threads: int) -> list[tuple[str, list[str],
              "--json", str(out / "pipeline_throughput.json")],
             out / "pipeline_throughput.json",
         ),
+        (
+            "memory_flat",
+            ["--sizes", "200", "2000", "--out", str(out / "memory")],
+            out / "memory" / "memory.json",
+        ),
     ]  # fmt: skip
+
+
+BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+
+
+def machine_table(summary: dict) -> str:
+    """The quick set's figures as Markdown: machine, date and command first, then one row per measurement."""
+    r = {name: step["result"] for name, step in summary["results"].items()}
+    m = summary["machine"]
+    rows = []
+    if "segmentation_prediction_throughput" in r:
+        x = r["segmentation_prediction_throughput"]
+        rows.append(
+            (
+                "segmentation prediction, cold cache",
+                f"{x['pipeline_img_s']:.1f} img/s",
+                f"{x['bare_forward_img_s'] / x['pipeline_img_s']:.2f}x the bare forward's time",
+                f"warm cache {x['warm_cache_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
+            )
+        )
+    if "classification_training_throughput" in r:
+        for name, x in r["classification_training_throughput"]["models"].items():
+            rows.append(
+                (
+                    f"classification training, {name}",
+                    f"{x['ours_img_s']:.1f} img/s",
+                    f"{1 / x['ratio']:.2f}x the bare timm loop's time",
+                    "",
+                )
+            )
+    if "pipeline_throughput" in r:
+        x = r["pipeline_throughput"]
+        rows.append(
+            (
+                "batch prediction, whole pipeline, cold cache",
+                f"{x['pipeline_img_s']:.2f} img/s",
+                f"{x['bare_img_s'] / x['pipeline_img_s']:.2f}x the six bare forwards' time",
+                f"warm cache {x['warm_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
+            )
+        )
+    if "memory_flat" in r:
+        x = r["memory_flat"]
+        runs = ", ".join(f"{run['images']} images {run['peak_rss_mb']:.0f} MB" for run in x["runs"])
+        rows.append(("batch prediction peak memory", runs, f"ratio {x['ratio']:.3f}", "tiny models"))
+    lines = [
+        BEGIN,
+        f"Machine: {m['platform']}, {m.get('cpus', '?')} CPUs, Python {m['python']}, torch {m['torch']}, "
+        f"{m['torch_threads']} torch thread(s); {summary.get('date', '')}; `make bench` "
+        f"(`python benchmarks/quick_synthetic.py --out {summary.get('out', 'runs/bench/quick')}`), "
+        f"{summary['seconds']:.0f} s in all. Small sizes on synthetic data: orders of magnitude, not the figures "
+        "above.",
+        "",
+        "| measurement | figure | against the floor | more |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
+        END,
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_tables(path: Path, table: str) -> None:
+    """Replace what lies between the markers in ``path`` (appended under a heading when they are missing)."""
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n## Machine tables (`make bench`)\n\n" + table + "\n"
+    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench/quick", help="folder for the data set and the JSON results")
     parser.add_argument("--images", type=int, default=80, help="synthetic images for the bare loops (default 80)")
+    parser.add_argument("--tables", help="also write the machine table into this Markdown file (BENCHMARKS.md)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -87,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "torch_threads": args.threads or torch.get_num_threads(),
+            "cpus": os.cpu_count(),
         },
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "out": str(out),
         "data": {"manifest": str(manifest), "images": args.images, "size": 64, "seconds": time.perf_counter() - start},
         "results": {},
     }
@@ -103,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     summary["seconds"] = time.perf_counter() - start
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if args.tables:
+        write_tables(Path(args.tables), machine_table(summary))
+        print(f"wrote the machine table into {args.tables}")
     print(f"wrote {out / 'summary.json'} ({summary['seconds']:.0f} s in all)")
     return 0
 

@@ -171,3 +171,31 @@ def test_classification_training_throughput_compares_our_loop_with_bare_timm(tmp
     result = json.loads(out.read_text())["models"][TEST_BACKBONE]
     assert result["bare_timm_img_s"] > 0 and result["ours_img_s"] > 0
     assert result["ratio"] == pytest.approx(result["ours_img_s"] / result["bare_timm_img_s"])
+
+
+def test_make_bench_writes_its_machine_table_between_the_markers_and_nowhere_else(tmp_path):
+    quick = load("quick_synthetic")
+    summary = {
+        "machine": {"platform": "Linux-x", "python": "3.11", "torch": "2.x", "torch_threads": 1, "cpus": 2},
+        "date": "2026-11-30",
+        "seconds": 99.0,
+        "results": {
+            "pipeline_throughput": {"result": {"pipeline_img_s": 0.5, "bare_img_s": 0.6, "warm_img_s": 100.0,
+                                               "warm_speedup": 200.0}},
+            "memory_flat": {"result": {"runs": [{"images": 200, "peak_rss_mb": 1000.0},
+                                                {"images": 2000, "peak_rss_mb": 1010.0}], "ratio": 1.01}},
+        },
+    }  # fmt: skip
+    table = quick.machine_table(summary)
+    assert "| batch prediction, whole pipeline, cold cache | 0.50 img/s | 1.20x the six bare forwards' time |" in table
+    assert "200 images 1000 MB, 2000 images 1010 MB | ratio 1.010" in table and "2 CPUs" in table
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nhand-written figures\n")
+    quick.write_tables(doc, table)
+    first = doc.read_text()
+    assert first.startswith("# Benchmarks\n\nhand-written figures\n") and first.count(quick.BEGIN) == 1
+    summary["results"]["pipeline_throughput"]["result"]["pipeline_img_s"] = 0.3
+    quick.write_tables(doc, quick.machine_table(summary))
+    second = doc.read_text()
+    assert second.count(quick.BEGIN) == 1 and "0.30 img/s" in second and "0.50 img/s" not in second
+    assert second.split(quick.BEGIN)[0] == first.split(quick.BEGIN)[0]  # what lies outside the markers is kept
