@@ -66,6 +66,11 @@ def steps(out: Path, manifest: Path, threads: int) -> list[tuple[str, list[str],
             out / "pipeline_throughput.json",
         ),
         (
+            "ddp_scaling",
+            ["--processes", "2", "--images", "96", "--epochs", "2", "--json", str(out / "ddp_scaling.json")],
+            out / "ddp_scaling.json",
+        ),
+        (
             "memory_flat",
             ["--sizes", "200", "2000", "--out", str(out / "memory")],
             out / "memory" / "memory.json",
@@ -111,6 +116,13 @@ def machine_table(summary: dict) -> str:
                 f"warm cache {x['warm_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
             )
         )
+    if "ddp_scaling" in r:
+        x = r["ddp_scaling"]
+        rows.append((f"training on {x['many']['processes']} gloo processes ({x['backbone']}, global batch "
+                     f"{x['global_batch']})", f"{x['many']['train_img_s']:.1f} img/s",
+                     f"{x['ratio']:.2f}x one process ({x['one']['train_img_s']:.1f} img/s) on the same cores",
+                     f"val balanced accuracy {x['many']['val_balanced_accuracy']:.3f} vs "
+                     f"{x['one']['val_balanced_accuracy']:.3f}"))  # fmt: skip
     if "memory_flat" in r:
         x = r["memory_flat"]
         runs = ", ".join(f"{run['images']} images {run['peak_rss_mb']:.0f} MB" for run in x["runs"])
