@@ -139,7 +139,14 @@ class EnsemblePredictor:
         seg_cfg = load_config(SegmentationConfig, seg_cfg_path) if seg_cfg_path.is_file() else SegmentationConfig()
         crops = agreed_crop_settings(self.classifiers)  # crop as the classifiers' training crops were made
         self.segmenter = SegmentationPredictor(
-            seg_run / "best.safetensors", seg_cfg, device, cache, cfg.run.force, crops, strict=seg_cfg_path.is_file()
+            seg_run / "best.safetensors",
+            seg_cfg,
+            device,
+            cache,
+            cfg.run.force,
+            crops,
+            strict=seg_cfg_path.is_file(),
+            workers=cfg.run.num_workers,
         )
         if crops and crops.get("segmentation_weights") not in (None, self.segmenter.weights):
             logger.warning(

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--root {root}`, or pass --run FOLDER (a segmentation run) or --checkpoint FILE"
             )
         device = choose_device(cfg.run.device)
-        predictor = SegmentationPredictor(checkpoint, cfg, device, force=cfg.run.force, strict=strict)
+        predictor = SegmentationPredictor(
+            checkpoint, cfg, device, force=cfg.run.force, strict=strict, workers=cfg.run.num_workers
+        )
         setup_logging(Path(args.out))  # everything validated: from here on the output folder is written
         s = write_crops(manifest, predictor, args.out, cfg.predict.write_masks, cfg.predict.write_crops, excluded)
         print(

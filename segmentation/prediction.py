@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from dermpipe.data.loaders import decode_size, model_input, resize_square
 from dermpipe.data.manifest import Manifest, write_table
@@ -120,6 +121,34 @@ def predict_probabilities(
     return (prob[:, 0] / len(views)).cpu().numpy()
 
 
+@dataclass(frozen=True)
+class _Hit:
+    """An input whose crop the cache already holds."""
+
+    image_id: str
+    path: str
+    key: str
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+class _Preparing(Dataset):
+    """``SegmentationPredictor.prepare`` over a list of inputs, for DataLoader workers (forked with the predictor)."""
+
+    def __init__(self, items: Sequence[tuple[str, str]], predictor: SegmentationPredictor) -> None:
+        self.items, self.predictor = items, predictor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Skipped | _Hit | Pending:
+        return self.predictor.prepare(*self.items[index])
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
 class SegmentationPredictor:
     """Loads a trained U-Net and turns images into lesion crops, reusing every crop already in the cache."""
 
@@ -132,10 +161,13 @@ class SegmentationPredictor:
         force: bool = False,
         crops: Mapping[str, Any] | None = None,
         strict: bool = False,
+        workers: int = 0,
     ) -> None:
         """``crops``: the crop settings the classifiers were trained with (they replace the config's); ``strict``:
         the config is the run's own or the user's, so a training setting that disagrees with the checkpoint's is
-        refused (naming both values) instead of silently overridden by it."""
+        refused (naming both values) instead of silently overridden by it; ``workers``: DataLoader worker processes
+        that read, decode, check and look up the next images while the U-Net runs (0: all in this process)."""
+        self.workers = workers
         self.model, self.meta = load_unet(checkpoint, device)
         self.device = device
         self.size = int(self.meta["input_size"])
@@ -174,38 +206,54 @@ class SegmentationPredictor:
 
     def crop(self, items: Iterable[tuple[str, str]]) -> Iterator[CropResult | Skipped]:
         """``(image_id, path)`` pairs -> a ``CropResult`` per image, or ``Skipped`` for an unreadable file, in the
-        order of ``items`` whatever the cache holds. Streams in chunks of ``batch_size``: memory stays flat."""
+        order of ``items`` whatever the cache holds. Streams in chunks of ``batch_size``: memory stays flat. With
+        ``workers``, a DataLoader's worker processes prepare the next chunks while this one runs."""
+        if self.workers:
+            loader = DataLoader(
+                _Preparing(list(items), self), batch_size=self.predict_cfg.batch_size, num_workers=self.workers,
+                collate_fn=_as_list,
+            )  # fmt: skip
+            for prepared in loader:
+                self.cache.reused += sum(isinstance(p, _Hit) for p in prepared)  # counted in the worker's copy
+                yield from self._crop_prepared(prepared)
+            return
         chunk: list[tuple[str, str]] = []
         for item in items:
             chunk.append(item)
             if len(chunk) >= self.predict_cfg.batch_size:
-                yield from self._crop_chunk(chunk)
+                yield from self._crop_prepared([self.prepare(*i) for i in chunk])
                 chunk = []
         if chunk:
-            yield from self._crop_chunk(chunk)
+            yield from self._crop_prepared([self.prepare(*i) for i in chunk])
 
-    def _crop_chunk(self, chunk: Sequence[tuple[str, str]]) -> list[CropResult | Skipped]:
-        results: list[CropResult | Skipped | None] = [None] * len(chunk)
+    def prepare(self, image_id: str, path: str) -> Skipped | _Hit | Pending:
+        """One input read, decoded, checked and looked up in the cache: what can run apart from the U-Net."""
+        try:
+            digest = file_digest(path)
+        except (OSError, FileInputError) as e:
+            return Skipped(image_id, path, f"cannot read file ({getattr(e, 'strerror', None) or e})")
+        key = self.key(digest)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return _Hit(image_id, path, key, *hit)
+        try:
+            original = image_size(path)
+            image = read_image(path, max_side=decode_size(self.predict_cfg.crop_size))
+        except ImageReadError as e:
+            return Skipped(image_id, path, str(e))
+        quality = assess_quality(image, original)  # on the photo as taken, before any preprocessing
+        return (image_id, path, key, preprocess(image, self.preprocess_cfg), original, quality)
+
+    def _crop_prepared(self, prepared: Sequence[Skipped | _Hit | Pending]) -> list[CropResult | Skipped]:
+        results: list[CropResult | Skipped | None] = [None] * len(prepared)
         todo: list[tuple[int, Pending]] = []
-        for i, (image_id, path) in enumerate(chunk):
-            try:
-                digest = file_digest(path)
-            except (OSError, FileInputError) as e:
-                results[i] = Skipped(image_id, path, f"cannot read file ({getattr(e, 'strerror', None) or e})")
-                continue
-            key = self.key(digest)
-            hit = self.cache.get(key)
-            if hit is not None:
-                results[i] = self._result(image_id, path, key, *hit)
-                continue
-            try:
-                original = image_size(path)
-                image = read_image(path, max_side=decode_size(self.predict_cfg.crop_size))
-            except ImageReadError as e:
-                results[i] = Skipped(image_id, path, str(e))
-                continue
-            quality = assess_quality(image, original)  # on the photo as taken, before any preprocessing
-            todo.append((i, (image_id, path, key, preprocess(image, self.preprocess_cfg), original, quality)))
+        for i, p in enumerate(prepared):
+            if isinstance(p, Skipped):
+                results[i] = p
+            elif isinstance(p, _Hit):
+                results[i] = self._result(p.image_id, p.path, p.key, p.arrays, p.meta)
+            else:
+                todo.append((i, p))
         if todo:
             for (i, _), result in zip(todo, self._run_batch([t for _, t in todo])):
                 results[i] = result
