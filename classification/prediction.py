@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dermpipe.classification.backbones import LesionClassifier
-from dermpipe.data.loaders import model_input
+from dermpipe.data.loaders import model_input, to_device
 from dermpipe.data.preprocess import PreprocessConfig
 from dermpipe.engine.cache import StageCache, stage_key
 
@@ -61,7 +61,7 @@ def predict_probabilities(
     with tqdm(total=len(images), desc=desc, leave=False, disable=None) as bar:
         for start in range(0, len(images), batch_size):
             batch = classifier_input(model, images[start : start + batch_size], preprocess_cfg)
-            batch = batch.to(device, non_blocking=True)
+            batch = to_device(batch, device)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             views = dihedral_views(batch) if tta else [batch]

@@ -61,6 +61,14 @@ def resize_square(image: np.ndarray, size: int, nearest: bool = False) -> np.nda
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``: to a GPU through pinned memory and a non-blocking copy (the copy overlaps the work
+    already queued there); elsewhere a plain copy."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def model_input(
     images: Sequence[np.ndarray],
     size: int,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dermpipe.data.loaders import decode_size, model_input, resize_square
+from dermpipe.data.loaders import decode_size, model_input, resize_square, to_device
 from dermpipe.data.manifest import Manifest, write_table
 from dermpipe.data.preprocess import PreprocessConfig, preprocess
 from dermpipe.data.quality import DEFAULT_QUALITY, QUALITY_NO_LESION, assess_quality, quality_text
@@ -106,7 +106,7 @@ def predict_probabilities(
     ``tta`` averages the image with its horizontal and vertical flips; with ``rotations`` too, over all eight flips
     and quarter turns (lesions have no up or down). Each view's output is turned back before averaging.
     """
-    x = model_input(images, images[0].shape[0], mean, std).to(device)  # square images at the model's size
+    x = to_device(model_input(images, images[0].shape[0], mean, std), device)  # square images at the model's size
     if tta and rotations:
         views = [(flip, turns) for flip in ((), (-1,)) for turns in range(4)]
     elif tta:
