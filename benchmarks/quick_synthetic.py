@@ -78,12 +78,29 @@ def steps(out: Path, manifest: Path, threads: int) -> list[tuple[str, list[str],
     ]  # fmt: skip
 
 
+def peak_rss_mb(argv: list[str]) -> float:
+    """Run ``argv`` (its output passes through) in a fresh child of a fresh process; that child's peak RSS in MB."""
+    probe = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe, *argv], stdout=subprocess.PIPE, text=True)
+    lines = done.stdout.rstrip("\n").split("\n")
+    print("\n".join(lines[:-1]), flush=True)
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, argv)
+    return int(lines[-1]) / 1024
+
+
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
 
 
 def machine_table(summary: dict) -> str:
     """The quick set's figures as Markdown: machine, date and command first, then one row per measurement."""
     r = {name: step["result"] for name, step in summary["results"].items()}
+    peak = {name: step.get("peak_rss_mb") for name, step in summary["results"].items()}
+
+    def mem(name: str) -> str:
+        return f"peak {peak[name]:.0f} MB" if peak.get(name) else ""
+
     m = summary["machine"]
     rows = []
     if "segmentation_prediction_throughput" in r:
@@ -93,7 +110,15 @@ def machine_table(summary: dict) -> str:
                 "segmentation prediction, cold cache",
                 f"{x['pipeline_img_s']:.1f} img/s",
                 f"{x['bare_forward_img_s'] / x['pipeline_img_s']:.2f}x the bare forward's time",
-                f"warm cache {x['warm_cache_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
+                "; ".join(
+                    filter(
+                        None,
+                        [
+                            f"warm cache {x['warm_cache_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
+                            mem("segmentation_prediction_throughput"),
+                        ],
+                    )
+                ),  # fmt: skip
             )
         )
     if "classification_training_throughput" in r:
@@ -103,7 +128,7 @@ def machine_table(summary: dict) -> str:
                     f"classification training, {name}",
                     f"{x['ours_img_s']:.1f} img/s",
                     f"{1 / x['ratio']:.2f}x the bare timm loop's time",
-                    "",
+                    mem("classification_training_throughput"),
                 )
             )
     if "pipeline_throughput" in r:
@@ -113,7 +138,16 @@ def machine_table(summary: dict) -> str:
                 "batch prediction, whole pipeline, cold cache",
                 f"{x['pipeline_img_s']:.2f} img/s",
                 f"{x['bare_img_s'] / x['pipeline_img_s']:.2f}x the six bare forwards' time",
-                f"warm cache {x['warm_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
+                "; ".join(
+                    filter(
+                        None,
+                        [
+                            f"warm cache {x['warm_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
+                            f"first prediction {x['first_prediction_s']:.1f} s" if "first_prediction_s" in x else "",
+                            mem("pipeline_throughput"),
+                        ],
+                    )
+                ),  # fmt: skip
             )
         )
     if "ddp_scaling" in r:
@@ -185,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(["python", f"benchmarks/{name}.py", *arguments])
         print(f"== {command}", flush=True)
         began = time.perf_counter()
-        subprocess.run([sys.executable, str(HERE / f"{name}.py"), *arguments], check=True)
+        peak = peak_rss_mb([sys.executable, str(HERE / f"{name}.py"), *arguments])
         summary["results"][name] = {
             "command": command,
             "seconds": time.perf_counter() - began,
+            "peak_rss_mb": peak,
             "result": json.loads(result.read_text()),
         }
     summary["seconds"] = time.perf_counter() - start
