@@ -63,14 +63,19 @@ def photos(folder: Path, n: int) -> None:
 
 
 def peak_rss_mb(argv: list[str]) -> tuple[float, float]:
-    """Peak resident memory (MB) and seconds of one command, in a fresh child of a fresh process."""
+    """Peak resident memory (MB) and seconds of one command (its output passes through), run as the only child of a
+    fresh process, so the peak is that command's alone; a failing command raises ``CalledProcessError``."""
     probe = ("import resource, subprocess, sys, time; t = time.time(); "
              "code = subprocess.run(sys.argv[1:]).returncode; "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.time() - t, code)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
-    kb, seconds, code = out.stdout.split()[-3:]
-    if code != "0":
-        raise SystemExit(f"prediction failed ({code}): {out.stderr[-2000:]}")
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.time() - t); "
+             "sys.exit(code)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe, *argv], stdout=subprocess.PIPE, text=True)
+    *output, last = done.stdout.rstrip("\n").split("\n")
+    if output:
+        print("\n".join(output), flush=True)
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, argv)
+    kb, seconds = last.split()
     return int(kb) / 1024, float(seconds)
 
 

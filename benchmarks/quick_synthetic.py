@@ -18,12 +18,12 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from memory_flat import peak_rss_mb  # its neighbour, on sys.path when this script runs by path
 
 from dermpipe.data.generator import generate_dataset
 from dermpipe.engine.files import write_text_atomic
@@ -76,18 +76,6 @@ def steps(out: Path, manifest: Path, threads: int) -> list[tuple[str, list[str],
             out / "memory" / "memory.json",
         ),
     ]  # fmt: skip
-
-
-def peak_rss_mb(argv: list[str]) -> float:
-    """Run ``argv`` (its output passes through) in a fresh child of a fresh process; that child's peak RSS in MB."""
-    probe = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", probe, *argv], stdout=subprocess.PIPE, text=True)
-    lines = done.stdout.rstrip("\n").split("\n")
-    print("\n".join(lines[:-1]), flush=True)
-    if done.returncode:
-        raise subprocess.CalledProcessError(done.returncode, argv)
-    return int(lines[-1]) / 1024
 
 
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
@@ -219,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(["python", f"benchmarks/{name}.py", *arguments])
         print(f"== {command}", flush=True)
         began = time.perf_counter()
-        peak = peak_rss_mb([sys.executable, str(HERE / f"{name}.py"), *arguments])
+        peak, _ = peak_rss_mb([sys.executable, str(HERE / f"{name}.py"), *arguments])
         summary["results"][name] = {
             "command": command,
             "seconds": time.perf_counter() - began,
