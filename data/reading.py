@@ -63,6 +63,10 @@ class ImageReadError(DermpipeError):
     """An image or mask file that cannot be read; the message is ``"<path>: <what is wrong> (<fix>)"``."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image whose header declares more pixels than it is safe to decode (``MAX_IMAGE_PIXELS``): a bomb or a scan."""
+
+
 @dataclass(frozen=True)
 class _Header:
     format: str  # JPEG, PNG, BMP or TIFF
@@ -183,7 +187,7 @@ def _header(path: Path, source: BinaryIO | bytes, verify: bool = False) -> _Head
             if verify and image_format == "PNG" and not too_large:
                 image.verify()
     except Image.DecompressionBombError as error:
-        raise ImageReadError(
+        raise ImageTooLargeError(
             f"{path}: image is too large to decode safely: {str(error).rstrip('.')} (a decompression bomb, or a scan "
             f"to downscale below {MAX_IMAGE_PIXELS / 1e6:g} megapixels first)"
         ) from None
@@ -195,7 +199,7 @@ def _header(path: Path, source: BinaryIO | bytes, verify: bool = False) -> _Head
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
         raise ImageReadError(f"{path}: corrupt or truncated image file: {error} ({_FIX_CORRUPT})") from None
     if too_large:
-        raise ImageReadError(
+        raise ImageTooLargeError(
             f"{path}: image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), over the "
             f"{MAX_IMAGE_PIXELS / 1e6:g}-megapixel bound (a decompression bomb, or a scan to downscale first; the "
             "bound is dermpipe.data.reading.MAX_IMAGE_PIXELS)"

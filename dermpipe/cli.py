@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("dermpipe.ensemble.pipeline", "the whole pipeline from one manifest: train, crop, vote, test, summary"),
     "bundle": ("dermpipe.ensemble.make_bundle", "a trained run root -> one portable, verified model bundle"),
     "predict": ("dermpipe.ensemble.predict", "a folder of photos end to end: crops, classifiers, vote, report"),
+    "serve": ("dermpipe.serve.main", "a bundle as a local web page and JSON API (upload photos, see the report)"),
+    "export": ("dermpipe.ensemble.export", "a bundle's networks as ONNX files (for ONNX Runtime), added to it"),
     "merge": ("dermpipe.ensemble.merge", "join a sharded predict's parts (OUT/shards/) into what one process writes"),
     "cache": ("dermpipe.engine.cache_command", "see the stage cache per stage; prune it by stage, age or size"),
     "demo": ("dermpipe.ensemble.demo", "the whole pipeline on synthetic data, on the CPU, in a few minutes"),

@@ -35,6 +35,7 @@ from dermpipe.data.quality import quality_text
 from dermpipe.data.reading import read_image, write_image
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import CheckpointError, check_trained_setting, weights_digest
+from dermpipe.engine.onnx_runtime import engine_model
 from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries, write_text_atomic
 from dermpipe.engine.run import check_run_folder
 from dermpipe.ensemble import shards
@@ -53,8 +54,18 @@ class Classifier:
     """One trained backbone and its per-crop probability cache (shared with the training run's tables)."""
 
     def __init__(
-        self, backbone_dir: Path, device: torch.device, tta: bool, cache_root: Path, force: bool, batch_size: int
+        self,
+        backbone_dir: Path,
+        device: torch.device,
+        tta: bool,
+        cache_root: Path,
+        force: bool,
+        batch_size: int,
+        engine: str = "pytorch",
+        threads: int = 0,
     ) -> None:
+        """``engine``: what runs the forward passes (``onnxruntime``: the ONNX export beside the weights, cached under
+        its own digest); ``self.model`` stays the PyTorch module (Grad-CAM needs its gradients)."""
         path = backbone_dir / "best.safetensors"
         check_run_folder(backbone_dir, "classification")
         if not path.is_file():
@@ -65,9 +76,10 @@ class Classifier:
             )
         self.model, self.meta = load_classifier(path, device)
         self.name = backbone_dir.name
+        runner, digest = engine_model(self.model, path, weights_digest(path), engine, device, threads)
         self.predictor = CropProbabilities(
-            self.model,
-            weights_digest(path),
+            runner,
+            digest,
             StageCache(cache_root, STAGE, force=force),
             tta=tta,
             preprocess_cfg=_trained_preprocess(self.meta, backbone_dir, path),
@@ -124,8 +136,9 @@ class EnsemblePredictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.backbones: list[str] = list(self.meta["backbones"])
         root = Path(cfg.classification_root)
+        run = (cfg.engine, cfg.run.threads)
         self.classifiers = [
-            Classifier(root / b, device, cfg.tta, cache, cfg.run.force, cfg.batch_size) for b in self.backbones
+            Classifier(root / b, device, cfg.tta, cache, cfg.run.force, cfg.batch_size, *run) for b in self.backbones
         ]
         for c in self.classifiers:
             if list(c.meta["classes"]) != self.classes:
@@ -133,7 +146,10 @@ class EnsemblePredictor:
                     f"backbone {c.name} was trained on classes {c.meta['classes']}, the vote on {self.classes}: "
                     "retrain the vote with `python ensemble/vote.py`"
                 )
-        self.meta_weights = weights_digest(Path(cfg.ensemble_run) / "meta.safetensors")
+        meta_path = Path(cfg.ensemble_run) / "meta.safetensors"  # the vote is tiny: on the CPU, as load_meta leaves it
+        self.meta_model, self.meta_weights = engine_model(
+            self.meta_model, meta_path, weights_digest(meta_path), cfg.engine, torch.device("cpu"), cfg.run.threads
+        )
         seg_run = Path(cfg.segmentation_run)
         seg_cfg_path = seg_run / "config.yaml"
         seg_cfg = load_config(SegmentationConfig, seg_cfg_path) if seg_cfg_path.is_file() else SegmentationConfig()
@@ -147,6 +163,8 @@ class EnsemblePredictor:
             crops,
             strict=seg_cfg_path.is_file(),
             workers=cfg.run.num_workers,
+            engine=cfg.engine,
+            threads=cfg.run.threads,
         )
         if crops and crops.get("segmentation_weights") not in (None, self.segmenter.weights):
             logger.warning(
@@ -202,6 +220,44 @@ TRUTH_COLUMNS: tuple[str, ...] = ("truth", "correct", "model")  # always there, 
 def prediction_columns(classes: Sequence[str]) -> list[str]:
     """The columns of predictions.csv, in order."""
     return ["image_id", "path", *classes, *PREDICTION_COLUMNS, *TRUTH_COLUMNS]
+
+
+def refer_reason(crop: CropResult, probs: np.ndarray, threshold: float) -> str:
+    """Why an image is referred to a dermatologist, or ``""``: an image the models cannot judge (too small, dark,
+    blurred, no lesion found) is referred, never confident; so is one whose top probability is below the threshold."""
+    reasons = [f"input quality: {quality_text(crop.quality)}"] if crop.quality else []
+    top = float(np.max(probs))
+    if top < threshold:
+        reasons.append(f"confidence {top:.3f} below the refer threshold {threshold:.3f}")
+    return "; ".join(reasons)
+
+
+def prediction_row(
+    crop: CropResult,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    refer_threshold: float,
+    model_id: str,
+    truth: str = "",
+    correct: bool | None = None,
+) -> dict[str, Any]:
+    """One image's row of predictions.csv (``prediction_columns``), as text: what batch prediction writes and the
+    served API returns."""
+    top = int(np.argmax(probs))
+    return {
+        "image_id": crop.image_id,
+        "path": crop.path,
+        **{c: f"{p:.6f}" for c, p in zip(classes, probs)},
+        "predicted": classes[top],
+        "confidence": f"{probs[top]:.6f}",
+        "refer": int(bool(refer_reason(crop, probs, refer_threshold))),
+        "box": crop.box.as_text(),
+        "fallback": crop.box.fallback,
+        "quality": quality_text(crop.quality),
+        "truth": truth,
+        "correct": "" if correct is None else int(correct),
+        "model": model_id,
+    }
 
 
 @dataclass(frozen=True)
@@ -436,25 +492,11 @@ def _predict_rows(
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
     with _prediction_table(output, prediction_columns(classes)) as writer:
         for crop, probs in tqdm(predictor.predict(items, tally.skipped), total=len(items), desc="predict", leave=False):
-            top = int(np.argmax(probs))
-            # an image the models cannot judge (too small, dark, blurred, no lesion found) is referred, never confident
-            refer = bool(probs[top] < predictor.refer_threshold) or bool(crop.quality)
             label = truth.label(crop.image_id)
+            refer = bool(refer_reason(crop, probs, predictor.refer_threshold))
             correct = truth.add(crop.image_id, probs, refer)
-            row = {
-                "image_id": crop.image_id,
-                "path": crop.path,
-                **{c: f"{p:.6f}" for c, p in zip(classes, probs)},
-                "predicted": classes[top],
-                "confidence": f"{probs[top]:.6f}",
-                "refer": int(refer),
-                "box": crop.box.as_text(),
-                "fallback": crop.box.fallback,
-                "quality": quality_text(crop.quality),
-                "truth": label,
-                "correct": "" if correct is None else int(correct),
-                "model": model_id,
-            }
+            row = prediction_row(crop, probs, classes, predictor.refer_threshold, model_id, label, correct)
+            top = int(np.argmax(probs))
             writer.writerow(row)
             tally.images += 1
             tally.referred += refer
@@ -472,7 +514,9 @@ def _predict_rows(
                 truth.add_mask(crop.image_id, full_mask)
             _write_extras(crop, cfg, out, predictor, full_mask)
             if selection.wants(review_rank(refer, correct)):
-                report_row = _report_row(crop, probs, classes, refer, assets, report_dir, gradcam_model, label, correct)
+                report_row = report_row_of(
+                    crop, probs, classes, predictor.refer_threshold, assets, report_dir, gradcam_model, label, correct
+                )
                 evicted = selection.add(report_row)
                 if evicted is not None:  # pushed out of the first report_max_images: its pictures go too
                     for rel in evicted.images.values():
@@ -577,18 +621,21 @@ def _write_extras(
         write_image(out / "crops" / f"{name}.png", crop.crop)
 
 
-def _report_row(
+def report_row_of(
     crop: CropResult,
     probs: np.ndarray,
-    classes: list[str],
-    refer: bool,
+    classes: Sequence[str],
+    refer_threshold: float,
     assets: Path,
     out: Path,
     gradcam_model: Classifier | None,
     truth: str = "",
     correct: bool | None = None,
 ) -> ReportRow:
+    """The report's row of one image: its pictures under ``assets`` (paths relative to ``out``), the Grad-CAM of the
+    ensemble's predicted class on ``gradcam_model`` when given, the probabilities, the refer flag and its reason."""
     stem = output_stem(crop.image_id)
+    top = int(np.argmax(probs))
     images = {}
     thumb = read_image(crop.path, max_side=4 * 160)
     mask = cv2.resize(crop.probability, thumb.shape[1::-1], interpolation=cv2.INTER_LINEAR) > 127
@@ -597,18 +644,20 @@ def _report_row(
     if gradcam_model is not None:
         from dermpipe.classification.gradcam import gradcam_overlays
 
-        overlay = gradcam_overlays(gradcam_model.model, [crop.crop])[0]
+        overlay = gradcam_overlays(gradcam_model.model, [crop.crop], [top], gradcam_model.predictor.preprocess_cfg)[0]
         images["gradcam"] = save_thumbnail(overlay, assets / f"{stem}_gradcam.jpg").relative_to(out).as_posix()
-    top = int(np.argmax(probs))
+    reason = refer_reason(crop, probs, refer_threshold)
     return ReportRow(
         crop.image_id,
         {c: float(p) for c, p in zip(classes, probs)},
         classes[top],
         float(probs[top]),
-        refer,
+        bool(reason),
         crop.box.fallback,
         images,
         crop.quality,
         truth=truth,
         correct=correct,
+        refer_reason=reason,
+        gradcam_of=gradcam_model.name if gradcam_model is not None else "",
     )

@@ -37,6 +37,8 @@ class ReportRow:
     quality: tuple[str, ...] = ()  # why the models may not judge this image (dermpipe.data.quality); () = fine
     truth: str = ""  # the true class when the input gave one
     correct: bool | None = None  # whether ``predicted`` is the truth; None without truth
+    refer_reason: str = ""  # why it is referred (low confidence, input quality); "" when not referred
+    gradcam_of: str = ""  # the backbone whose Grad-CAM of the predicted class is shown
 
 
 REVIEW_GROUPS: tuple[str, ...] = ("to refer", "wrong", "the rest")
@@ -93,7 +95,8 @@ def save_thumbnail(image: np.ndarray, path: Path, mask: np.ndarray | None = None
     return write_image(path, thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
 
 
-_STYLE = """
+# The report's look and its sort and filter functions, shared with the served page (dermpipe.serve.page).
+STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse}
 td,th{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:middle;text-align:left}
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}img{display:block}
@@ -106,7 +109,7 @@ tr.wrong td:first-child{border-left:4px solid #b00}.right{color:#2a7a2a;font-wei
 .wrong-mark{color:#b00;font-weight:bold}
 """
 
-_SCRIPT = """
+SCRIPT = """
 function sortBy(col, numeric){const t=document.getElementById('preds');const rows=[...t.tBodies[0].rows];
 const dir=t.dataset.col==col&&t.dataset.dir=='desc'?'asc':'desc';t.dataset.col=col;t.dataset.dir=dir;
 rows.sort((a,b)=>{let x=a.dataset[col],y=b.dataset[col];if(numeric){x=+x;y=+y}
@@ -118,38 +121,26 @@ r.style.display=((c==''||r.dataset.predicted==c)&&(!w||r.dataset.quality=='1')&&
 """
 
 
-def write_report(
-    path: str | os.PathLike,
-    rows: Sequence[ReportRow],
-    classes: Sequence[str],
-    summary: Mapping[str, object],
-    skipped: Sequence[dict[str, str]] = (),
-    predicted_counts: Mapping[str, int] | None = None,
-    quality_warnings: int | None = None,
-) -> Path:
-    """Write ``report.html`` (images referenced by relative path, so the page stays small for big batches).
-
-    ``rows`` are shown in review order (``review_order``: to refer, wrong, the rest). ``predicted_counts`` and
-    ``quality_warnings`` are over every image of the batch when the report shows only some of them (default: over
-    ``rows``).
-    """
-    path = Path(path)
-    rows = review_order(rows)
-    counts = Counter(r.predicted for r in rows) if predicted_counts is None else Counter(predicted_counts)
-    n_warn = sum(1 for r in rows if r.quality)
-    all_warn = n_warn if quality_warnings is None else quality_warnings
-    with_truth = any(r.correct is not None for r in rows)
-    n_wrong = sum(1 for r in rows if r.correct is False)
-    head = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
-    per_class = "".join(f"<tr><td>{html.escape(c)}</td><td>{counts.get(c, 0)}</td></tr>" for c in classes)
-    options = "".join(f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in classes)
+def table_head(classes: Sequence[str], with_truth: bool) -> str:
+    """The ``<thead>`` of the table ``render_rows`` fills (click a header to sort by it)."""
     sort_heads = "".join(f"<th onclick=\"sortBy('p{i}',true)\">{html.escape(c)}</th>" for i, c in enumerate(classes))
     truth_head = "<th onclick=\"sortBy('truth',false)\">truth</th>" if with_truth else ""
+    return (
+        "<thead><tr><th onclick=\"sortBy('id',false)\">image</th><th>image + lesion</th><th>crop</th>"
+        "<th>Grad-CAM</th><th onclick=\"sortBy('predicted',false)\">predicted</th>"
+        f"{truth_head}<th onclick=\"sortBy('confidence',true)\">confidence</th>{sort_heads}</tr></thead>"
+    )
+
+
+def render_rows(rows: Sequence[ReportRow], classes: Sequence[str], with_truth: bool) -> str:
+    """The table rows (``<tr>``) of ``rows`` in the given order: what the report and the served page both show."""
     body = []
     for r in rows:
         data = " ".join(f'data-p{i}="{r.probabilities.get(c, 0.0):.6f}"' for i, c in enumerate(classes))
+        titles = {"gradcam": f"Grad-CAM of {r.predicted} on {r.gradcam_of}" if r.gradcam_of else "Grad-CAM"}
         imgs = "".join(
-            f'<td><img src="{html.escape(r.images[k])}" width="{THUMB}" alt="{k}"></td>'
+            f'<td><img src="{html.escape(r.images[k])}" width="{THUMB}" alt="{k}" '
+            f'title="{html.escape(titles.get(k, k))}"></td>'
             if k in r.images
             else "<td></td>"
             for k in ("thumbnail", "crop", "gradcam")
@@ -159,7 +150,10 @@ def write_report(
             f"{r.probabilities.get(c, 0.0):.3f}</td>"
             for c in classes
         )
-        refer = '<span class="refer">refer</span>' if r.refer else ""
+        refer = ""
+        if r.refer:
+            why = f'<div class="small">{html.escape(r.refer_reason)}</div>' if r.refer_reason else ""
+            refer = f'<span class="refer" title="{html.escape(r.refer_reason)}">refer</span>{why}'
         note = f'<div class="small">{html.escape(r.fallback)}</div>' if r.fallback else ""
         badge, quality = "", ""
         css: list[str] = []
@@ -187,6 +181,35 @@ def write_report(
             f"<td>{html.escape(r.image_id)}{badge}{note}{quality}</td>{imgs}"
             f"<td>{html.escape(r.predicted)} {refer}</td>{truth_cell}<td>{r.confidence:.3f}</td>{bars}</tr>"
         )
+    return "".join(body)
+
+
+def write_report(
+    path: str | os.PathLike,
+    rows: Sequence[ReportRow],
+    classes: Sequence[str],
+    summary: Mapping[str, object],
+    skipped: Sequence[dict[str, str]] = (),
+    predicted_counts: Mapping[str, int] | None = None,
+    quality_warnings: int | None = None,
+) -> Path:
+    """Write ``report.html`` (images referenced by relative path, so the page stays small for big batches).
+
+    ``rows`` are shown in review order (``review_order``: to refer, wrong, the rest). ``predicted_counts`` and
+    ``quality_warnings`` are over every image of the batch when the report shows only some of them (default: over
+    ``rows``).
+    """
+    path = Path(path)
+    rows = review_order(rows)
+    counts = Counter(r.predicted for r in rows) if predicted_counts is None else Counter(predicted_counts)
+    n_warn = sum(1 for r in rows if r.quality)
+    all_warn = n_warn if quality_warnings is None else quality_warnings
+    with_truth = any(r.correct is not None for r in rows)
+    n_wrong = sum(1 for r in rows if r.correct is False)
+    head = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    per_class = "".join(f"<tr><td>{html.escape(c)}</td><td>{counts.get(c, 0)}</td></tr>" for c in classes)
+    options = "".join(f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in classes)
+    body = render_rows(rows, classes, with_truth)
     skipped_html = ""
     if skipped:
         items = "".join(f"<li>{html.escape(s['path'])}: {html.escape(s['reason'])}</li>" for s in skipped)
@@ -204,7 +227,7 @@ def write_report(
         else ""
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Lesion predictions</title>
-<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>
+<style>{STYLE}</style><script>{SCRIPT}</script></head><body>
 <h1>Lesion predictions</h1>
 <p class="small">Research software, not a medical device: every call needs a clinician's review.
 Images marked <b>refer</b> had a confidence below the threshold chosen for the target melanoma sensitivity.
@@ -216,10 +239,8 @@ The table opens on {order}the rest, each in input order.</p>
 <p>Show class <select id="cls" onchange="applyFilter()"><option value="">all</option>{options}</select>
  &middot; <label><input type="checkbox" id="warn" onchange="applyFilter()"> only images with quality warnings
 ({n_warn})</label>{wrong_filter} &middot; click a column header to sort</p>
-<table id="preds"><thead><tr><th onclick="sortBy('id',false)">image</th><th>image + lesion</th><th>crop</th>
-<th>Grad-CAM</th><th onclick="sortBy('predicted',false)">predicted</th>{truth_head}
-<th onclick="sortBy('confidence',true)">confidence</th>{sort_heads}</tr></thead>
-<tbody>{"".join(body)}</tbody></table>{skipped_html}
+<table id="preds">{table_head(classes, with_truth)}
+<tbody>{body}</tbody></table>{skipped_html}
 <script>const meta={json.dumps({"images": len(rows)})};</script></body></html>"""
     write_text_atomic(path, page)
     return path

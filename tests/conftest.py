@@ -34,9 +34,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def write_untrained_pipeline(root, backbones, classes):
-    """Untrained but complete stage folders under ``root`` (``seg``, ``cls/<backbone>``, ``ens``): what the predictor
-    loads is exercised, not what the models learned."""
+def write_untrained_pipeline(root, backbones, classes, folders=("seg", "cls", "ens")):
+    """Untrained but complete stage folders under ``root`` (``seg``, ``cls/<backbone>``, ``ens``; ``folders`` names
+    them otherwise): what the predictor loads is exercised, not what the models learned."""
     from dermpipe.classification.backbones import build_classifier, checkpoint_metadata
     from dermpipe.engine.checkpoint import save_checkpoint
     from dermpipe.engine.run import save_config
@@ -51,13 +51,22 @@ def write_untrained_pipeline(root, backbones, classes):
         model=seg_model,
         predict=SegPredictConfig(crop_size=32, tta=False, batch_size=4),
     )
-    save_unet(root / "seg" / "best.safetensors", build_unet(seg_model), seg_model, 32, "test")
-    save_config(seg_cfg, root / "seg" / "config.yaml")
+    seg, cls, ens = (root / f for f in folders)
+    save_unet(seg / "best.safetensors", build_unet(seg_model), seg_model, 32, "test")
+    save_config(seg_cfg, seg / "config.yaml")
     for name in backbones:
         model = build_classifier(name, len(classes), False)
         model.input_size = 32
-        save_checkpoint(root / "cls" / name / "best.safetensors", model, checkpoint_metadata(model, classes))
+        save_checkpoint(cls / name / "best.safetensors", model, checkpoint_metadata(model, classes))
     vote = LocallyConnectedVote(len(backbones), len(classes), 4)
-    save_meta(root / "ens" / "meta.safetensors", vote, classes, list(backbones),
+    save_meta(ens / "meta.safetensors", vote, classes, list(backbones),
               {"temperature": 1.5, "refer_threshold": 0.5, "refer_class": "mel"})  # fmt: skip
     return root
+
+
+def write_untrained_bundle(folder, backbones, classes, name="bundle"):
+    """A verified bundle (``folder/name``, as ``dermpipe bundle`` writes it) of an untrained pipeline."""
+    from dermpipe.ensemble.bundle import write_bundle
+
+    root = write_untrained_pipeline(folder / "root", backbones, classes, ("segmentation", "classification", "ensemble"))
+    return write_bundle(root, folder / name).path

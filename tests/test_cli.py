@@ -27,6 +27,8 @@ EXPECTED = [
     "run",
     "bundle",
     "predict",
+    "serve",
+    "export",
     "merge",
     "cache",
     "demo",

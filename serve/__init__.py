@@ -1,0 +1,1 @@
+"""The served app: ``dermpipe serve --model BUNDLE`` (a page and a JSON API over one loaded pipeline)."""
