@@ -1,5 +1,11 @@
 """Shared test helpers."""
 
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -34,9 +40,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def write_untrained_pipeline(root, backbones, classes, folders=("seg", "cls", "ens")):
+def write_untrained_pipeline(root, backbones, classes, folders=("seg", "cls", "ens"), input_size=32):
     """Untrained but complete stage folders under ``root`` (``seg``, ``cls/<backbone>``, ``ens``; ``folders`` names
-    them otherwise): what the predictor loads is exercised, not what the models learned."""
+    them otherwise): what the predictor loads is exercised, not what the models learned. The classifiers run at
+    ``input_size`` (at least the backbone's smallest, e.g. 75 px for the Inception family), the U-Net at 32 px."""
     from dermpipe.classification.backbones import build_classifier, checkpoint_metadata
     from dermpipe.engine.checkpoint import save_checkpoint
     from dermpipe.engine.run import save_config
@@ -56,7 +63,7 @@ def write_untrained_pipeline(root, backbones, classes, folders=("seg", "cls", "e
     save_config(seg_cfg, seg / "config.yaml")
     for name in backbones:
         model = build_classifier(name, len(classes), False)
-        model.input_size = 32
+        model.input_size = max(input_size, model.min_input_size)
         save_checkpoint(cls / name / "best.safetensors", model, checkpoint_metadata(model, classes))
     vote = LocallyConnectedVote(len(backbones), len(classes), 4)
     save_meta(ens / "meta.safetensors", vote, classes, list(backbones),
@@ -64,9 +71,32 @@ def write_untrained_pipeline(root, backbones, classes, folders=("seg", "cls", "e
     return root
 
 
-def write_untrained_bundle(folder, backbones, classes, name="bundle"):
-    """A verified bundle (``folder/name``, as ``dermpipe bundle`` writes it) of an untrained pipeline."""
+def write_untrained_bundle(folder, backbones, classes, name="bundle", input_size=32):
+    """A verified bundle (``folder/name``, as ``dermpipe bundle`` writes it) of an untrained pipeline (classifiers
+    at ``input_size``, as ``write_untrained_pipeline``)."""
     from dermpipe.ensemble.bundle import write_bundle
 
-    root = write_untrained_pipeline(folder / "root", backbones, classes, ("segmentation", "classification", "ensemble"))
+    layout = ("segmentation", "classification", "ensemble")
+    root = write_untrained_pipeline(folder / "root", backbones, classes, layout, input_size)
     return write_bundle(root, folder / name).path
+
+
+@contextlib.contextmanager
+def served(*args):
+    """``dermpipe serve ARGS --port 0`` running in a subprocess on 127.0.0.1: yields ``(base url, process)``; stopped
+    with SIGINT (as Ctrl-C stops it) at the end, and its exit status checked."""
+    command = [sys.executable, "-m", "dermpipe.serve.main", *map(str, args), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, line + server.stdout.read() if server.poll() is not None else line
+        yield f"http://127.0.0.1:{match.group(1)}", server
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, server.stdout.read()

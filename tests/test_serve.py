@@ -8,10 +8,7 @@ import csv
 import io
 import os
 import re
-import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -19,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_untrained_bundle
+from conftest import served, write_untrained_bundle
 from fastapi.testclient import TestClient
 
 from dermpipe.data.generator import make_sample
@@ -259,14 +256,8 @@ def test_load_fifty_concurrent_uploads_on_a_real_server(world, tmp_path):
     service.close()
     uploads = tmp_path / "uploads"
     uploads.mkdir()
-    command = [sys.executable, "-m", "dermpipe.serve.main", "--model", str(bundle), "--port", "0", "--device", "cpu",
-               "--root", str(tmp_path / "root"), "--upload-dir", str(uploads), "--no-gradcam"]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = server.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert match, line
-        url = f"http://127.0.0.1:{match.group(1)}"
+    flags = ["--model", bundle, "--device", "cpu", "--root", tmp_path / "root", "--upload-dir", uploads, "--no-gradcam"]
+    with served(*flags) as (url, server):
         with httpx.Client(timeout=120) as http:
             assert http.get(f"{url}/healthz").json()["waiting"] == 0
         before = _rss_mb(server.pid, "VmRSS")
@@ -294,11 +285,3 @@ def test_load_fifty_concurrent_uploads_on_a_real_server(world, tmp_path):
         assert peak - before < 500, f"server memory grew from {before:.0f} MB to a {peak:.0f} MB peak"
         assert list(uploads.iterdir()) == []
         print(f"50 concurrent uploads in {elapsed:.1f} s, {health['batches']} batches, peak {peak:.0f} MB")
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    assert server.returncode == 0
