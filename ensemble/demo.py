@@ -18,6 +18,7 @@ import numpy as np
 from dermpipe.classification import train as classification_train
 from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.reading import write_image
+from dermpipe.ensemble import make_bundle
 from dermpipe.ensemble import predict as ensemble_predict
 from dermpipe.ensemble import vote as ensemble_vote
 from dermpipe.segmentation import predict as segmentation_predict
@@ -103,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         "--gradcam",
     ])  # fmt: skip
     _step("ensemble/predict.py", code, start)
-    print(f"demo: finished in {time.time() - t0:.0f}s; see {out / 'predictions.csv'} and {out / 'report.html'}")
+
+    start = time.time()
+    bundle = out / "bundle"
+    if bundle.exists():  # a bundle is never overwritten: --fresh makes a new one
+        print(f"demo: {bundle} exists (reused; --fresh trains and bundles again)")
+    else:
+        _step("dermpipe bundle", make_bundle.main(["--root", str(out), "--out", str(bundle)]), start)
+    print(f"demo: finished in {time.time() - t0:.0f}s; see {out / 'predictions.csv'} and {out / 'report.html'}; "
+          f"serve it with `dermpipe serve --model {bundle}`")  # fmt: skip
     return 0
 
 
