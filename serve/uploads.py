@@ -82,6 +82,9 @@ class MultipartUploads:
             raise UploadError(415, f"send the photos as multipart/form-data, one part per photo in the field "
                                    f"'{FIELD}' (got {content_type or 'no content type'})")  # fmt: skip
         self.folder, self.max_file_bytes, self.max_files = folder, max_file_bytes, max_files
+        # the whole body: every file at its limit, plus room for the parts' headers and small form fields
+        self.max_body_bytes = max_files * max_file_bytes + 2**20
+        self.received = 0
         self.uploads: list[Upload] = []
         self._file: BinaryIO | None = None
         self._current: Upload | None = None
@@ -100,6 +103,10 @@ class MultipartUploads:
         self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
 
     def write(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.max_body_bytes:
+            raise UploadError(413, f"the request is over {self.max_body_bytes / 2**20:g} MB ({self.max_files} files of "
+                                   "at most --max-upload-mb each): send fewer or smaller files")  # fmt: skip
         self._parser.write(chunk)
 
     def close(self) -> list[Upload]:

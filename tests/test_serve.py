@@ -198,6 +198,9 @@ def test_requests_without_photos_or_multipart_are_refused(client):
     too_many = client.post("/v1/predict", files=[("files", (f"{i}.jpg", b"\xff\xd8\xff", "image/jpeg"))
                                                  for i in range(40)])  # fmt: skip
     assert too_many.status_code == 413 and "more than 32 files" in too_many.json()["detail"]
+    fields = [("note", ("", os.urandom(2**19), "text/plain"))] * 80  # no file, but 40 MB of form fields
+    flooded = client.post("/v1/predict", files=fields)
+    assert flooded.status_code == 413 and "the request is over 33 MB" in flooded.json()["detail"]
 
 
 def test_page_rows_are_the_reports_rendering(client, world):
