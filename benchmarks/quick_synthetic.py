@@ -4,8 +4,9 @@
 
 Writes a small synthetic data set (``OUT/data``), then runs each script as ``python benchmarks/NAME.py ...`` in a
 process of its own: the bare classification and segmentation reference loops on that set, the segmentation
-prediction throughput, the classification training throughput, and the whole pipeline's batch prediction throughput
-(the five default backbones at their native sizes, random weights). Each writes its JSON under ``OUT``;
+prediction throughput, the classification training throughput, the whole pipeline's batch prediction throughput
+(the five default backbones at their native sizes, random weights) and the same with ONNX Runtime against PyTorch
+eager (``onnx_speed``). Each writes its JSON under ``OUT``;
 ``OUT/summary.json`` gathers them with the equivalent commands and their seconds. Small sizes, few epochs: this checks
 that the benchmarks run end to end and shows their order of magnitude on this machine; the figures in BENCHMARKS.md
 come from the full-size commands there.
@@ -64,6 +65,12 @@ def steps(out: Path, manifest: Path, threads: int) -> list[tuple[str, list[str],
             ["--images", "4", "--batch", "4", "--seg-size", "128", "--encoder", "resnet18", *t,
              "--json", str(out / "pipeline_throughput.json")],
             out / "pipeline_throughput.json",
+        ),
+        (
+            "onnx_speed",
+            ["--images", "4", "--batch", "4", "--seg-size", "128", "--encoder", "resnet18", "--repeats", "1", *t,
+             "--out", str(out / "onnx_speed")],
+            out / "onnx_speed" / "onnx_speed.json",
         ),
         (
             "ddp_scaling",
@@ -133,6 +140,25 @@ def machine_table(summary: dict) -> str:
                             f"warm cache {x['warm_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
                             f"first prediction {x['first_prediction_s']:.1f} s" if "first_prediction_s" in x else "",
                             mem("pipeline_throughput"),
+                        ],
+                    )
+                ),  # fmt: skip
+            )
+        )
+    if "onnx_speed" in r:
+        f, p = r["onnx_speed"]["forward"], r["onnx_speed"]["predict"]
+        rows.append(
+            (
+                "batch prediction, `--engine onnxruntime`, cold cache",
+                f"{p['onnxruntime_img_s']:.2f} img/s",
+                f"{p['ratio']:.2f}x PyTorch eager's speed ({p['pytorch_img_s']:.2f} img/s) on the same images",
+                "; ".join(
+                    filter(
+                        None,
+                        [
+                            f"forward passes alone {f['ratio']:.2f}x",
+                            f"final probabilities within {p['max_abs_probability_difference']:.1e}",
+                            mem("onnx_speed"),
                         ],
                     )
                 ),  # fmt: skip

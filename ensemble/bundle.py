@@ -11,8 +11,10 @@ Layout (the run root's own, so the predictor reads a bundle as it reads a root):
       ensemble/              meta.safetensors (vote, temperature, refer threshold), config.yaml, summary.json,
                              methods.csv
 
-Only weights (safetensors, no pickle) and text: no optimiser or resume state, no training image. A bundle whose
-files do not match SHA256SUMS, or that holds any other kind of file, is refused before anything is loaded.
+Only weights (safetensors, no pickle) and text: no optimiser or resume state, no training image. ``dermpipe export``
+adds each network's ONNX export beside its weights (``best.onnx``, ``meta.onnx``: protobuf, no code) and lists them in
+SHA256SUMS. A bundle whose files do not match SHA256SUMS, or that holds any other kind of file, is refused before
+anything is loaded.
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ FORMAT_VERSION = 1
 INFO_FILE = "bundle.json"
 CARD_FILE = "MODEL_CARD.md"
 CHECKSUMS = "SHA256SUMS"
-# what a bundle may hold: weights as safetensors and text; anything else (a pickle, a script) is refused
-ALLOWED_SUFFIXES = (".safetensors", ".json", ".yaml", ".md", ".csv", ".txt")
+# what a bundle may hold: weights as safetensors, their ONNX exports, and text; anything else (a pickle, a script) is
+# refused
+ALLOWED_SUFFIXES = (".safetensors", ".onnx", ".json", ".yaml", ".md", ".csv", ".txt")
+# files derived from the bundle's own (the ONNX exports): listed and verified, but left out of its identity
+DERIVED_SUFFIXES = (".onnx",)
 # files copied from each stage's run folder when present (the weights are required)
 STAGE_FILES = {
     "segmentation": ("best.safetensors", "config.yaml", "metrics.csv"),
@@ -66,7 +71,7 @@ class BundleError(DermpipeError):
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle folder: its path, the sha256 of its SHA256SUMS (the bundle's hash) and its bundle.json."""
+    """A verified bundle folder: its path, its hash (``identity_digest`` of its SHA256SUMS) and its bundle.json."""
 
     path: Path
     digest: str
@@ -291,10 +296,26 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
         raise _refuse(path, f"{INFO_FILE} is missing or not JSON") from None
     if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
         raise _refuse(path, f"{INFO_FILE} is not a {FORMAT} of version {FORMAT_VERSION} or older")
-    digest = hashlib.sha256(sums.read_bytes()).hexdigest()
-    return Bundle(path, digest, info)
+    return Bundle(path, identity_digest(sums.read_bytes()), info)
+
+
+def _is_derived(line: bytes) -> bool:
+    """Whether a SHA256SUMS line lists a derived file (an ONNX export)."""
+    return line.rstrip(b"\r\n").endswith(tuple(s.encode() for s in DERIVED_SUFFIXES))
+
+
+def identity_digest(sums: bytes) -> str:
+    """The bundle's hash: the sha256 of its SHA256SUMS without the lines of derived files, so exporting the networks
+    to ONNX keeps the bundle's identity (a bundle without them: the sha256 of the file's very bytes)."""
+    kept = b"".join(line for line in sums.splitlines(keepends=True) if not _is_derived(line))
+    return hashlib.sha256(kept).hexdigest()
+
+
+def bundle_checksums(bundle: Bundle) -> dict[str, str]:
+    """Each file SHA256SUMS lists -> its sha256."""
+    return _listed(bundle.path, (bundle.path / CHECKSUMS).read_text())
 
 
 def bundle_files(bundle: Bundle) -> Sequence[str]:
     """The bundle's files as SHA256SUMS lists them."""
-    return sorted(_listed(bundle.path, (bundle.path / CHECKSUMS).read_text()))
+    return sorted(bundle_checksums(bundle))

@@ -98,6 +98,8 @@ class PredictConfig:
     batch_size: int = 32  # images per forward pass (and per streamed chunk)
     tta: bool = False  # classifier flip/rotation TTA (the segmentation TTA comes from its run's config)
     refer: bool = True  # apply the ensemble run's refer threshold
+    # what runs the networks' forward passes: PyTorch, or ONNX Runtime on the .onnx files `dermpipe export` writes
+    engine: Literal["pytorch", "onnxruntime"] = "pytorch"
     outputs: PredictOutputs = field(default_factory=PredictOutputs)
     run: RunConfig = field(default_factory=RunConfig)
 

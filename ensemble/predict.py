@@ -17,6 +17,7 @@ from typing import Any
 from dermpipe.data.manifest import Manifest, read_inputs
 from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
 from dermpipe.engine.files import check_output_file, check_output_folder
+from dermpipe.engine.onnx_runtime import ENGINES
 from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
 from dermpipe.ensemble.bundle import BundleError, open_bundle
 from dermpipe.ensemble.config import PredictConfig
@@ -84,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ensemble-run", default=None, help="trained vote's run folder (default: ROOT/ensemble)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="classifier TTA")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="what runs the networks (default pytorch; onnxruntime: the .onnx files `dermpipe export` writes into "
+        "the bundle)",
+    )
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=None, help="write report.html")
     parser.add_argument("--gradcam", action="store_true", default=None, help="Grad-CAM overlays in the report")
     parser.add_argument("--masks", action="store_true", default=None, help="write ISIC-style masks")
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "classification_root": args.classification_root,
             "ensemble_run": args.ensemble_run,
             "tta": args.tta,
+            "engine": args.engine,
             "outputs.report": args.report,
             "outputs.gradcam": args.gradcam,
             "outputs.masks": args.masks,

@@ -35,8 +35,8 @@ from dermpipe.data.quality import quality_text
 from dermpipe.data.reading import read_image, write_image
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import CheckpointError, check_trained_setting, weights_digest
-from dermpipe.engine.onnx_runtime import engine_model
 from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries, write_text_atomic
+from dermpipe.engine.onnx_runtime import engine_model
 from dermpipe.engine.run import check_run_folder
 from dermpipe.ensemble import shards
 from dermpipe.ensemble.calibration import apply_temperature
@@ -136,9 +136,9 @@ class EnsemblePredictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.backbones: list[str] = list(self.meta["backbones"])
         root = Path(cfg.classification_root)
-        run = (cfg.engine, cfg.run.threads)
         self.classifiers = [
-            Classifier(root / b, device, cfg.tta, cache, cfg.run.force, cfg.batch_size, *run) for b in self.backbones
+            Classifier(root / b, device, cfg.tta, cache, cfg.run.force, cfg.batch_size, cfg.engine, cfg.run.threads)
+            for b in self.backbones
         ]
         for c in self.classifiers:
             if list(c.meta["classes"]) != self.classes:

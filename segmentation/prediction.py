@@ -22,6 +22,7 @@ from dermpipe.data.reading import ImageReadError, image_size, read_image, read_m
 from dermpipe.engine.cache import StageCache, stage_key
 from dermpipe.engine.checkpoint import check_trained_setting, weights_digest
 from dermpipe.engine.files import FileInputError, file_digest, output_stem, remove_stale_temporaries
+from dermpipe.engine.onnx_runtime import engine_model
 from dermpipe.segmentation.config import SegmentationConfig, SegPredictConfig
 from dermpipe.segmentation.lesion import FALLBACK_NO_LESION, LesionBox, clean_mask, crop_to_lesion, lesion_box
 from dermpipe.segmentation.model import load_unet
@@ -162,13 +163,20 @@ class SegmentationPredictor:
         crops: Mapping[str, Any] | None = None,
         strict: bool = False,
         workers: int = 0,
+        engine: str = "pytorch",
+        threads: int = 0,
     ) -> None:
         """``crops``: the crop settings the classifiers were trained with (they replace the config's); ``strict``:
         the config is the run's own or the user's, so a training setting that disagrees with the checkpoint's is
         refused (naming both values) instead of silently overridden by it; ``workers``: DataLoader worker processes
-        that read, decode, check and look up the next images while the U-Net runs (0: all in this process)."""
+        that read, decode, check and look up the next images while the U-Net runs (0: all in this process);
+        ``engine``: what runs the U-Net's forward (``onnxruntime``: the ONNX export beside the checkpoint, with
+        ``threads`` intra-op threads when given)."""
         self.workers = workers
         self.model, self.meta = load_unet(checkpoint, device)
+        self.weights = weights_digest(checkpoint)
+        # the crops' cache key names what computed them: the checkpoint's digest, or the ONNX file's
+        self.model, self.model_digest = engine_model(self.model, checkpoint, self.weights, engine, device, threads)
         self.device = device
         self.size = int(self.meta["input_size"])
         self.mean, self.std = self.meta["mean"], self.meta["std"]
@@ -181,7 +189,6 @@ class SegmentationPredictor:
             )
         given = {k: crops[k] for k in CROP_SETTINGS if crops and k in crops}
         self.predict_cfg: SegPredictConfig = replace(cfg.predict, **given)
-        self.weights = weights_digest(checkpoint)
         self.cache = StageCache(cache_root or cfg.run.cache_dir, "crops", force=force)
         p = self.predict_cfg
         self.settings = {
@@ -202,7 +209,7 @@ class SegmentationPredictor:
         return {**settings, "preprocess": asdict(self.preprocess_cfg), "segmentation_weights": self.weights}
 
     def key(self, digest: str) -> str:
-        return stage_key("crops", inputs=digest, settings=self.settings, model=self.weights)
+        return stage_key("crops", inputs=digest, settings=self.settings, model=self.model_digest)
 
     def crop(self, items: Iterable[tuple[str, str]]) -> Iterator[CropResult | Skipped]:
         """``(image_id, path)`` pairs -> a ``CropResult`` per image, or ``Skipped`` for an unreadable file, in the

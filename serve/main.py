@@ -115,7 +115,7 @@ def open_service(args: argparse.Namespace) -> tuple[Service, Limits]:
     check_run_folder(Path(cfg.ensemble_run), "ensemble")
     check_trained_stages(cfg)
     predictor = EnsemblePredictor(cfg, choose_device(cfg.run.device))
-    engine = getattr(cfg, "engine", "pytorch")
+    engine = cfg.engine
     service = Service(
         predictor,
         bundle.identity,

@@ -152,9 +152,8 @@ class Service:
         self.predictor, self.model_id, self.card = predictor, model_id, card
         self.classes = list(predictor.classes)
         self.columns = prediction_columns(self.classes)
-        # Grad-CAM needs the PyTorch networks' gradients: none under the ONNX Runtime engine
-        torch_engine = getattr(predictor.cfg, "engine", "pytorch") == "pytorch"
-        self.gradcam_model = predictor.classifiers[0] if gradcam and torch_engine else None
+        # Grad-CAM runs on the PyTorch network whichever engine predicts (ONNX Runtime has no gradients)
+        self.gradcam_model = predictor.classifiers[0] if gradcam else None
         self.batcher = Batcher(self._run, max_batch_images, wait_s, max_pending)
 
     def submit(self, job: Job) -> Future:

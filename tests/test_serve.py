@@ -203,6 +203,31 @@ def test_requests_without_photos_or_multipart_are_refused(client):
     assert flooded.status_code == 413 and "the request is over 33 MB" in flooded.json()["detail"]
 
 
+def test_onnxruntime_engine_serves_what_pytorch_serves(world, client, tmp_path):
+    import shutil
+
+    from dermpipe.ensemble import export
+
+    _, bundle, photos = world
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    assert export.main(["--model", str(copy), "--format", "onnx"]) == 0
+    service, limits = open_service(build_parser().parse_args(
+        ["--model", str(copy), "--device", "cpu", "--root", str(tmp_path / "root"), "--engine", "onnxruntime"]
+    ))  # fmt: skip
+    paths = sorted(photos.glob("*.jpg"))
+    with TestClient(create_app(service, limits)) as onnx_client:
+        assert onnx_client.get("/v1/model").json()["engine"] == "onnxruntime"
+        served = onnx_client.post("/v1/predict?format=page", files=_files(*paths)).json()
+    service.close()
+    reference = client.post("/v1/predict", files=_files(*paths)).json()["predictions"]
+    assert served["model"] == reference[0]["model"]  # the same model: exporting does not change the identity
+    for got, want in zip(served["predictions"], reference):
+        assert got["image_id"] == want["image_id"] and got["box"] == want["box"]
+        assert max(abs(got[c] - want[c]) for c in CLASSES) <= 1e-4
+    assert served["html"].count('src="data:image/jpeg;base64,') == 3 * len(paths)  # Grad-CAM on PyTorch still
+
+
 def test_page_rows_are_the_reports_rendering(client, world):
     _, _, photos = world
     jpeg = sorted(photos.glob("*.jpg"))[3]
