@@ -282,7 +282,7 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
             present[rel] = entry
     for rel in present:
         if not rel.endswith(ALLOWED_SUFFIXES):
-            raise _refuse(path, f"{rel} is not safetensors or text (a bundle holds nothing else)")
+            raise _refuse(path, f"{rel} is not safetensors, ONNX or text (a bundle holds nothing else)")
         if rel not in listed:
             raise _refuse(path, f"{rel} is not listed in {CHECKSUMS} (added after bundling)")
     for rel, digest in listed.items():

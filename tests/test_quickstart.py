@@ -163,7 +163,7 @@ def test_bundle_predicts_the_same_rows_from_another_folder_and_is_refused_when_t
     weights.write_bytes(bytes(data))
     (moved / "ensemble" / "extra.pt").write_bytes(b"not weights")
     done = bash("dermpipe predict --model ham-v1 --input ../photos --out out", elsewhere)
-    assert done.returncode == 2 and "ensemble/extra.pt is not safetensors or text" in done.stderr
+    assert done.returncode == 2 and "ensemble/extra.pt is not safetensors, ONNX or text" in done.stderr
 
 
 def _bundle_hash(bundle: Path) -> str:
