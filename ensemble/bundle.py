@@ -182,7 +182,7 @@ def _bundle_info(name: str, root: Path, files: Mapping[str, Path], vote: Mapping
         },  # fmt: skip
         "classifiers": backbones,
         "crops": crops,
-        "vote": {k: vote.get(k) for k in ("hidden", "weight_decay", "inputs", "fit_split")},
+        "vote": {k: vote.get(k) for k in ("init", "anchor", "hidden", "weight_decay", "inputs", "fit_split")},
         "calibration": {
             k: vote.get(k) for k in ("temperature", "refer", "refer_class", "refer_threshold", "target_sensitivity")
         },  # fmt: skip

@@ -22,6 +22,17 @@ LIMITS = """\
 """
 
 
+def _vote_form(vote: Mapping[str, Any]) -> str:
+    """How the vote was fitted, in words: from the mean vote (and whether it moved) or seed 004's random start."""
+    inputs = vote.get("inputs")
+    if vote.get("init") == "mean_vote":
+        if vote.get("anchor") == "inf":
+            return f"the mean vote on {inputs}: cross-validation found no gain in moving from it"
+        anchor, hidden = vote.get("anchor"), vote.get("hidden")
+        return f"started at the mean vote on {inputs}, held to it with strength {anchor}, hidden {hidden}"
+    return f"random start, hidden {vote.get('hidden')}, weight decay {vote.get('weight_decay')}, inputs {inputs}"
+
+
 def _number(value: Any, digits: int = 3) -> str:
     try:
         return f"{float(value):.{digits}f}"
@@ -118,9 +129,8 @@ Manifest `{data.get("manifest")}`; images per split and class (splits grouped by
   {crops.get("crop_size")} px (mask threshold {crops.get("threshold")}, flip TTA {crops.get("tta")}).
 - Classifiers (each with a Squeeze-and-Excitation block before pooling):
 {backbones}
-- Vote: locally connected meta-network over the stacked probabilities (hidden {vote.get("hidden")}, weight decay
-  {vote.get("weight_decay")}, inputs {vote.get("inputs")}), fit on the `{vote.get("fit_split")}` split only;
-  temperature {_number(calibration.get("temperature"))}.
+- Vote: locally connected meta-network over the stacked probabilities ({_vote_form(vote)}), fit on the
+  `{vote.get("fit_split")}` split only; temperature {_number(calibration.get("temperature"))}.
 
 ## Measured on the test split ({summary.get("n_test", "n/a")} images, scored once)
 

@@ -22,10 +22,18 @@ class EnsembleDataConfig:
 
 @dataclass(frozen=True)
 class MetaConfig:
+    # mean_vote: the network starts computing the mean vote (log_probs inputs: the log-probability average; probs: the
+    # mean probability) and is pulled back towards that start with a strength from anchor_grid, the mean vote itself
+    # (not moved) being one candidate; random: seed 004's form, Glorot start and weight decay towards zero
+    init: Literal["mean_vote", "random"] = "mean_vote"
+    anchor_grid: tuple[float, ...] = (1.0, 0.1, 0.01, 0.001)  # penalty strengths towards the start (init: mean_vote)
+    # cross-validation keeps the simplest candidate (the mean vote, then the strongest anchor, the fewest hidden units)
+    # whose CV balanced accuracy is within this much of the best one: differences smaller than that are fold noise
+    prefer_simpler_within: float = 0.005
     hidden: int = 20  # hidden units per class (seed 004: 20); used when hidden_grid is empty
-    weight_decay: float = 1.0e-3  # used when weight_decay_grid is empty
+    weight_decay: float = 1.0e-3  # init: random only; used when weight_decay_grid is empty
     hidden_grid: tuple[int, ...] = (4, 20)  # settings tried by cross-validation inside the fit set
-    weight_decay_grid: tuple[float, ...] = (1.0e-3, 1.0e-1)
+    weight_decay_grid: tuple[float, ...] = (1.0e-3, 1.0e-1)  # init: random only
     inputs: Literal["probs", "log_probs"] = "probs"  # what each class's MLP sees; used when inputs_grid is empty
     inputs_grid: tuple[Literal["probs", "log_probs"], ...] = ("probs", "log_probs")
     epochs: int = 300  # full-batch AdamW steps
@@ -33,6 +41,13 @@ class MetaConfig:
     cv_folds: int = 5  # stratified, inside the fit set
     sigmoid_output: bool = False  # seed 004 put a sigmoid before the softmax; off: it caps every probability
     seed: int = 0  # the meta-network's initial weights and the cross-validation folds
+
+    def __post_init__(self) -> None:
+        if self.init == "mean_vote" and self.sigmoid_output:
+            raise ValueError("meta.sigmoid_output is seed 004's form: it goes with meta.init=random (a sigmoid cannot "
+                             "start at the mean vote)")  # fmt: skip
+        if any(a <= 0 for a in self.anchor_grid):
+            raise ValueError(f"meta.anchor_grid holds penalty strengths > 0, got {list(self.anchor_grid)}")
 
 
 @dataclass(frozen=True)

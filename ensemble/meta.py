@@ -75,6 +75,22 @@ class LocallyConnectedVote(nn.Module):
             self.b1.zero_()
             self.b2.zero_()
 
+    def start_at_mean_vote(self, generator: torch.Generator | None = None) -> None:
+        """Weights that compute the mean vote: per class, hidden unit 0 averages the backbones' inputs and is the only
+        one the output reads, so the logits are the log-probability average (``log_probs``: softmax gives the
+        normalised geometric mean) or the mean probability times ``-log(LOG_FLOOR)`` (``probs``: the same argmax as
+        the mean vote). The other hidden units start with small random weights (alive, read with weight 0), so
+        training can move away from the mean vote where the data says so."""
+        shift = -math.log(LOG_FLOOR)  # log_probs inputs: log p + shift >= 0, so unit 0's ReLU passes the average
+        with torch.no_grad():
+            limit = 1.0 / self.n_backbones
+            self.w1.uniform_(-limit, limit, generator=generator)
+            self.w1[:, 0, :] = limit
+            self.b1.copy_(self.w1.sum(dim=-1) * shift if self.inputs == "log_probs" else torch.zeros_like(self.b1))
+            self.w2.zero_()
+            self.w2[:, 0] = 1.0 if self.inputs == "log_probs" else shift
+            self.b2.zero_()
+
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         """(images, backbones, classes) probabilities -> (images, classes) logits."""
         if self.inputs == "log_probs":
@@ -89,11 +105,34 @@ class LocallyConnectedVote(nn.Module):
 
 @dataclass(frozen=True)
 class MetaSettings:
-    """What cross-validation chooses for the meta-network."""
+    """What cross-validation chooses for the meta-network. ``anchor``: the penalty strength towards the mean-vote start
+    (``inf``: not trained, the mean vote itself); ``None``: seed 004's random start with ``weight_decay`` towards
+    zero."""
 
     hidden: int
     weight_decay: float
     inputs: str = "probs"
+    anchor: float | None = None
+
+    @property
+    def stays(self) -> bool:
+        """The mean vote itself: nothing is fitted."""
+        return self.anchor is not None and math.isinf(self.anchor)
+
+    def describe(self) -> str:
+        if self.anchor is None:
+            return f"hidden={self.hidden} weight_decay={self.weight_decay:g} on {self.inputs} (random start)"
+        if self.stays:
+            return f"the mean vote on {self.inputs} (not moved: cross-validation found no gain in learning)"
+        return f"hidden={self.hidden} anchor={self.anchor:g} towards the mean vote on {self.inputs}"
+
+    def record(self) -> dict[str, Any]:
+        """As summary.json, the CV table and the checkpoint's metadata give it (``anchor``: a number, ``"inf"``, or
+        ``None`` for the random start)."""
+        anchor = None if self.anchor is None else ("inf" if self.stays else self.anchor)
+        init = "random" if self.anchor is None else "mean_vote"
+        return {"hidden": self.hidden, "weight_decay": self.weight_decay, "inputs": self.inputs, "init": init,
+                "anchor": anchor}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,26 +200,42 @@ def fit_meta(
     settings: MetaSettings | None = None,
     device: str | torch.device = "cpu",
 ) -> LocallyConnectedVote:
-    """Full-batch AdamW on class-weighted log-loss (so the optimum serves balanced accuracy); deterministic by seed.
+    """Full-batch training on class-weighted log-loss (so the optimum serves balanced accuracy); deterministic by seed.
 
     ``probs`` is (images, backbones, classes), ``labels`` class indices (no -1); ``settings`` default to
-    ``cfg.hidden``, ``cfg.weight_decay`` and ``cfg.inputs``.
+    ``cfg.hidden``, ``cfg.weight_decay``, ``cfg.inputs`` and, with ``cfg.init: mean_vote``, the strongest anchor.
+    From the mean-vote start, Adam minimises the loss plus ``anchor`` times the squared distance of the weights from
+    their start; from seed 004's random start, AdamW with ``weight_decay`` towards zero.
     """
-    settings = settings or MetaSettings(cfg.hidden, cfg.weight_decay, cfg.inputs)
+    if settings is None:
+        anchor = max(cfg.anchor_grid) if cfg.init == "mean_vote" else None
+        settings = MetaSettings(cfg.hidden, cfg.weight_decay, cfg.inputs, anchor)
     seed = cfg.seed if seed is None else seed
     n_classes = probs.shape[2]
     model = LocallyConnectedVote(probs.shape[1], n_classes, settings.hidden, cfg.sigmoid_output, settings.inputs)
-    model.reset_parameters(torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if settings.anchor is None:
+        model.reset_parameters(generator)
+    else:
+        model.start_at_mean_vote(generator)
     model.to(device)
+    if settings.stays:
+        return model.eval()
     x = torch.as_tensor(probs, dtype=torch.float32, device=device)
     y = torch.as_tensor(labels, dtype=torch.int64, device=device)
     weight = torch.as_tensor(balanced_class_weights(labels, n_classes), dtype=torch.float32, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=settings.weight_decay)
+    start = [p.detach().clone() for p in model.parameters()]
+    if settings.anchor is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
     with _few_threads(torch.device(device)):
         for _ in range(cfg.epochs):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y, weight=weight)
+            if settings.anchor is not None:
+                loss = loss + settings.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
             loss.backward()
             optimizer.step()
     model.eval()
@@ -201,43 +256,55 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def candidate_settings(cfg: MetaConfig) -> list[MetaSettings]:
-    """The grid hidden_grid x weight_decay_grid x inputs_grid; an empty grid stands for the single configured value."""
-    hiddens = cfg.hidden_grid or (cfg.hidden,)
-    decays = cfg.weight_decay_grid or (cfg.weight_decay,)
+    """The settings cross-validation compares, simplest first; an empty grid stands for the single configured value.
+
+    ``init: mean_vote``: the mean vote itself per input kind, then anchor_grid (strongest first) x hidden_grid (fewest
+    units first) x inputs_grid. ``init: random``: hidden_grid x weight_decay_grid x inputs_grid (seed 004's form).
+    """
+    hiddens = sorted(cfg.hidden_grid or (cfg.hidden,))
     inputs = cfg.inputs_grid or (cfg.inputs,)
-    return [MetaSettings(h, wd, i) for h, wd, i in itertools.product(hiddens, decays, inputs)]
+    if cfg.init == "random":
+        decays = cfg.weight_decay_grid or (cfg.weight_decay,)
+        return [MetaSettings(h, wd, i) for h, wd, i in itertools.product(hiddens, decays, inputs)]
+    stay = [MetaSettings(hiddens[0], 0.0, i, math.inf) for i in inputs]
+    anchors = sorted(cfg.anchor_grid, reverse=True)
+    return stay + [MetaSettings(h, 0.0, i, a) for a, h, i in itertools.product(anchors, hiddens, inputs)]
 
 
 def select_meta_settings(
     probs: np.ndarray, labels: np.ndarray, cfg: MetaConfig, device: str | torch.device = "cpu"
 ) -> MetaSelection:
-    """Stratified K-fold CV inside the fit set over the settings grid: best pooled out-of-fold balanced accuracy,
-    ties broken by log-loss. Only the fit set is seen here, never the test split.
+    """Stratified K-fold CV inside the fit set over ``candidate_settings``, each scored by its pooled out-of-fold
+    balanced accuracy (and log-loss); ``_choose`` picks one. Only the fit set is seen here, never the test split.
     """
     folds = cross_validation_folds(labels, cfg.cv_folds, cfg.seed)
-    best: tuple[tuple[float, float], MetaSettings, np.ndarray] | None = None
+    candidates = candidate_settings(cfg)
+    results: list[tuple[float, float, np.ndarray]] = []
     scores = []
-    for settings in candidate_settings(cfg):
+    for settings in candidates:
         oof = np.zeros((len(labels), probs.shape[2]))
         for train_idx, val_idx in folds:
             model = fit_meta(probs[train_idx], labels[train_idx], cfg, cfg.seed, settings, device)
             oof[val_idx] = meta_logits(model, probs[val_idx])
         bacc, loss = selection_score(softmax(oof), labels)
-        scores.append(
-            {
-                "hidden": settings.hidden,
-                "weight_decay": settings.weight_decay,
-                "inputs": settings.inputs,
-                "cv_balanced_accuracy": bacc,
-                "cv_log_loss": loss,
-            }
-        )
-        logger.info("meta-network CV %s: balanced accuracy %.4f, log-loss %.4f", settings, bacc, loss)
-        if best is None or (-bacc, loss) < (-best[0][0], best[0][1]):
-            best = ((bacc, loss), settings, oof)
-    assert best is not None
-    logger.info("meta-network settings chosen by %d-fold CV: %s", len(folds), best[1])
-    return MetaSelection(settings=best[1], scores=tuple(scores), oof_logits=best[2], folds=len(folds))
+        results.append((bacc, loss, oof))
+        scores.append({**settings.record(), "cv_balanced_accuracy": bacc, "cv_log_loss": loss})
+        logger.info("meta-network CV %s: balanced accuracy %.4f, log-loss %.4f", settings.describe(), bacc, loss)
+    chosen = _choose(results, cfg)
+    logger.info("meta-network chosen by %d-fold CV: %s", len(folds), candidates[chosen].describe())
+    for i, row in enumerate(scores):
+        row["chosen"] = i == chosen
+    return MetaSelection(settings=candidates[chosen], scores=tuple(scores), oof_logits=results[chosen][2],
+                         folds=len(folds))  # fmt: skip
+
+
+def _choose(results: Sequence[tuple[float, float, np.ndarray]], cfg: MetaConfig) -> int:
+    """The index of the chosen candidate. ``init: random``: the best CV balanced accuracy, ties by log-loss.
+    ``init: mean_vote``: the first (simplest) candidate within ``prefer_simpler_within`` of the best."""
+    best = min(range(len(results)), key=lambda i: (-results[i][0], results[i][1]))
+    if cfg.init == "random":
+        return best
+    return next(i for i, r in enumerate(results) if r[0] >= results[best][0] - cfg.prefer_simpler_within)
 
 
 def save_meta(

@@ -166,7 +166,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         ("mean_vote", mean_vote(test.probs), ""),
         ("majority_vote", majority_vote(test.probs), "ties by mean probability"),
         ("logistic_stacking", stacking.predict_proba(test.probs), f"C={stacking.c:g} on {stacking.inputs}"),
-        ("meta_network", test_meta_raw[labelled], f"hidden={s.hidden} weight_decay={s.weight_decay:g} on {s.inputs}"),
+        ("meta_network", test_meta_raw[labelled], s.describe()),
     ]
     if cfg.calibration.temperature:
         methods.append(("meta_network_calibrated", test_meta[labelled], f"temperature={temperature:.3f}"))
@@ -218,9 +218,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         classes,
         backbones,
         {
-            "hidden": s.hidden,
-            "weight_decay": s.weight_decay,
-            "inputs": s.inputs,
+            **s.record(),
             "fit_split": d.fit_split,
             "temperature": temperature,
             "refer": refer_index is not None,
@@ -240,12 +238,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         "n_test_unlabelled": len(test_all) - len(test),
         "backbones": list(backbones),
         "classes": list(classes),
-        "meta_settings": {
-            "hidden": s.hidden,
-            "weight_decay": s.weight_decay,
-            "inputs": s.inputs,
-            "cv_folds": selection.folds,
-        },
+        "meta_settings": {**s.record(), "cv_folds": selection.folds},
         "meta_cv": list(selection.scores),
         "logistic_c": stacking.c,
         "logistic_cv": list(stacking.cv_scores),

@@ -188,16 +188,17 @@ def test_cross_validation_tries_both_input_scales():
 
     rng = np.random.default_rng(4)
     labels, probs = synthetic_probs(120, rng)
-    cfg = MetaConfig(epochs=20, hidden_grid=(4,), weight_decay_grid=(1e-3,))
+    cfg = MetaConfig(epochs=20, hidden_grid=(4,), anchor_grid=(0.1,))
     selection = select_meta_settings(probs, labels, cfg)
-    assert [row["inputs"] for row in selection.scores] == ["probs", "log_probs"]
+    # the mean vote on each scale, then the anchored fit on each
+    assert [row["inputs"] for row in selection.scores] == ["probs", "log_probs"] * 2
     assert selection.settings.inputs in ("probs", "log_probs")
     only = select_meta_settings(
-        probs,
-        labels,
-        MetaConfig(epochs=20, hidden_grid=(4,), weight_decay_grid=(1e-3,), inputs_grid=(), inputs="log_probs"),
+        probs, labels, MetaConfig(epochs=20, hidden_grid=(4,), anchor_grid=(0.1,), inputs_grid=(), inputs="log_probs")
     )
-    assert [row["inputs"] for row in only.scores] == ["log_probs"]
+    assert [row["inputs"] for row in only.scores] == ["log_probs"] * 2
+    seed_form = MetaConfig(init="random", epochs=20, hidden_grid=(4,), weight_decay_grid=(1e-3,))
+    assert [row["inputs"] for row in select_meta_settings(probs, labels, seed_form).scores] == ["probs", "log_probs"]
 
 
 # --- baselines ---
