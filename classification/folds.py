@@ -125,8 +125,10 @@ def stale_folds(cfg: ClassificationConfig, backbone_dir: Path, k: int) -> list[i
 
 
 def combine_folds(cfg: ClassificationConfig, backbone_dir: Path, k: int) -> dict[str, Any] | None:
-    """Once every fold is done: one OOF table over the whole training split, and val/test tables averaged over the
-    K fold models, in ``backbone_dir``. Returns ``None`` while a fold is missing."""
+    """Once every fold is done: one out-of-fold table over the whole training split in ``backbone_dir``
+    (``probs_oof``), each row predicted by the fold model that did not train on it. The val and test tables come from
+    the model refitted on the whole training split (``run_classification``), as prediction uses it. Returns ``None``
+    while a fold is missing."""
     fold_dirs = [backbone_dir / f"fold{i}" for i in range(k)]
     if stale_folds(cfg, backbone_dir, k):
         return None
@@ -141,39 +143,24 @@ def combine_folds(cfg: ClassificationConfig, backbone_dir: Path, k: int) -> dict
         return None
     classes = oof[0][4]["classes"]
     digests = [t[4]["weights_digest"] for t in oof]
-    for name in ("oof", "val", "test"):
-        if name == "oof":
-            parts = oof
-            ids = [i for p in parts for i in p[0]]
-            keys = [c for p in parts for c in p[1]]
-            labels = [lab for p in parts for lab in p[2]]
-            probs = np.concatenate([p[3] for p in parts])
-            trained_on = f"train ({k} folds; each row predicted by the model that did not see its fold)"
-        else:
-            if not all((d / f"probs_{name}.csv").is_file() for d in fold_dirs):
-                continue
-            parts = [read_probability_table(d, name) for d in fold_dirs]
-            ids, keys, labels = parts[0][0], parts[0][1], parts[0][2]
-            if any(p[1] != keys for p in parts):
-                raise ManifestError(f"the folds of {backbone_dir} predicted different {name} rows: rerun with --force")
-            probs = np.mean([p[3] for p in parts], axis=0)
-            trained_on = f"train (mean of the {k} fold models)"
-        meta = {
-            "backbone": cfg.model.backbone,
-            "source": name,
-            "trained_on": trained_on,
-            "weights_digest": combined_digest(digests),
-            "settings": {**parts[0][4]["settings"], "folds": k},
-            "fold_tables": [p[4]["table_key"] for p in parts],
-        }
-        result["tables"][name] = str(
-            write_probability_table(backbone_dir, name, ids, keys, labels, probs, classes, meta)
-        )
-        index = {c: i for i, c in enumerate(classes)}
-        y = np.array([index.get(lab, -1) for lab in labels])
-        if (y >= 0).any():
-            report = classification_report(y[y >= 0], probs[y >= 0], classes)
-            result["reports"][name] = report
-            save_report(report, backbone_dir, name, classes)
-            logger.info("%d folds, %s: %s", k, name, format_report(report))
+    ids = [i for p in oof for i in p[0]]
+    keys = [c for p in oof for c in p[1]]
+    labels = [lab for p in oof for lab in p[2]]
+    probs = np.concatenate([p[3] for p in oof])
+    meta = {
+        "backbone": cfg.model.backbone,
+        "source": "oof",
+        "trained_on": f"train ({k} folds; each row predicted by the model that did not see its fold)",
+        "weights_digest": combined_digest(digests),
+        "settings": {**oof[0][4]["settings"], "folds": k},
+        "fold_tables": [p[4]["table_key"] for p in oof],
+    }
+    result["tables"]["oof"] = str(write_probability_table(backbone_dir, "oof", ids, keys, labels, probs, classes, meta))
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index.get(lab, -1) for lab in labels])
+    if (y >= 0).any():
+        report = classification_report(y[y >= 0], probs[y >= 0], classes)
+        result["reports"]["oof"] = report
+        save_report(report, backbone_dir, "oof", classes)
+        logger.info("%d folds, out of fold: %s", k, format_report(report))
     return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from dermpipe.data.reading import read_image
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import read_metadata, save_checkpoint, weights_digest
 from dermpipe.engine.distributed import is_main, rank
-from dermpipe.engine.loop import LoopSettings, epoch_seed, evaluate, finished_state, fit, read_metrics
+from dermpipe.engine.loop import LoopSettings, epoch_seed, evaluate, finished_state, fit, read_metrics, unfinished
 from dermpipe.engine.run import Run, start_stage_run
 from dermpipe.engine.schedules import Schedule
 
@@ -386,16 +386,26 @@ def run_classification(cfg: ClassificationConfig, resume: bool = False) -> dict[
         backbone_dir.mkdir(parents=True, exist_ok=True)
         manifest.write(backbone_dir / "folds.csv")
     chosen = [cfg.train.fold] if cfg.train.fold >= 0 else list(range(k))
-    folds = [train_fold(cfg, start(backbone_dir / f"fold{i}"), manifest, i, resume) for i in chosen]
+    folds = []
+    for i in chosen:  # with --resume, each fold that was cut resumes; the others are reused or trained
+        fold_dir = backbone_dir / f"fold{i}"
+        folds.append(train_fold(cfg, start(fold_dir), manifest, i, resume and unfinished(fold_dir)))
     if not is_main():
         return folds[-1]
     combined = combine_folds(cfg, backbone_dir, k)
     summary = dict(folds[-1])
-    summary.update({"folds": folds, "run_dir": str(backbone_dir) if combined else folds[-1]["run_dir"]})
-    if combined is not None:
-        summary["tables"] = combined["tables"]
-        summary["val_balanced_accuracy"] = combined["reports"].get("oof", {}).get("balanced_accuracy")
-        summary["test_balanced_accuracy"] = combined["reports"].get("test", {}).get("balanced_accuracy")
+    summary.update({"folds": folds, "run_dir": folds[-1]["run_dir"]})
+    if combined is not None and cfg.train.fold < 0:
+        # the model prediction and the test split use: refitted on the whole training split (stopped on val), as
+        # scikit-learn's StackingClassifier refits its estimators after cross_val_predict; the fold models only
+        # give the out-of-fold table the vote learns from
+        plain = replace(cfg, train=replace(cfg.train, folds=0, fold=-1))
+        refit = train_fold(plain, start_stage_run(plain, "classification", backbone_dir), manifest, None,
+                           resume and unfinished(backbone_dir))  # fmt: skip
+        summary.update(refit)
+        summary.update({"folds": folds, "run_dir": str(backbone_dir)})
+        summary["tables"] = {**refit.get("tables", {}), **combined["tables"]}
+        summary["oof_balanced_accuracy"] = combined["reports"].get("oof", {}).get("balanced_accuracy")
         summary["combined"] = True
     else:
         logger.info(

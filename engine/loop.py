@@ -250,6 +250,15 @@ def finished_state(run_dir: Path, fingerprint: str, warn: bool = True) -> dict[s
     return None
 
 
+def unfinished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds an interrupted training that ``--resume`` would continue."""
+    path = run_dir / STATE_FILE
+    try:
+        return path.is_file() and not load_resume_state(path).get("finished")
+    except CheckpointError:
+        return False
+
+
 def fit(
     stage: Stage,
     model: torch.nn.Module,

@@ -10,6 +10,7 @@ per stage in that stage's own config form::
 
     root: runs/ham
     backbones: [resnet50, densenet169]
+    folds: 5
     segmentation: {train: {epochs: 20}}
     classification: {train: {epochs: 15}, model: {pretrained: false}}
     ensemble: {calibration: {target_sensitivity: 0.9}}
@@ -32,10 +33,9 @@ from dermpipe.classification.config import ClassificationConfig
 from dermpipe.configs.loader import ConfigError, default_config_path, load_config, load_yaml
 from dermpipe.configs.schema import DEFAULT_ROOT, ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError
-from dermpipe.engine.checkpoint import CheckpointError, load_resume_state
 from dermpipe.engine.cli import run_cli
 from dermpipe.engine.files import write_text_atomic
-from dermpipe.engine.loop import STATE_FILE, read_metrics
+from dermpipe.engine.loop import read_metrics, unfinished
 from dermpipe.ensemble import vote as ensemble_vote
 from dermpipe.ensemble.config import EnsembleConfig
 from dermpipe.errors import did_you_mean
@@ -48,7 +48,7 @@ STAGES: dict[str, type] = {
     "classification": ClassificationConfig,
     "ensemble": EnsembleConfig,
 }
-TOP_KEYS = ("manifest", "root", "backbones", *STAGES)
+TOP_KEYS = ("manifest", "root", "backbones", "folds", *STAGES)
 
 
 def _flatten(section: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -95,12 +95,10 @@ def experiment_settings(path: str | None, overrides: Sequence[str]) -> tuple[dic
 
 
 def _resume(run_dir: Path) -> list[str]:
-    """``--resume`` when the folder holds an interrupted training (a finished one is reused by the stage itself)."""
-    try:
-        state = load_resume_state(run_dir / STATE_FILE) if (run_dir / STATE_FILE).is_file() else None
-    except CheckpointError:
-        return []
-    return ["--resume"] if state is not None and not state.get("finished") else []
+    """``--resume`` when the folder (or one of its fold folders) holds an interrupted training; a finished one is
+    reused by the stage itself."""
+    folders = [run_dir, *sorted(run_dir.glob("fold*"))]
+    return ["--resume"] if any(unfinished(folder) for folder in folders) else []
 
 
 class Steps:
@@ -177,6 +175,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="STAGE.KEY=VALUE",
         help="override one value of one stage, e.g. --set classification.train.epochs=5 (repeatable)",
     )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        help="train each classifier K times on lesion-grouped folds of the training split and fit the vote on their "
+        "out-of-fold probabilities of every training image (then refit each on the whole training split for the "
+        "test split and prediction); default: the file's, else 0 (the vote learns from the val split)",
+    )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--force", action="store_true", help="retrain and recompute every stage")
     return parser.parse_args(argv)
@@ -195,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         backbones = args.backbones.split(",") if args.backbones else list(data.get("backbones") or DEFAULT_BACKBONES)
         common = ["--root", str(root)] + (["--device", args.device] if args.device else [])
         common += ["--force"] if args.force else []
+        folds = int(args.folds if args.folds is not None else data.get("folds") or 0)
+        if folds == 1 or folds < 0:
+            raise ConfigError(f"--folds {folds}: K-fold training needs K >= 2 (0: no folds, the vote fits on val)")
+        fold_args = ["--folds", str(folds)] if folds else []
+        fit_split = ["--fit-split", "oof"] if folds else []
         stage_sets = {stage: [x for item in items for x in ("--set", item)] for stage, items in sets.items()}
         step = Steps()
         try:
@@ -210,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                 step(
                     f"classification/train.py --backbone {backbone}",
                     classification_train.main,
-                    ["--backbone", backbone, *common, *stage_sets["classification"], *_resume(run_dir)],
+                    ["--backbone", backbone, *common, *fold_args, *stage_sets["classification"], *_resume(run_dir)],
                 )
             step("ensemble/vote.py", ensemble_vote.main,
-                 ["--backbones", ",".join(backbones), *common, *stage_sets["ensemble"]])  # fmt: skip
+                 ["--backbones", ",".join(backbones), *common, *fit_split, *stage_sets["ensemble"]])  # fmt: skip
         except StepFailed as e:
             print(str(e))
             return e.code

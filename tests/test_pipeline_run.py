@@ -107,3 +107,48 @@ def test_missing_inputs_name_the_command_and_the_flag(tmp_path: Path, capsys: py
         assert script(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and command in err and flag in err and root in err, err
+
+
+def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
+    manifest: Path, tmp_path: Path, interrupt_epoch, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from dermpipe.data.manifest import Manifest
+
+    root, config = tmp_path / "exp", experiment(tmp_path, folds=2)
+    argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(config), "--device", "cpu"]
+    restore = interrupt_epoch(2 + 3 + 2)  # the first backbone's second fold, in its second epoch
+    assert main(argv) == 130
+    restore()
+    first = root / "classification" / "test_resnet"
+    fold0 = first / "fold0" / "best.safetensors"
+    kept = (fold0.read_bytes(), fold0.stat().st_mtime_ns)
+    assert [r["epoch"] for r in read_metrics(first / "fold1" / "metrics.csv", (), 10**9)] == ["1"]
+    capsys.readouterr()
+
+    assert main(argv) == 0
+    assert (fold0.read_bytes(), fold0.stat().st_mtime_ns) == kept  # the finished fold is reused
+    assert [r["epoch"] for r in read_metrics(first / "fold1" / "metrics.csv", (), 10**9)] == ["1", "2", "3"]
+    train_ids = sorted(r["image_id"] for r in Manifest.read(root / "crops" / "crops.csv").select("train").rows)
+    for backbone in EXPERIMENT["backbones"]:
+        folder = root / "classification" / backbone
+        oof = (folder / "probs_oof.csv").read_text().splitlines()[1:]
+        assert sorted(line.split(",")[0] for line in oof) == train_ids  # every training image, out of fold
+        assert (folder / "best.safetensors").is_file()  # refitted on the whole training split, for test and predict
+        assert json.loads((folder / "probs_test.json").read_text())["trained_on"] == "train"
+    summary = json.loads((root / "ensemble" / "summary.json").read_text())
+    assert summary["fit_split"] == "oof" and summary["n_fit"] == len(train_ids)
+    assert "| meta_network |" in (root / "summary.md").read_text()
+
+
+def test_the_cpu_preset_is_a_valid_experiment_of_five_families_with_folds() -> None:
+    import timm
+
+    from dermpipe.ensemble.pipeline import experiment_settings
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "presets" / "cpu-fast.yaml"
+    data, sets = experiment_settings(str(preset), [])  # every stage section validated against its config
+    assert data["folds"] == 3 and "model.pretrained=false" in sets["classification"]
+    families = {type(timm.create_model(b, pretrained=False)).__name__ for b in data["backbones"]}
+    assert len(data["backbones"]) == 5 and len(families) == 5
