@@ -191,13 +191,15 @@ def machine_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_tables(path: Path, table: str) -> None:
-    """Replace what lies between the markers in ``path`` (appended under a heading when they are missing)."""
+def write_tables(
+    path: Path, table: str, begin: str = BEGIN, end: str = END, heading: str = "## Machine tables (`make bench`)"
+) -> None:
+    """Replace what lies between the markers in ``path`` (appended under ``heading`` when they are missing)."""
     text = path.read_text() if path.is_file() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END) :]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + table + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip("\n") + "\n\n## Machine tables (`make bench`)\n\n" + table + "\n"
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + table + "\n"
     write_text_atomic(path, text)
 
 

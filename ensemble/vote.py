@@ -79,6 +79,12 @@ def _vote(args: argparse.Namespace) -> int:
         if "delta_low" in meta
         else ""
     )
+    versus = summary.get("meta_network_vs", {}).get("mean_vote")
+    against_mean = (
+        f" (meta-network {versus['difference']:+.4f}, interval {versus['low']:+.4f} to {versus['high']:+.4f})"
+        if versus
+        else ""
+    )
     referral = summary["referral_test"]
     missed = f", BELOW the {summary['target_sensitivity']:.2f} target" if summary.get("target_missed") else ""
     refer = (
@@ -89,7 +95,8 @@ def _vote(args: argparse.Namespace) -> int:
     )
     print(
         f"meta-network balanced accuracy {scores['meta_network']:.4f} vs best single backbone "
-        f"{summary['best_single']} {scores['best_single']:.4f}{interval}; mean vote {scores['mean_vote']:.4f}, "
+        f"{summary['best_single']} {scores['best_single']:.4f}{interval}; "
+        f"mean vote {scores['mean_vote']:.4f}{against_mean}, "
         f"logistic stacking {scores['logistic_stacking']:.4f}; {summary['n_test']} test images{refer}; "
         f"wrote {summary['paths']['methods']}"
     )

@@ -383,6 +383,15 @@ def test_vote_end_to_end_writes_every_method(tables, tmp_path, capsys):
     )
     assert float(meta["delta_low"]) <= float(meta["delta_vs_best_single"]) <= float(meta["delta_high"])
     assert "bootstrap interval" in line
+    # the meta-network against the mean vote and logistic stacking, paired on the same resamples
+    versus = json.loads((out / "summary.json").read_text())["meta_network_vs"]
+    assert set(versus) == {"best_single", "mean_vote", "majority_vote", "logistic_stacking"}
+    for reference, d in versus.items():
+        gap = float(meta["balanced_accuracy"]) - float(rows[reference]["balanced_accuracy"])
+        assert d["difference"] == pytest.approx(gap, abs=1e-5)  # methods.csv rounds
+        assert d["low"] <= d["difference"] <= d["high"] and 0.0 <= d["p_better"] <= 1.0
+    assert versus["best_single"]["low"] == pytest.approx(float(meta["delta_low"]), abs=1e-5)
+    assert f"meta-network {versus['mean_vote']['difference']:+.4f}" in line
     for name in (
         "confusion_meta.csv",
         "confusion_meta.png",
