@@ -116,10 +116,12 @@ def meta_network_differences(
 ) -> dict[str, dict[str, float]]:
     """The meta-network's balanced accuracy minus each of ``COMPARED``'s on the same test images: point difference,
     paired class-stratified bootstrap interval and the share of resamples where the meta-network scored higher (the
-    same resamples for every comparison: one seed)."""
+    same resamples for every comparison: they depend on the labels and the seed only, so each pair alone is
+    resampled, not every method)."""
     out = {}
     for reference in COMPARED:
-        row = bootstrap_balanced_accuracy(labels, predictions, reference, samples, confidence, seed)["meta_network"]
+        pair = {"meta_network": predictions["meta_network"], reference: predictions[reference]}
+        row = bootstrap_balanced_accuracy(labels, pair, reference, samples, confidence, seed)["meta_network"]
         out[reference] = {"difference": row["delta_vs_best_single"], "low": row["delta_low"],
                           "high": row["delta_high"], "p_better": row["p_better_than_best_single"]}  # fmt: skip
     return out
