@@ -4,13 +4,18 @@ python benchmarks/vote_quality.py --data ../shared/data/isic_real --root runs/be
     --out runs/bench/vote_quality --tables BENCHMARKS.md
 
 1. The manifest of the whole real sample (``--manifest``, made when missing; its grouped split).
-2. The preset's K-fold pipeline (``dermpipe run --config configs/presets/cpu-fast.yaml``) under ``--root``, run only
-   when ``ROOT/summary.md`` is missing: the per-step seconds of the table are that first run's (a rerun reuses every
-   stage and would time the reuse).
-3. Four votes over the same five backbones, each into ``OUT/<fit>_<init>``: fit on the validation split's tables and
-   on the out-of-fold tables of the training split, each with the meta-network started at the mean vote (the
-   default) and with seed 004's random start (``meta.init=random``). Every choice is made inside the fit tables.
-4. The tables: test balanced accuracy of every method with its 95% interval, the new meta-network's paired
+2. The preset's K-fold pipeline (``dermpipe run --config configs/presets/cpu-fast.yaml``) under ``--root`` with
+   ``classification.train.fold_models=refit``, run only when ``ROOT/summary.md`` is missing: every backbone's K fold
+   models and one refitted on the whole training split (the per-step seconds of the table are that first run's; a
+   rerun reuses every stage and would time the reuse).
+3. The other choice of ``train.fold_models``, the mean of the K fold models, from the same fold models: copied to
+   ``OUT/fold_mean/classification`` and finished there by ``classification/train.py --folds K`` (its default), which
+   reuses them and writes the mean's checkpoint and val/test tables.
+4. Eight votes over the same five backbones, each into ``OUT/<models>/<fit>_<init>``: on the refit models' and on the
+   fold means' tables, fit on the validation split and on the out-of-fold tables of the training split, each with
+   the meta-network started at the mean vote (the default) and with seed 004's random start (``meta.init=random``).
+   Every choice is made inside the fit tables.
+5. The tables: test balanced accuracy of every method with its 95% interval, the new meta-network's paired
    difference to each (the same class-stratified bootstrap resamples of the test split), recalls of the three rare
    classes; the cross-validation inside each fit set; the time of each step. ``--tables FILE`` writes them between
    the ``make bench QUALITY=1`` markers of FILE and touches nothing else there.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from dermpipe.classification import train as classification_train
 from dermpipe.configs.loader import load_yaml
 from dermpipe.ensemble import pipeline, vote
 from dermpipe.ensemble.baselines import majority_vote, mean_vote
@@ -59,14 +66,37 @@ def run_pipeline(manifest: Path, root: Path, preset: Path, device: str) -> None:
         print(f"pipeline: {root}/summary.md exists, the run is reused as it is (delete it to run again)")
         return
     code = pipeline.main(["--manifest", str(manifest), "--root", str(root), "--config", str(preset),
-                          "--device", device])  # fmt: skip
+                          "--set", "classification.train.fold_models=refit", "--device", device])  # fmt: skip
     if code != 0:
         raise SystemExit(f"error: dermpipe run stopped (exit status {code}); rerun this command to resume it")
+
+
+def build_fold_means(root: Path, out: Path, preset: Path, device: str) -> list[tuple[str, str]]:
+    """``OUT/fold_mean/classification``: each backbone's fold models copied from ROOT, finished by
+    ``classification/train.py --folds K`` (``train.fold_models: mean``); returns each command's seconds."""
+    data, sets = pipeline.experiment_settings(str(preset), [])
+    target, seconds = out / "fold_mean" / "classification", []
+    for backbone in data["backbones"]:
+        for i in range(int(data["folds"])):
+            source, copy = root / "classification" / backbone / f"fold{i}", target / backbone / f"fold{i}"
+            if not copy.is_dir():
+                shutil.copytree(source, copy)
+        argv = ["--backbone", backbone, "--root", str(root), "--out", str(target), "--folds", str(data["folds"]),
+                "--fold-models", "mean", "--device", device]  # fmt: skip
+        argv += [x for item in sets["classification"] for x in ("--set", item)]
+        print(f"== classification/train.py {' '.join(argv)}", flush=True)
+        start = time.perf_counter()
+        if classification_train.main(argv) != 0:
+            raise SystemExit(f"error: the mean of {backbone}'s fold models failed (above)")
+        step = f"`classification/train.py --backbone {backbone} --folds {data['folds']} --fold-models mean`"
+        seconds.append((f"{step} (the fold models reused)", f"{time.perf_counter() - start:.0f}"))
+    return seconds
 
 
 def run_votes(
     root: Path, out: Path, backbones: Sequence[str], device: str, bootstrap: int, sets: Sequence[str] = ()
 ) -> dict[str, float]:
+    """The four votes of one set of backbone tables (``ROOT/classification``), each into ``OUT/<fit>_<init>``."""
     seconds = {}
     for fit in FITS:
         for init in INITS:
@@ -164,60 +194,70 @@ def _settings(s: dict[str, Any]) -> str:
     return f"hidden {s['hidden']}, anchor {s['anchor']:g}, {s['inputs']}"
 
 
-def tables(result: dict[str, Any], times: Sequence[tuple[str, str]], command: str) -> str:
-    classes = result["classes"]
+MODELS = {"refit": "refit models", "fold_mean": "fold means"}
+
+
+def tables(results: dict[str, dict[str, Any]], times: Sequence[tuple[str, str]], command: str) -> str:
+    """``results``: ``compare``'s result per choice of backbone models (``MODELS``), all on one test split."""
+    first = next(iter(results.values()))
+    classes = first["classes"]
     rare = [c for c in RARE if c in classes]
-    columns = ["fit on", "method", "balanced accuracy (95% interval)", "new meta-network minus it (95% interval)",
-               *(f"{c} recall" for c in rare), "mel recall", "macro AUC"]  # fmt: skip
+    columns = ["backbone models", "fit on", "method", "balanced accuracy (95% interval)",
+               "new meta-network minus it (95% interval)", *(f"{c} recall" for c in rare), "mel recall",
+               "macro AUC"]  # fmt: skip
     lines = [
         BEGIN,
-        f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}); test split {result['n_test']} images, scored "
-        f"once; intervals 95%, class-stratified bootstrap of the test images ({result['samples']:,} resamples); "
-        "differences paired "
-        "on the same resamples.",
+        f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}); test split {first['n_test']} images, scored "
+        f"once; intervals 95%, class-stratified bootstrap of the test images ({first['samples']:,} resamples); "
+        "differences paired on the same resamples. Refit models: each backbone refitted on the whole training split "
+        "(`train.fold_models: refit`); fold means: the mean probability of its fold models (`train.fold_models: "
+        "mean`, the default), the models the out-of-fold tables come from.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
-    for fit, part in result["fits"].items():
-        label = f"{'validation' if fit == 'val' else 'out-of-fold'} ({part['n_fit']:,} images)"
-        names = dict(NAMES)
-        if part["best_single_on_fit"] != result["best_single_on_val"]:  # the target's reference: chosen on val
-            names = {"best_single_val": "", **names}
-        for name, title in names.items():
-            row = part["methods"][name]
-            if name.startswith("best_single"):
-                title = f"best single backbone: {row['detail']}"
-            elif name == "seed_meta":
-                title += f", {_settings(part['seed_settings'])}"
-            elif name == "new_meta":
-                title += f", {_settings(part['new_settings'])}"
-            versus = "" if name == "new_meta" else _signed(part["paired"][name])
-            interval = _interval(row["balanced_accuracy_low"], row["balanced_accuracy_high"])
-            recalls = [f"{row[f'recall_{c}']:.3f}" for c in (*rare, "mel")]
-            cells = [label, title, f"{row['balanced_accuracy']:.3f} ({interval})", versus, *recalls,
-                     f"{row['macro_auc']:.3f}"]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
-    folds = " / ".join(sorted({str(part["new_settings"]["cv_folds"]) for part in result["fits"].values()}))
+    for models, result in results.items():
+        for fit, part in result["fits"].items():
+            label = f"{'validation' if fit == 'val' else 'out-of-fold'} ({part['n_fit']:,} images)"
+            names = dict(NAMES)
+            if part["best_single_on_fit"] != result["best_single_on_val"]:  # the target's reference: chosen on val
+                names = {"best_single_val": "", **names}
+            for name, title in names.items():
+                row = part["methods"][name]
+                if name.startswith("best_single"):
+                    title = f"best single backbone: {row['detail']}"
+                elif name == "seed_meta":
+                    title += f", {_settings(part['seed_settings'])}"
+                elif name == "new_meta":
+                    title += f", {_settings(part['new_settings'])}"
+                versus = "" if name == "new_meta" else _signed(part["paired"][name])
+                interval = _interval(row["balanced_accuracy_low"], row["balanced_accuracy_high"])
+                recalls = [f"{row[f'recall_{c}']:.3f}" for c in (*rare, "mel")]
+                cells = [MODELS[models], label, title, f"{row['balanced_accuracy']:.3f} ({interval})", versus,
+                         *recalls, f"{row['macro_auc']:.3f}"]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
+    folds = " / ".join(sorted({str(part["new_settings"]["cv_folds"]) for r in results.values()
+                               for part in r["fits"].values()}))  # fmt: skip
     lines += [
         "",
         f"Cross-validation inside each fit set ({folds} stratified folds; balanced accuracy of the pooled out-of-fold "
         "predictions; the mean votes fit nothing, so theirs is their score on the fit set):",
         "",
-        "| fit on | mean vote | log-probability average | logistic stacking (best C) | seed meta-network (best) "
-        "| new meta-network (chosen) | new meta-network's rank |",
-        "|---|---|---|---|---|---|---|",
+        "| backbone models | fit on | mean vote | log-probability average | logistic stacking (best C) "
+        "| seed meta-network (best) | new meta-network (chosen) | new meta-network's rank |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for fit, part in result["fits"].items():
-        cv = part["cv"]
-        ordered = sorted(cv.values(), reverse=True)
-        rank = 1 + sum(v > cv["new_meta"] for v in cv.values())
-        gap = ordered[0] - cv["new_meta"]
-        lines.append(
-            f"| {fit} | {cv['mean_vote']:.3f} | {cv['log_probability_average']:.3f} | "
-            f"{cv['logistic_stacking']:.3f} | {cv['seed_meta']:.3f} | {cv['new_meta']:.3f} | "
-            f"{rank} of {len(cv)}{f' ({gap:.3f} below the first)' if gap > 0 else ''} |"
-        )
+    for models, result in results.items():
+        for fit, part in result["fits"].items():
+            cv = part["cv"]
+            ordered = sorted(cv.values(), reverse=True)
+            rank = 1 + sum(v > cv["new_meta"] for v in cv.values())
+            gap = ordered[0] - cv["new_meta"]
+            lines.append(
+                f"| {MODELS[models]} | {fit} | {cv['mean_vote']:.3f} | {cv['log_probability_average']:.3f} | "
+                f"{cv['logistic_stacking']:.3f} | {cv['seed_meta']:.3f} | {cv['new_meta']:.3f} | "
+                f"{rank} of {len(cv)}{f' ({gap:.3f} below the first)' if gap > 0 else ''} |"
+            )
     lines += ["", "| step | seconds |", "|---|---|", *(f"| {step} | {sec} |" for step, sec in times), END]
     return "\n".join(lines)
 
@@ -253,13 +293,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {manifest}")
     run_pipeline(manifest, root, Path(args.preset), args.device)
     backbones = load_yaml(args.preset)["backbones"]
-    vote_seconds = run_votes(root, out, backbones, args.device, args.bootstrap, args.sets)
-    result = compare(root, out, backbones, args.bootstrap)
-    times = pipeline_times(root) + [(f"`ensemble/vote.py --fit-split {k.replace('_', ' --set meta.init=', 1)}`",
-                                     f"{s:.0f}") for k, s in vote_seconds.items()]  # fmt: skip
+    times = pipeline_times(root) + build_fold_means(root, out, Path(args.preset), args.device)
+    roots = {"refit": (root, out / "refit"), "fold_mean": (out / "fold_mean", out / "fold_mean")}
+    results = {}
+    for models, (tables_root, votes) in roots.items():
+        vote_seconds = run_votes(tables_root, votes, backbones, args.device, args.bootstrap, args.sets)
+        results[models] = compare(tables_root, votes, backbones, args.bootstrap)
+        times += [(f"`ensemble/vote.py --fit-split {k.replace('_', ' --set meta.init=', 1)}` ({MODELS[models]})",
+                   f"{s:.0f}") for k, s in vote_seconds.items()]  # fmt: skip
     command = "python benchmarks/vote_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = tables(result, times, command.strip())
-    (out / "result.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    table = tables(results, times, command.strip())
+    (out / "result.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "tables.md").write_text(table + "\n")
     print(table)
     if args.tables:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from dermpipe.engine import hub
-from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
+from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, weights_digest
 from dermpipe.errors import DermpipeError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -211,6 +212,10 @@ class LesionClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.pool(self.features(x)).flatten(1)))
 
+    def cam_layers(self) -> list[nn.Module]:
+        """The layers Grad-CAM explains: the SE block's output."""
+        return [self.se]
+
     def set_backbone_trainable(self, trainable: bool) -> None:
         """Freeze or unfreeze the backbone; a frozen backbone also keeps its BatchNorm statistics (eval mode)."""
         for p in self.backbone.parameters():
@@ -222,6 +227,37 @@ class LesionClassifier(nn.Module):
         if mode and self.backbone_frozen:
             self.backbone.eval()
         return self
+
+
+class FoldMeanClassifier(nn.Module):
+    """The K fold models of one backbone as one classifier (``train.fold_models: mean``).
+
+    Its output is the log of the mean of the members' softmax probabilities: logits whose softmax is that mean, so
+    prediction, TTA, the probability cache, Grad-CAM (the mean of the members' maps) and the ONNX export take it as
+    they take one ``LesionClassifier``. The members share backbone, classes, input size and normalisation.
+    """
+
+    def __init__(self, members: list[LesionClassifier]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"a fold mean needs at least 2 models, got {len(members)}")
+        first = members[0]
+        for m in members[1:]:
+            if (m.backbone_name, m.num_classes, m.input_size) != (first.backbone_name, first.num_classes,
+                                                                  first.input_size):  # fmt: skip
+                raise ValueError("the fold models differ in backbone, classes or input size")
+        self.members = nn.ModuleList(members)
+        self.backbone_name, self.timm_name = first.backbone_name, first.timm_name
+        self.num_classes, self.min_input_size = first.num_classes, first.min_input_size
+        self.se_reduction, self.input_size = first.se_reduction, first.input_size
+        self.data_config = dict(first.data_config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([torch.log_softmax(m(x).float(), dim=1) for m in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+
+    def cam_layers(self) -> list[nn.Module]:
+        return [layer for m in self.members for layer in m.cam_layers()]
 
 
 def build_classifier(
@@ -259,22 +295,44 @@ def checkpoint_metadata(model: LesionClassifier, classes: tuple[str, ...] | list
 
 def load_classifier(
     path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[LesionClassifier, dict[str, Any]]:
-    """Rebuild a trained classifier from its checkpoint (in eval mode); a checkpoint of another stage is refused."""
+) -> tuple[LesionClassifier | FoldMeanClassifier, dict[str, Any]]:
+    """Rebuild a trained classifier from its checkpoint (in eval mode); a checkpoint of another stage is refused.
+    A checkpoint with ``fold_models: K`` in its metadata is the mean of K fold models (``FoldMeanClassifier``)."""
     state, meta = load_checkpoint(path, expect={"stage": STAGE})
     missing = [k for k in ("backbone", "classes", "input_size", "mean", "std") if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)} in its metadata: retrain the classifier")
     classes = meta["classes"]
     reduction = int(meta.get("se_reduction", 16))
-    model = build_classifier(meta["backbone"], len(classes), False, float(meta.get("drop_rate", 0.0)), reduction)
-    load_weights(model, state, path)
-    model.input_size = int(meta["input_size"])
-    model.data_config = {
-        **model.data_config,
-        "input_size": model.input_size,
-        "mean": tuple(meta["mean"]),
-        "std": tuple(meta["std"]),
-    }
-    model.to(device).eval()
-    return model, meta
+    models = []
+    for _ in range(int(meta.get("fold_models") or 1)):
+        model = build_classifier(meta["backbone"], len(classes), False, float(meta.get("drop_rate", 0.0)), reduction)
+        model.input_size = int(meta["input_size"])
+        model.data_config = {
+            **model.data_config,
+            "input_size": model.input_size,
+            "mean": tuple(meta["mean"]),
+            "std": tuple(meta["std"]),
+        }
+        models.append(model)
+    loaded: LesionClassifier | FoldMeanClassifier = models[0] if len(models) == 1 else FoldMeanClassifier(models)
+    load_weights(loaded, state, path)
+    loaded.to(device).eval()
+    return loaded, meta
+
+
+def save_fold_mean(path: str | os.PathLike, fold_paths: list[Path], **extra: Any) -> Path:
+    """One checkpoint holding the K fold models of ``fold_paths`` as a ``FoldMeanClassifier``: the first fold's
+    metadata (backbone, classes, size, normalisation, preprocessing, crops), ``fold_models: K``, the fold weights'
+    digests and ``extra``."""
+    models, metas = zip(*(load_classifier(p) for p in fold_paths))
+    for p, m in zip(fold_paths[1:], metas[1:]):
+        for key in ("backbone", "classes", "input_size", "mean", "std", "se_reduction", "preprocess", "crops"):
+            if m.get(key) != metas[0].get(key):
+                raise CheckpointError(
+                    f"fold models {fold_paths[0]} and {p} differ in {key} ({metas[0].get(key)!r} vs "
+                    f"{m.get(key)!r}): retrain the folds with the same settings"
+                )
+    meta = {k: v for k, v in metas[0].items() if k not in ("fold", "epoch", "val_balanced_accuracy", "trained_on")}
+    meta.update({"fold_models": len(models), "fold_weights": [weights_digest(p) for p in fold_paths], **extra})
+    return save_checkpoint(path, FoldMeanClassifier(list(models)), meta)

@@ -59,6 +59,10 @@ class ClsTrainConfig:
     tta: bool = False  # average the probabilities over the 8 flips/rotations of each crop
     folds: int = 0  # K >= 2: K-fold training on the train split, with out-of-fold probabilities
     fold: int = -1  # with folds: train only this fold (0..K-1); -1 = every fold in turn
+    # with folds, the model of the val and test tables and of prediction: "mean" (the mean probability of the K fold
+    # models, the models the out-of-fold vote learned from) or "refit" (one more model trained on the whole training
+    # split and stopped on val)
+    fold_models: Literal["mean", "refit"] = "mean"
     gradcam_images: int = 4  # Grad-CAM overlays of the first validation images; 0 = none
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ from dermpipe.engine.loop import fingerprint, finished_state
 logger = logging.getLogger(__name__)
 
 # Settings that change what is predicted or drawn after training, not the trained weights.
-AFTER_TRAINING = ("tta", "gradcam_images", "eval_batch_size", "fold")
+AFTER_TRAINING = ("tta", "gradcam_images", "eval_batch_size", "fold", "fold_models")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,13 @@ def split_rows(manifest: Manifest, cfg: ClassificationConfig, fold: int | None) 
     return SplitRows(fit, monitor, {k: v for k, v in tables.items() if len(v)}, trained_on)
 
 
+def mean_rows(manifest: Manifest, k: int) -> SplitRows:
+    """The rows of the K fold models' mean: its val and test tables (val also for Grad-CAM); it fits nothing."""
+    train, val = manifest.select("train", labelled=True), manifest.select("val", labelled=True)
+    tables = {"val": val, "test": manifest.select("test")}
+    return SplitRows(train, val, {k: v for k, v in tables.items() if len(v)}, f"train (mean of the {k} fold models)")
+
+
 def row_keys(rows: Manifest, column: str) -> list[str]:
     """The content key of each row's input: the crop's stage key, or the file digest of a whole image or crop."""
     return [r["crop_key"] if column == "crop_path" and r.get("crop_key") else file_digest(r[column]) for r in rows.rows]
@@ -127,8 +134,8 @@ def stale_folds(cfg: ClassificationConfig, backbone_dir: Path, k: int) -> list[i
 def combine_folds(cfg: ClassificationConfig, backbone_dir: Path, k: int) -> dict[str, Any] | None:
     """Once every fold is done: one out-of-fold table over the whole training split in ``backbone_dir``
     (``probs_oof``), each row predicted by the fold model that did not train on it. The val and test tables come from
-    the model refitted on the whole training split (``run_classification``), as prediction uses it. Returns ``None``
-    while a fold is missing."""
+    the model prediction uses (``run_classification``): the mean of the fold models, or one refitted on the whole
+    training split (``train.fold_models``). Returns ``None`` while a fold is missing."""
     fold_dirs = [backbone_dir / f"fold{i}" for i in range(k)]
     if stale_folds(cfg, backbone_dir, k):
         return None

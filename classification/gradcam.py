@@ -31,7 +31,8 @@ def gradcam_overlays(
 ) -> list[np.ndarray]:
     """One uint8 H x W x 3 overlay per uint8 RGB crop, at the crop's own size.
 
-    The class map comes from the SE block's output (the last feature map the head sees); ``target_classes`` picks
+    The class map comes from the SE block's output (the last feature map the head sees; of a fold mean, the mean of
+    its members' maps, each scaled to [0, 1], for the mean's output); ``target_classes`` picks
     the class explained per image (default: the predicted class). The map is computed at the model's input size and
     resized to each crop.
     """
@@ -42,7 +43,7 @@ def gradcam_overlays(
     device = next(model.parameters()).device
     overlays: list[np.ndarray] = []
     try:
-        with GradCAM(model=model, target_layers=[model.se]) as cam:
+        with GradCAM(model=model, target_layers=model.cam_layers()) as cam:
             for i, image in enumerate(images):
                 # An input that needs grad keeps a graph even when every weight is frozen (a loaded model).
                 batch = classifier_input(model, [image], preprocess_cfg).to(device).requires_grad_()

@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, help="K-fold training on the train split with out-of-fold probabilities")
     parser.add_argument("--fold", type=int, help="with --folds: train only this fold (0..K-1)")
     parser.add_argument(
+        "--fold-models",
+        choices=("mean", "refit"),
+        help="with --folds, the model of the val/test tables and of prediction: the mean of the K fold models "
+        "(default), or one refitted on the whole training split (train.fold_models)",
+    )
+    parser.add_argument(
         "--no-crop",
         dest="crops",
         action="store_false",
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "train.epochs": args.epochs,
             "train.folds": args.folds,
             "train.fold": args.fold,
+            "train.fold_models": args.fold_models,
             "data.crops": args.crops,
             "run.out_dir": args.out,
         }
@@ -56,12 +63,22 @@ def main(argv: list[str] | None = None) -> int:
         result = run_classification(cfg, resume=args.resume)
         if "rank" in result:  # another rank than 0 under torchrun: rank 0 reports
             return 0
-        folds = f" over {cfg.train.folds} folds (val = out-of-fold)" if result.get("combined") else ""
-        print(
-            f"classification {cfg.model.backbone}{folds}: best epoch {result['best_epoch']}, "
+        scores = (
             f"val balanced accuracy {_score(result['val_balanced_accuracy'])}, "
             f"test balanced accuracy {_score(result['test_balanced_accuracy'])}; wrote {result['run_dir']}"
         )
+        if result.get("combined"):
+            model = (
+                f"the mean of the {cfg.train.folds} fold models"
+                if result["fold_models"] == "mean"
+                else f"refitted on the whole training split, best epoch {result['best_epoch']}"
+            )
+            print(
+                f"classification {cfg.model.backbone} over {cfg.train.folds} folds: out-of-fold balanced accuracy "
+                f"{_score(result.get('oof_balanced_accuracy'))}; {model}: {scores}"
+            )
+        else:
+            print(f"classification {cfg.model.backbone}: best epoch {result['best_epoch']}, {scores}")
         return 0
 
     return run_cli(body)

@@ -8,8 +8,10 @@ out-of-fold ones with K folds).
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from dermpipe.classification.backbones import (
     checkpoint_metadata,
     load_classifier,
     resolve_backbone,
+    save_fold_mean,
 )
 from dermpipe.classification.config import ClassificationConfig, effective_freeze_epochs
 from dermpipe.classification.evaluation import ProbabilityScorer, TrainScorer, save_report
@@ -34,6 +37,7 @@ from dermpipe.classification.folds import (
     SplitRows,
     combine_folds,
     image_column,
+    mean_rows,
     read_training_manifest,
     row_keys,
     split_rows,
@@ -44,7 +48,7 @@ from dermpipe.classification.gradcam import save_gradcam_images
 from dermpipe.classification.losses import build_loss
 from dermpipe.classification.metrics import classification_report, format_report, per_class_table, plot_learning_curves
 from dermpipe.classification.prediction import CropProbabilities
-from dermpipe.classification.probability_tables import probability_table
+from dermpipe.classification.probability_tables import combined_digest, probability_table
 from dermpipe.configs.loader import ConfigError
 from dermpipe.data.augment import build_transform
 from dermpipe.data.balance import balance_summary, class_weights, hybrid_indices, weighted_sampler
@@ -52,9 +56,19 @@ from dermpipe.data.loaders import ClassificationDataset, seed_worker
 from dermpipe.data.manifest import Manifest
 from dermpipe.data.reading import read_image
 from dermpipe.engine.cache import StageCache
-from dermpipe.engine.checkpoint import read_metadata, save_checkpoint, weights_digest
+from dermpipe.engine.checkpoint import read_metadata, save_checkpoint, save_resume_state, weights_digest
 from dermpipe.engine.distributed import is_main, rank
-from dermpipe.engine.loop import LoopSettings, epoch_seed, evaluate, finished_state, fit, read_metrics, unfinished
+from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.loop import (
+    STATE_FILE,
+    LoopSettings,
+    epoch_seed,
+    evaluate,
+    finished_state,
+    fit,
+    read_metrics,
+    unfinished,
+)
 from dermpipe.engine.run import Run, start_stage_run
 from dermpipe.engine.schedules import Schedule
 
@@ -214,14 +228,8 @@ def train_fold(
         model.input_size = size
         model.data_config["input_size"] = size
         mean, std = model.data_config["mean"], model.data_config["std"]
-    cache_root = Path(cfg.run.cache_dir)
-    pre, force = cfg.data.preprocess, cfg.run.force
-
-    def dataset(subset: Manifest, transform: Any) -> ClassificationDataset:
-        return ClassificationDataset(subset, size, cache_root, transform, pre, image_column=column, force=force)
-
-    eval_tf = build_transform(cfg.data.augment, size, train=False, mean=mean, std=std)
-    monitor_ds = dataset(rows.monitor, eval_tf)
+    dataset = _datasets(cfg, size, mean, std)
+    monitor_ds = dataset(rows.monitor)
     if model is None:
         logger.info("training already finished with these settings in %s; reusing it (--force retrains)", run.dir)
         history = read_metrics(run.dir / "metrics.csv", METRIC_COLUMNS, 10**9)
@@ -230,9 +238,53 @@ def train_fold(
         history = _fit(cfg, run, model, rows, fit_ds, monitor_ds, classes, fold, key, resume)
     if not is_main():  # under torchrun rank 0 alone evaluates and writes the tables
         return {"run_dir": str(run.dir), "rank": rank()}
-    return _after_training(
-        cfg, run, rows, monitor_ds, lambda subset: dataset(subset, eval_tf), classes, column, history
-    )
+    return _after_training(cfg, run, rows, monitor_ds, dataset, classes, column, history)
+
+
+def _datasets(
+    cfg: ClassificationConfig, size: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[..., ClassificationDataset]:
+    """``dataset(rows, transform=evaluation transform)``: the rows' images at ``size`` through the resize cache."""
+    eval_tf = build_transform(cfg.data.augment, size, train=False, mean=mean, std=std)
+    cache_root, pre, force, column = Path(cfg.run.cache_dir), cfg.data.preprocess, cfg.run.force, image_column(cfg)
+
+    def dataset(subset: Manifest, transform: Any = None) -> ClassificationDataset:
+        tf = eval_tf if transform is None else transform
+        return ClassificationDataset(subset, size, cache_root, tf, pre, image_column=column, force=force)
+
+    return dataset
+
+
+def fold_mean(cfg: ClassificationConfig, manifest: Manifest, backbone_dir: Path, k: int) -> dict[str, Any]:
+    """The K fold models as one classifier in ``backbone_dir`` (``train.fold_models: mean``): its checkpoint (a
+    ``FoldMeanClassifier``, rewritten only when a fold model changed), its val and test tables through the per-crop
+    cache, reports and Grad-CAM, and the folds' ``metrics.csv`` rows under one ``fold`` column."""
+    run = start_stage_run(cfg, "classification", backbone_dir)
+    run.begin()
+    fold_paths = [backbone_dir / f"fold{i}" / "best.safetensors" for i in range(k)]
+    digests = [weights_digest(p) for p in fold_paths]
+    path, state_path = backbone_dir / "best.safetensors", backbone_dir / STATE_FILE
+    marker = f"fold mean {combined_digest(digests)}"
+    if finished_state(backbone_dir, marker, warn=False) is None:
+        if path.is_file():
+            logger.warning("%s holds another model (a refit, or other folds); replacing it by the mean of the %d "
+                           "fold models", path, k)  # fmt: skip
+        trained_on = f"train (mean of the {k} fold models)"
+        save_fold_mean(path, fold_paths, config_hash=run.config_hash, trained_on=trained_on)
+        save_resume_state(state_path, {"finished": True, "fingerprint": marker})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["fold", *METRIC_COLUMNS], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for i in range(k):
+        for row in read_metrics(fold_paths[i].parent / "metrics.csv", METRIC_COLUMNS, 10**9):
+            writer.writerow({"fold": i, **row})
+    metrics = backbone_dir / "metrics.csv"
+    if not metrics.is_file() or metrics.read_text() != text.getvalue():
+        write_text_atomic(metrics, text.getvalue())
+    meta = read_metadata(path)
+    dataset = _datasets(cfg, int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+    rows = mean_rows(manifest, k)
+    return _after_training(cfg, run, rows, dataset(rows.monitor), dataset, manifest.classes, image_column(cfg), [])
 
 
 def _fit(
@@ -396,17 +448,21 @@ def run_classification(cfg: ClassificationConfig, resume: bool = False) -> dict[
     summary = dict(folds[-1])
     summary.update({"folds": folds, "run_dir": folds[-1]["run_dir"]})
     if combined is not None and cfg.train.fold < 0:
-        # the model prediction and the test split use: refitted on the whole training split (stopped on val), as
-        # scikit-learn's StackingClassifier refits its estimators after cross_val_predict; the fold models only
-        # give the out-of-fold table the vote learns from
-        plain = replace(cfg, train=replace(cfg.train, folds=0, fold=-1))
-        refit = train_fold(plain, start_stage_run(plain, "classification", backbone_dir), manifest, None,
-                           resume and unfinished(backbone_dir))  # fmt: skip
-        summary.update(refit)
+        if cfg.train.fold_models == "mean":
+            # the models the out-of-fold vote learned from make the tables it is applied to, and predict
+            shipped = fold_mean(cfg, manifest, backbone_dir, k)
+        else:
+            # refitted on the whole training split (stopped on val), as scikit-learn's StackingClassifier refits its
+            # estimators after cross_val_predict; the fold models only give the out-of-fold table
+            plain = replace(cfg, train=replace(cfg.train, folds=0, fold=-1))
+            shipped = train_fold(plain, start_stage_run(plain, "classification", backbone_dir), manifest, None,
+                                 resume and unfinished(backbone_dir))  # fmt: skip
+        summary.update(shipped)
         summary.update({"folds": folds, "run_dir": str(backbone_dir)})
-        summary["tables"] = {**refit.get("tables", {}), **combined["tables"]}
+        summary["tables"] = {**shipped.get("tables", {}), **combined["tables"]}
         summary["oof_balanced_accuracy"] = combined["reports"].get("oof", {}).get("balanced_accuracy")
         summary["combined"] = True
+        summary["fold_models"] = cfg.train.fold_models
     else:
         logger.info(
             "folds %s still to train before the out-of-fold table is complete", stale_folds(cfg, backbone_dir, k)

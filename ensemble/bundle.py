@@ -7,7 +7,8 @@ Layout (the run root's own, so the predictor reads a bundle as it reads a root):
       MODEL_CARD.md          the data, the splits, the measured metrics with intervals, intended use and limits
       SHA256SUMS             "<sha256>  <path>" for every other file (sha256sum -c reads it)
       segmentation/          best.safetensors (the U-Net), config.yaml, metrics.csv
-      classification/<b>/    best.safetensors (backbone + SE + head), config.yaml, metrics.csv, metrics_test.json
+      classification/<b>/    best.safetensors (backbone + SE + head; or K fold models, their mean), config.yaml,
+                             metrics.csv, metrics_test.json
       ensemble/              meta.safetensors (vote, temperature, refer threshold), config.yaml, summary.json,
                              methods.csv
 
@@ -163,7 +164,7 @@ def _bundle_info(name: str, root: Path, files: Mapping[str, Path], vote: Mapping
     for backbone in vote["backbones"]:
         meta = read_metadata(files[f"classification/{backbone}/best.safetensors"])
         backbones[backbone] = {k: meta.get(k) for k in ("backbone", "input_size", "mean", "std", "se_reduction",
-                                                         "preprocess", "drop_rate")}  # fmt: skip
+                                                         "preprocess", "drop_rate", "fold_models")}  # fmt: skip
         crops = crops or meta.get("crops")
         config = files.get(f"classification/{backbone}/config.yaml")
         if manifest_path is None and config is not None:

@@ -101,6 +101,7 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any], seg_metrics:
     backbones = "\n".join(
         f"  - `{name}`: input {c.get('input_size')} px, SE reduction {c.get('se_reduction')}, mean {c.get('mean')}, "
         f"std {c.get('std')}"
+        + (f"; the mean probability of {c['fold_models']} fold models" if c.get("fold_models") else "")
         for name, c in (info.get("classifiers") or {}).items()
     )
     vote = info.get("vote") or {}

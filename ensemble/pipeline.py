@@ -179,8 +179,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--folds",
         type=int,
         help="train each classifier K times on lesion-grouped folds of the training split and fit the vote on their "
-        "out-of-fold probabilities of every training image (then refit each on the whole training split for the "
-        "test split and prediction); default: the file's, else 0 (the vote learns from the val split)",
+        "out-of-fold probabilities of every training image; the mean of each backbone's K fold models makes the "
+        "test table and predicts (or, with --set classification.train.fold_models=refit, one more model trained on "
+        "the whole training split); default: the file's, else 0 (the vote learns from the val split)",
     )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--force", action="store_true", help="retrain and recompute every stage")

@@ -202,24 +202,34 @@ def test_make_bench_writes_its_machine_table_between_the_markers_and_nowhere_els
     assert second.split(quick.BEGIN)[0] == first.split(quick.BEGIN)[0]  # what lies outside the markers is kept
 
 
-def test_vote_quality_compares_both_fit_sets_and_both_starts_on_one_test_split(tmp_path, capsys):
-    """The table of ``make bench QUALITY=1`` on synthetic tables: four votes (val / out-of-fold fit x mean-vote /
-    random start), every figure the one its vote wrote, paired differences that match the point scores."""
+def test_vote_quality_compares_both_fit_sets_and_both_starts_on_one_test_split(tmp_path, capsys, monkeypatch):
+    """The table of ``make bench QUALITY=1`` on synthetic tables: eight votes (refit models / fold means x val /
+    out-of-fold fit x mean-vote / random start), every figure the one its vote wrote, paired differences that match
+    the point scores."""
     from test_ensemble import BACKBONES, synthetic_probs, write_tables
 
     script = load("vote_quality")
     rng = np.random.default_rng(4)
     root = tmp_path / "root"
+    out = tmp_path / "votes"
     for split, n in (("val", 160), ("oof", 400), ("test", 200)):
         labels, probs = synthetic_probs(n, rng)
         write_tables(root / "classification", split, labels, probs)
+        # the fold means' tables: the same images, other probabilities (the fold models themselves are not trained
+        # here: classification/train.py's fold mean has its own tests)
+        write_tables(out / "fold_mean" / "classification", split, labels, synthetic_probs(n, rng)[1])
+
+    def fold_means(root_, out_, preset_, device_):
+        assert (root_, out_) == (root, out)
+        return [("`classification/train.py --backbone a --folds 3 --fold-models mean`", "7")]
+
+    monkeypatch.setattr(script, "build_fold_means", fold_means)
     steps = "| step | seconds |\n|---|---|\n| segmentation/train.py | 42 |\n"
     (root / "summary.md").write_text(f"# dermpipe run\n\n{steps}")
     preset = tmp_path / "preset.yaml"
     preset.write_text(f"backbones: {list(BACKBONES)}\nfolds: 3\n")
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text(f"# Benchmarks\n\nkept\n\n{script.BEGIN}\nSTALE TABLE\n{script.END}\n\nalso kept\n")
-    out = tmp_path / "votes"
     fast = ["meta.epochs=60", "meta.lr=0.05", "meta.hidden_grid=[4]", "meta.anchor_grid=[0.1,0.001]",
             "meta.weight_decay_grid=[0.001]", "meta.cv_folds=3", "baselines.logistic_c_grid=[0.1,1.0]"]  # fmt: skip
     manifest = tmp_path / "manifest.csv"  # present, so not rebuilt; the pipeline is not run (summary.md exists)
@@ -227,29 +237,40 @@ def test_vote_quality_compares_both_fit_sets_and_both_starts_on_one_test_split(t
     args = ["--manifest", str(manifest), "--root", str(root), "--preset", str(preset), "--out", str(out),
             "--bootstrap", "200", "--tables", str(doc), *(x for s in fast for x in ("--set", s))]  # fmt: skip
     assert script.main(args) == 0
-    result = json.loads((out / "result.json").read_text())
-    assert set(result["fits"]) == {"val", "oof"} and result["n_test"] == 200
-    for fit, n_fit in (("val", 160), ("oof", 400)):
-        part = result["fits"][fit]
-        assert part["n_fit"] == n_fit
-        new = json.loads((out / f"{fit}_mean_vote" / "summary.json").read_text())
-        seed = json.loads((out / f"{fit}_random" / "summary.json").read_text())
-        assert seed["meta_settings"]["init"] == "random" and new["meta_settings"]["init"] == "mean_vote"
-        scores = {r["method"]: r["balanced_accuracy"] for r in new["methods"]}
-        new_meta = part["methods"]["new_meta"]["balanced_accuracy"]
-        assert new_meta == scores["meta_network"]
-        assert part["methods"]["seed_meta"]["balanced_accuracy"] == next(
-            r["balanced_accuracy"] for r in seed["methods"] if r["method"] == "meta_network"
-        )
-        for name in ("mean_vote", "majority_vote", "logistic_stacking", "best_single"):
-            d = part["paired"][name]
-            assert d["difference"] == pytest.approx(new_meta - scores[name], abs=1e-9), (fit, name)
-            assert d["low"] <= d["difference"] <= d["high"]
-        seed_meta = part["methods"]["seed_meta"]["balanced_accuracy"]
-        assert part["paired"]["seed_meta"]["difference"] == pytest.approx(new_meta - seed_meta, abs=1e-9)
-        assert part["cv"]["new_meta"] == next(r["cv_balanced_accuracy"] for r in new["meta_cv"] if r["chosen"])
+    results = json.loads((out / "result.json").read_text())
+    assert set(results) == {"refit", "fold_mean"}
+    for models, votes in (("refit", out / "refit"), ("fold_mean", out / "fold_mean")):
+        result = results[models]
+        assert set(result["fits"]) == {"val", "oof"} and result["n_test"] == 200
+        for fit, n_fit in (("val", 160), ("oof", 400)):
+            part = result["fits"][fit]
+            assert part["n_fit"] == n_fit
+            new = json.loads((votes / f"{fit}_mean_vote" / "summary.json").read_text())
+            seed = json.loads((votes / f"{fit}_random" / "summary.json").read_text())
+            assert seed["meta_settings"]["init"] == "random" and new["meta_settings"]["init"] == "mean_vote"
+            scores = {r["method"]: r["balanced_accuracy"] for r in new["methods"]}
+            new_meta = part["methods"]["new_meta"]["balanced_accuracy"]
+            assert new_meta == scores["meta_network"]
+            assert part["methods"]["seed_meta"]["balanced_accuracy"] == next(
+                r["balanced_accuracy"] for r in seed["methods"] if r["method"] == "meta_network"
+            )
+            for name in ("mean_vote", "majority_vote", "logistic_stacking", "best_single"):
+                d = part["paired"][name]
+                assert d["difference"] == pytest.approx(new_meta - scores[name], abs=1e-9), (fit, name)
+                assert d["low"] <= d["difference"] <= d["high"]
+            seed_meta = part["methods"]["seed_meta"]["balanced_accuracy"]
+            assert part["paired"]["seed_meta"]["difference"] == pytest.approx(new_meta - seed_meta, abs=1e-9)
+            assert part["cv"]["new_meta"] == next(r["cv_balanced_accuracy"] for r in new["meta_cv"] if r["chosen"])
+    # the two kinds of backbone models give different test tables, so different mean votes
+    assert (
+        results["refit"]["fits"]["val"]["methods"]["mean_vote"]
+        != results["fold_mean"]["fits"]["val"]["methods"]["mean_vote"]
+    )
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n\n") and text.endswith("\n\nalso kept\n") and "STALE" not in text
-    assert text.count("| out-of-fold (400 images) |") >= 6 and text.count("| validation (160 images) |") >= 6
+    for models in ("refit models", "fold means"):
+        assert text.count(f"| {models} | out-of-fold (400 images) |") >= 6
+        assert text.count(f"| {models} | validation (160 images) |") >= 6
     assert "| `segmentation/train.py` | 42 |" in text
-    assert "`ensemble/vote.py --fit-split oof --set meta.init=random`" in text
+    assert "| `classification/train.py --backbone a --folds 3 --fold-models mean` | 7 |" in text
+    assert "`ensemble/vote.py --fit-split oof --set meta.init=random` (fold means)" in text

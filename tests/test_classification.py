@@ -411,19 +411,61 @@ def test_resume_continues_to_the_same_result(crops_manifest, tmp_path, interrupt
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_folds_write_one_out_of_fold_table_for_the_training_split(crops_manifest, tmp_path):
+def _probs(path):
+    return np.array([[float(r["nv"]), float(r["mel"])] for r in _rows(path)])
+
+
+def test_folds_write_one_out_of_fold_table_and_the_mean_of_the_fold_models(crops_manifest, tmp_path, caplog):
+    from dermpipe.classification.backbones import FoldMeanClassifier, load_classifier
+    from dermpipe.engine.checkpoint import read_metadata, weights_digest
+
     out = tmp_path / "runs"
-    quick = ("--set", "train.epochs=1", "--set", "train.gradcam_images=0", "--set", "train.freeze_epochs=0")
+    quick = ("--set", "train.epochs=1", "--set", "train.gradcam_images=2", "--set", "train.freeze_epochs=0")
     assert main(_args(crops_manifest, out, "--folds", "2", *quick)) == 0
+    run = out / TINY
     train_ids = sorted(r["image_id"] for r in Manifest.read(crops_manifest).select("train").rows)
-    oof = _rows(out / TINY / "probs_oof.csv")
+    oof = _rows(run / "probs_oof.csv")
     assert sorted(r["image_id"] for r in oof) == train_ids  # every training image once, predicted out of fold
-    fold0 = {r["image_id"] for r in _rows(out / TINY / "fold0" / "probs_oof.csv")}
-    fold1 = {r["image_id"] for r in _rows(out / TINY / "fold1" / "probs_oof.csv")}
+    fold0 = {r["image_id"] for r in _rows(run / "fold0" / "probs_oof.csv")}
+    fold1 = {r["image_id"] for r in _rows(run / "fold1" / "probs_oof.csv")}
     assert fold0 and fold1 and not fold0 & fold1
-    info = json.loads((out / TINY / "probs_oof.json").read_text())
+    info = json.loads((run / "probs_oof.json").read_text())
     assert info["source"] == "oof" and len(info["fold_tables"]) == 2
-    assert (out / TINY / "probs_test.csv").is_file()
+
+    # the default model of the val/test tables and of prediction: the mean of the fold models, nothing refitted
+    folds = [run / f"fold{i}" / "best.safetensors" for i in range(2)]
+    meta = read_metadata(run / "best.safetensors")
+    assert meta["fold_models"] == 2 and meta["fold_weights"] == [weights_digest(p) for p in folds]
+    assert not (run / "last.safetensors").exists()
+    for split in ("val", "test"):
+        mean = (_probs(run / "fold0" / f"probs_{split}.csv") + _probs(run / "fold1" / f"probs_{split}.csv")) / 2
+        assert np.allclose(_probs(run / f"probs_{split}.csv"), mean, atol=1e-5)
+        assert (
+            json.loads((run / f"probs_{split}.json").read_text())["trained_on"] == "train (mean of the 2 fold models)"
+        )
+    model, _ = load_classifier(run / "best.safetensors")
+    members = [load_classifier(p)[0] for p in folds]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
+        assert isinstance(model, FoldMeanClassifier) and torch.allclose(torch.softmax(model(x), 1), expected, atol=1e-6)
+    assert len(list((run / "gradcam").glob("*.png"))) == 2  # Grad-CAM over the mean's output, the members' maps
+    assert [r["fold"] for r in _rows(run / "metrics.csv")] == ["0", "1"]  # each fold's epochs, for the bundle
+    kept = load_file(run / "best.safetensors"), read_metadata(run / "best.safetensors")
+    stamp = (run / "best.safetensors").stat().st_mtime_ns
+    assert main(_args(crops_manifest, out, "--folds", "2", *quick)) == 0
+    assert (run / "best.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    # refit: one more model on the whole training split; then back to the mean, which is made again alike
+    assert main(_args(crops_manifest, out, "--folds", "2", "--fold-models", "refit", *quick)) == 0
+    assert "fold_models" not in read_metadata(run / "best.safetensors") and (run / "last.safetensors").is_file()
+    assert json.loads((run / "probs_test.json").read_text())["trained_on"] == "train"
+    caplog.clear()
+    assert main(_args(crops_manifest, out, "--folds", "2", *quick)) == 0
+    assert "replacing it by the mean of the 2 fold models" in caplog.text
+    again = load_file(run / "best.safetensors"), read_metadata(run / "best.safetensors")
+    assert again[1] == kept[1] and all(torch.equal(again[0][k], kept[0][k]) for k in kept[0])
+    assert np.allclose(_probs(run / "probs_test.csv"), mean, atol=1e-5)
 
 
 def test_user_mistakes_give_one_line_errors(crops_manifest, tmp_path, capsys):

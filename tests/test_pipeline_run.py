@@ -112,9 +112,13 @@ def test_missing_inputs_name_the_command_and_the_flag(tmp_path: Path, capsys: py
 def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
     manifest: Path, tmp_path: Path, interrupt_epoch, capsys: pytest.CaptureFixture
 ) -> None:
+    import csv
     import json
 
     from dermpipe.data.manifest import Manifest
+    from dermpipe.engine.checkpoint import read_metadata
+    from dermpipe.ensemble import export, make_bundle, predict
+    from dermpipe.ensemble.demo import write_photo_folder
 
     root, config = tmp_path / "exp", experiment(tmp_path, folds=2)
     argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(config), "--device", "cpu"]
@@ -135,11 +139,32 @@ def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
         folder = root / "classification" / backbone
         oof = (folder / "probs_oof.csv").read_text().splitlines()[1:]
         assert sorted(line.split(",")[0] for line in oof) == train_ids  # every training image, out of fold
-        assert (folder / "best.safetensors").is_file()  # refitted on the whole training split, for test and predict
-        assert json.loads((folder / "probs_test.json").read_text())["trained_on"] == "train"
+        # the mean of the fold models the vote learned from makes the test table, and predicts
+        assert read_metadata(folder / "best.safetensors")["fold_models"] == 2
+        assert json.loads((folder / "probs_test.json").read_text())["trained_on"] == "train (mean of the 2 fold models)"
     summary = json.loads((root / "ensemble" / "summary.json").read_text())
     assert summary["fit_split"] == "oof" and summary["n_fit"] == len(train_ids)
     assert "| meta_network |" in (root / "summary.md").read_text()
+
+    # bundled, exported to ONNX (one graph per backbone holds its fold models) and run on new photos by both engines
+    bundle = tmp_path / "bundle"
+    assert make_bundle.main(["--root", str(root), "--out", str(bundle)]) == 0
+    assert "the mean probability of 2 fold models" in (bundle / "MODEL_CARD.md").read_text()
+    assert export.main(["--model", str(bundle), "--format", "onnx"]) == 0
+    photos = tmp_path / "photos"
+    write_photo_folder(photos, 3, 64, seed=1)
+    rows = {}
+    for engine in ("pytorch", "onnxruntime"):
+        out = tmp_path / engine
+        argv = ["--model", str(bundle), "--input", str(photos), "--out", str(out), "--engine", engine,
+                "--device", "cpu", "--no-report", "--set", f"run.cache_dir={tmp_path / 'c'}"]  # fmt: skip
+        assert predict.main(argv) == 0
+        with open(out / "predictions.csv", newline="") as f:
+            rows[engine] = list(csv.DictReader(f))
+    classes = summary["classes"]
+    assert len(rows["pytorch"]) == 3
+    for a, b in zip(rows["pytorch"], rows["onnxruntime"]):
+        assert max(abs(float(a[c]) - float(b[c])) for c in classes) <= 1e-4
 
 
 def test_the_cpu_preset_is_a_valid_experiment_of_five_families_with_folds() -> None:
