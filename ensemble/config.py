@@ -30,6 +30,10 @@ class MetaConfig:
     # cross-validation keeps the simplest candidate (the mean vote, then the strongest anchor, the fewest hidden units)
     # whose CV balanced accuracy is within this much of the best one: differences smaller than that are fold noise
     prefer_simpler_within: float = 0.005
+    # ...or within this many bootstrap standard errors of it (the one-standard-error rule, Breiman et al. 1984;
+    # Hastie et al. 2009, 7.10): the candidate's CV predictions against the best one's, paired on class-stratified
+    # resamples of the fit set; a gain the fit set cannot tell from noise moves nothing. 0 = the fixed margin alone
+    selection_se: float = 1.0
     hidden: int = 20  # hidden units per class (seed 004: 20); used when hidden_grid is empty
     weight_decay: float = 1.0e-3  # init: random only; used when weight_decay_grid is empty
     hidden_grid: tuple[int, ...] = (4, 20)  # settings tried by cross-validation inside the fit set
@@ -46,6 +50,8 @@ class MetaConfig:
         if self.init == "mean_vote" and self.sigmoid_output:
             raise ValueError("meta.sigmoid_output is seed 004's form: it goes with meta.init=random (a sigmoid cannot "
                              "start at the mean vote)")  # fmt: skip
+        if self.selection_se < 0 or self.prefer_simpler_within < 0:
+            raise ValueError("meta.selection_se and meta.prefer_simpler_within must be >= 0")
         if any(a <= 0 for a in self.anchor_grid):
             raise ValueError(f"meta.anchor_grid holds penalty strengths > 0, got {list(self.anchor_grid)}")
 

@@ -22,12 +22,14 @@ from torch import nn
 
 from dermpipe.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from dermpipe.ensemble.config import MetaConfig
+from dermpipe.ensemble.evaluation import bootstrap_balanced_accuracy
 
 logger = logging.getLogger(__name__)
 
 STAGE = "ensemble"
 ARCHITECTURE = "LocallyConnectedVote"
 INPUTS = ("probs", "log_probs")
+SELECTION_RESAMPLES = 500  # paired bootstrap resamples of the fit set behind meta.selection_se
 LOG_FLOOR = 1.0e-6  # probabilities written as 0 in a CSV would give -inf log-probabilities
 
 
@@ -290,7 +292,7 @@ def select_meta_settings(
         results.append((bacc, loss, oof))
         scores.append({**settings.record(), "cv_balanced_accuracy": bacc, "cv_log_loss": loss})
         logger.info("meta-network CV %s: balanced accuracy %.4f, log-loss %.4f", settings.describe(), bacc, loss)
-    chosen = _choose(results, cfg)
+    chosen = _choose(results, labels, cfg)
     logger.info("meta-network chosen by %d-fold CV: %s", len(folds), candidates[chosen].describe())
     for i, row in enumerate(scores):
         row["chosen"] = i == chosen
@@ -298,13 +300,21 @@ def select_meta_settings(
                          folds=len(folds))  # fmt: skip
 
 
-def _choose(results: Sequence[tuple[float, float, np.ndarray]], cfg: MetaConfig) -> int:
+def _choose(results: Sequence[tuple[float, float, np.ndarray]], labels: np.ndarray, cfg: MetaConfig) -> int:
     """The index of the chosen candidate. ``init: random``: the best CV balanced accuracy, ties by log-loss.
-    ``init: mean_vote``: the first (simplest) candidate within ``prefer_simpler_within`` of the best."""
+    ``init: mean_vote``: the first (simplest) candidate within ``prefer_simpler_within`` of the best, or within
+    ``selection_se`` bootstrap standard errors of its paired difference to the best (the percentile interval of the
+    matching normal confidence, ``erf(se / sqrt 2)``: 68% for one, reaching zero)."""
     best = min(range(len(results)), key=lambda i: (-results[i][0], results[i][1]))
     if cfg.init == "random":
         return best
-    return next(i for i, r in enumerate(results) if r[0] >= results[best][0] - cfg.prefer_simpler_within)
+    near = [r[0] >= results[best][0] - cfg.prefer_simpler_within for r in results]
+    if cfg.selection_se > 0 and not all(near):
+        predictions = {str(i): r[2].argmax(axis=1) for i, r in enumerate(results)}
+        confidence = math.erf(cfg.selection_se / math.sqrt(2.0))
+        paired = bootstrap_balanced_accuracy(labels, predictions, str(best), SELECTION_RESAMPLES, confidence, cfg.seed)
+        near = [n or paired[str(i)]["delta_high"] >= 0 for i, n in enumerate(near)]
+    return near.index(True)
 
 
 def save_meta(

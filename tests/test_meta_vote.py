@@ -112,3 +112,26 @@ def test_a_strong_anchor_holds_the_weights_near_the_start():
         pairs = zip(model.parameters(), start.parameters())
         moved[anchor] = sum(float(((p.detach() - q.detach()) ** 2).sum()) for p, q in pairs)
     assert moved[1.0] < moved[0.001] / 10
+
+
+def test_a_cv_gain_within_one_standard_error_keeps_the_simpler_candidate():
+    from dermpipe.ensemble.meta import _choose
+
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(3), 200)
+    simple = np.where(rng.random(labels.size) < 0.4, rng.integers(0, 3, labels.size), labels)
+    wrong, right = rng.permutation(np.flatnonzero(simple != labels)), rng.permutation(np.flatnonzero(simple == labels))
+
+    def results(mends: int, breaks: int) -> list:
+        """The simple candidate and a learned one that mends some of its errors and makes new ones."""
+        other = simple.copy()
+        other[wrong[:mends]] = labels[wrong[:mends]]
+        other[right[:breaks]] = (labels[right[:breaks]] + 1) % 3
+        return [(float(balanced_accuracy_score(labels, p)), 1.0, np.eye(3)[p]) for p in (simple, other)]
+
+    small, large = results(30, 24), results(80, 20)
+    assert small[1][0] - small[0][0] > 0.005  # a gain above the fixed margin...
+    assert _choose(small, labels, MetaConfig(selection_se=0.0)) == 1
+    assert _choose(small, labels, MetaConfig()) == 0  # ...but within one bootstrap standard error: not moved
+    assert _choose(large, labels, MetaConfig()) == 1  # a gain well beyond the noise moves it
+    assert _choose(small, labels, MetaConfig(init="random")) == 1  # seed 004's form: the best, as it was
