@@ -28,8 +28,9 @@ test: $(STAMP)
 # A quick offline measurement set on synthetic data, on the CPU, in a few minutes: JSON under runs/bench/quick
 # (benchmarks/README.md; the full-size commands are in BENCHMARKS.md).
 # `make bench QUALITY=1` instead measures the learned vote against the simple ones on the real sample (DATA): the
-# CPU preset's 3-fold pipeline (about two hours on two cores; reused once finished), then four votes, into
-# runs/bench/cpufast and runs/bench/vote_quality, and writes its tables into BENCHMARKS.md.
+# CPU preset's 3-fold pipeline with refits (about two hours on two cores; reused once finished), the fold means from
+# the same fold models, then eight votes (about 30 minutes), into runs/bench/cpufast and runs/bench/vote_quality, and
+# writes its tables into BENCHMARKS.md.
 DATA ?= ../shared/data/isic_real
 bench: $(STAMP)
 ifdef QUALITY
