@@ -97,6 +97,7 @@ def _classifier(path: Path, weights: str, digest: str) -> Network:
         "std": list(meta["std"]),
         "input": f"normalised RGB N x 3 x {size} x {size}: (pixel / 255 - mean) / std, after bundle.json's preprocess",
         "output": f"logits N x {len(classes)} (softmax: the class probabilities)",
+        "fold_models": int(meta.get("fold_models") or 1),  # > 1: the log of the mean probability of that many models
     }
     props = _props("classification", weights, digest, fields)
     return Network(weights, model, (3, size, size), ("image", "logits"), props)

@@ -115,6 +115,8 @@ def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
     import csv
     import json
 
+    import onnx
+
     from dermpipe.data.manifest import Manifest
     from dermpipe.engine.checkpoint import read_metadata
     from dermpipe.ensemble import export, make_bundle, predict
@@ -151,6 +153,8 @@ def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
     assert make_bundle.main(["--root", str(root), "--out", str(bundle)]) == 0
     assert "the mean probability of 2 fold models" in (bundle / "MODEL_CARD.md").read_text()
     assert export.main(["--model", str(bundle), "--format", "onnx"]) == 0
+    onnx_file = bundle / "classification" / "test_resnet" / "best.onnx"
+    assert {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["fold_models"] == "2"
     photos = tmp_path / "photos"
     write_photo_folder(photos, 3, 64, seed=1)
     rows = {}
