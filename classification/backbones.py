@@ -15,7 +15,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from dermpipe.engine import hub
-from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, weights_digest
+from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from dermpipe.errors import DermpipeError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -321,10 +321,10 @@ def load_classifier(
     return loaded, meta
 
 
-def save_fold_mean(path: str | os.PathLike, fold_paths: list[Path], **extra: Any) -> Path:
+def save_fold_mean(path: str | os.PathLike, fold_paths: list[Path], digests: list[str], **extra: Any) -> Path:
     """One checkpoint holding the K fold models of ``fold_paths`` as a ``FoldMeanClassifier``: the first fold's
     metadata (backbone, classes, size, normalisation, preprocessing, crops), ``fold_models: K``, the fold weights'
-    digests and ``extra``."""
+    ``digests`` (``weights_digest`` of each path, which the caller has already computed) and ``extra``."""
     models, metas = zip(*(load_classifier(p) for p in fold_paths))
     for p, m in zip(fold_paths[1:], metas[1:]):
         for key in ("backbone", "classes", "input_size", "mean", "std", "se_reduction", "preprocess", "crops"):
@@ -334,5 +334,5 @@ def save_fold_mean(path: str | os.PathLike, fold_paths: list[Path], **extra: Any
                     f"{m.get(key)!r}): retrain the folds with the same settings"
                 )
     meta = {k: v for k, v in metas[0].items() if k not in ("fold", "epoch", "val_balanced_accuracy", "trained_on")}
-    meta.update({"fold_models": len(models), "fold_weights": [weights_digest(p) for p in fold_paths], **extra})
+    meta.update({"fold_models": len(models), "fold_weights": list(digests), **extra})
     return save_checkpoint(path, FoldMeanClassifier(list(models)), meta)

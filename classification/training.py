@@ -265,12 +265,12 @@ def fold_mean(cfg: ClassificationConfig, manifest: Manifest, backbone_dir: Path,
     digests = [weights_digest(p) for p in fold_paths]
     path, state_path = backbone_dir / "best.safetensors", backbone_dir / STATE_FILE
     marker = f"fold mean {combined_digest(digests)}"
+    rows = mean_rows(manifest, k)
     if finished_state(backbone_dir, marker, warn=False) is None:
         if path.is_file():
             logger.warning("%s holds another model (a refit, or other folds); replacing it by the mean of the %d "
                            "fold models", path, k)  # fmt: skip
-        trained_on = f"train (mean of the {k} fold models)"
-        save_fold_mean(path, fold_paths, config_hash=run.config_hash, trained_on=trained_on)
+        save_fold_mean(path, fold_paths, digests, config_hash=run.config_hash, trained_on=rows.trained_on)
         save_resume_state(state_path, {"finished": True, "fingerprint": marker})
     text = io.StringIO()
     writer = csv.DictWriter(text, ["fold", *METRIC_COLUMNS], extrasaction="ignore", lineterminator="\n")
@@ -283,7 +283,6 @@ def fold_mean(cfg: ClassificationConfig, manifest: Manifest, backbone_dir: Path,
         write_text_atomic(metrics, text.getvalue())
     meta = read_metadata(path)
     dataset = _datasets(cfg, int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
-    rows = mean_rows(manifest, k)
     return _after_training(cfg, run, rows, dataset(rows.monitor), dataset, manifest.classes, image_column(cfg), [])
 
 
