@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -14,12 +15,15 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from dermpipe import __version__
 from dermpipe.ensemble.report import render_rows
 from dermpipe.serve.page import page_html
 from dermpipe.serve.service import Answer, Job, Service
 from dermpipe.serve.uploads import FIELD, MultipartUploads, UploadError, check_upload
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ def create_app(service: Service, limits: Limits) -> FastAPI:
 
     @app.exception_handler(UploadError)
     async def refused(request: Request, error: UploadError) -> JSONResponse:
+        logger.warning("refused %s %s: %d %s", request.method, request.url.path, error.status, error)
         return JSONResponse({"detail": str(error)}, status_code=error.status)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -98,6 +103,10 @@ def create_app(service: Service, limits: Limits) -> FastAPI:
         folder = Path(tempfile.mkdtemp(prefix="dermpipe-request-", dir=limits.upload_dir))
         try:
             answer, refused = await _receive_and_predict(request, folder, service, limits, page=format == "page")
+        except ClientDisconnect:  # nobody is left to answer: one line, no traceback
+            logger.warning("%s %s: the client disconnected before its upload ended; nothing was predicted",
+                           request.method, request.url.path)  # fmt: skip
+            return Response(status_code=400)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         if format == "csv":

@@ -8,12 +8,14 @@ folder, which the caller removes when the request ends.
 
 from __future__ import annotations
 
+import logging
 import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from dermpipe.data.reading import ImageReadError, ImageTooLargeError, image_size
@@ -27,7 +29,10 @@ SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"II*\x00", ".tif"),
     (b"MM\x00*", ".tif"),
 )
-FIELD = "files"  # the multipart field the photos come in (one part per photo; any part with a file name counts)
+FIELD = "files"  # the multipart field the photos come in (one part per photo); a part in any other field is refused
+
+# the parser logs a warning before each error it raises; the server logs the refused request itself, once
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 class UploadError(DermpipeError):
@@ -71,8 +76,9 @@ def display_name(raw: str, index: int) -> str:
 class MultipartUploads:
     """Receive a ``multipart/form-data`` body chunk by chunk (``write``), each file part into ``folder/NNN.upload``.
 
-    Refused with an ``UploadError``: a body that is not multipart (415), more than ``max_files`` files or a file over
-    ``max_file_bytes`` (413). Parts without a file name (form fields) are read and dropped.
+    Refused with an ``UploadError``: a body that is not multipart (415), a malformed multipart body (400), a part in
+    another field than ``files`` (422), more than ``max_files`` files or a file over ``max_file_bytes`` (413). Parts
+    of ``files`` without a file name (form values) are read and dropped.
     """
 
     def __init__(self, content_type: str, folder: Path, max_file_bytes: int, max_files: int) -> None:
@@ -107,11 +113,17 @@ class MultipartUploads:
         if self.received > self.max_body_bytes:
             raise UploadError(413, f"the request is over {self.max_body_bytes / 2**20:g} MB ({self.max_files} files of "
                                    "at most --max-upload-mb each): send fewer or smaller files")  # fmt: skip
-        self._parser.write(chunk)
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as error:
+            raise malformed(error) from None
 
     def close(self) -> list[Upload]:
         """The files received, in order; an unfinished body (cut off mid-file) is refused."""
-        self._parser.finalize()
+        try:
+            self._parser.finalize()
+        except MultipartParseError as error:
+            raise malformed(error) from None
         if self._file is not None:
             self._close_file()
             raise UploadError(400, "the upload was cut off before its end: send it again")
@@ -137,6 +149,11 @@ class MultipartUploads:
 
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name != FIELD:
+            shown = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")[:80]
+            raise UploadError(422, f"unexpected multipart field {shown!r}: send each photo as a part of the field "
+                                   f"'{FIELD}' (curl -F {FIELD}=@photo.jpg)")  # fmt: skip
         filename = options.get(b"filename")
         if filename is None:
             return  # a form field: its data is dropped
@@ -170,6 +187,12 @@ class MultipartUploads:
         if self._file is not None:
             self._file.close()
         self._file, self._current = None, None
+
+
+def malformed(error: Exception) -> UploadError:
+    """The 400 for a body the multipart parser cannot read (a wrong boundary, broken part headers)."""
+    return UploadError(400, f"the request body is not valid multipart/form-data ({error}): send the photos as "
+                            f"multipart/form-data, one part per photo in the field '{FIELD}'")  # fmt: skip
 
 
 def check_upload(upload: Upload) -> tuple[int, str] | None:

@@ -193,12 +193,14 @@ def test_path_like_names_never_leave_the_request_folder(client, world, tmp_path)
 
 def test_requests_without_photos_or_multipart_are_refused(client):
     assert client.post("/v1/predict", content=b"{}", headers={"content-type": "application/json"}).status_code == 415
-    empty = client.post("/v1/predict", data={"note": "no file"}, files=[("other", ("", b"", "text/plain"))])
-    assert empty.status_code in (400, 415)
+    empty = client.post("/v1/predict", files=[("files", (None, b"a value, no file", "text/plain"))])
+    assert empty.status_code == 400 and "no photo in the request" in empty.json()["detail"]
+    other = client.post("/v1/predict", data={"note": "no file"}, files=[("other", ("", b"", "text/plain"))])
+    assert other.status_code == 422 and "unexpected multipart field 'note'" in other.json()["detail"]
     too_many = client.post("/v1/predict", files=[("files", (f"{i}.jpg", b"\xff\xd8\xff", "image/jpeg"))
                                                  for i in range(40)])  # fmt: skip
     assert too_many.status_code == 413 and "more than 32 files" in too_many.json()["detail"]
-    fields = [("note", ("", os.urandom(2**19), "text/plain"))] * 80  # no file, but 40 MB of form fields
+    fields = [("files", (None, os.urandom(2**19), "text/plain"))] * 80  # no file, but 40 MB of form values
     flooded = client.post("/v1/predict", files=fields)
     assert flooded.status_code == 413 and "the request is over 33 MB" in flooded.json()["detail"]
 
