@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dermpipe.configs.ranges import check_ranges
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.errors import DermpipeError, did_you_mean
 
@@ -121,6 +122,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"unknown config key '{prefix}{k}'{did_you_mean(k, fields)}")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
+        check_ranges(cls, kwargs, prefix)  # every count, size and timeout against configs/ranges.py
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # a section's own validation (__post_init__)
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
@@ -195,7 +200,21 @@ def load_config(
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     flag_items = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in given.items()]
     data = _merge(data, parse_set(flag_items))
-    return place_under_root(from_dict(cls, data))
+    config = place_under_root(from_dict(cls, data))
+    check_cache_dir(config)
+    return config
+
+
+def check_cache_dir(config: Any) -> None:
+    """Refuse a ``run.cache_dir`` that is a file, or lies under one, before any stage writes anything."""
+    cache = getattr(getattr(config, "run", None), "cache_dir", "")
+    if not cache:
+        return
+    for path in (Path(cache), *Path(cache).absolute().parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == Path(cache) else f"lies under {path}, which is a file"
+            raise ConfigError(f"run.cache_dir {cache} {where}, not a folder: pass a folder path (created when "
+                              "missing) with --set run.cache_dir=DIR, or move the file away")  # fmt: skip
 
 
 def _get(config: Any, key: str) -> Any:

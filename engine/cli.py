@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from dermpipe.configs.loader import default_config_path, load_config
+from dermpipe.configs.ranges import check_flags
 from dermpipe.errors import DermpipeError
 
 T = TypeVar("T")
@@ -34,9 +35,23 @@ class MissingInputError(DermpipeError):
     elsewhere."""
 
 
+class CheckedParser(argparse.ArgumentParser):
+    """An argument parser that range-checks the numeric flags it parsed (``--port``, ``--merge-timeout``: the table
+    of configs/ranges.py): one out of range ends the command with one ``error:`` line and exit status 2."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        try:
+            check_flags(parsed)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return parsed
+
+
 def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
     """A parser with --config, --set, --device and --force; the stage adds its own flags."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = CheckedParser(description=description)
     parser.add_argument(
         "--config", default=str(default_config_path(stage)), help=f"YAML config (default: configs/{stage}.yaml)"
     )

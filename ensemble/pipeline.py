@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dermpipe.classification import train as classification_train
-from dermpipe.classification.backbones import DEFAULT_BACKBONES
+from dermpipe.classification.backbones import DEFAULT_BACKBONES, BackboneError, resolve_backbone
 from dermpipe.classification.config import ClassificationConfig
 from dermpipe.configs.loader import ConfigError, default_config_path, load_config, load_yaml
 from dermpipe.configs.schema import DEFAULT_ROOT, ROOT_LAYOUT
@@ -159,6 +159,20 @@ def summary_table(root: Path, times: Sequence[tuple[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_backbones(names: Sequence[str]) -> None:
+    """Refuse, naming every one, the backbone names neither the registry nor timm knows (and an empty list)."""
+    if not names:
+        raise BackboneError("--backbones names no backbone: pass e.g. --backbones resnet50,densenet169")
+    unknown = []
+    for name in names:
+        try:
+            resolve_backbone(str(name))
+        except BackboneError as error:
+            unknown.append(str(error))
+    if unknown:
+        raise BackboneError(f"--backbones: {'; '.join(unknown)}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", help="manifest CSV with images, masks, labels and splits (data/convert.py)")
@@ -199,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         Manifest.read(manifest)  # a manifest that cannot be used fails before anything runs
         root = Path(args.root or data.get("root") or DEFAULT_ROOT)
         backbones = args.backbones.split(",") if args.backbones else list(data.get("backbones") or DEFAULT_BACKBONES)
+        check_backbones(backbones)  # every name, before the first stage runs
         common = ["--root", str(root)] + (["--device", args.device] if args.device else [])
         common += ["--force"] if args.force else []
         folds = int(args.folds if args.folds is not None else data.get("folds") or 0)
