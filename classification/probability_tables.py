@@ -7,7 +7,6 @@ ensemble can refuse a leaky or stale one. Every row comes through the per-crop p
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -21,6 +20,7 @@ import numpy as np
 from dermpipe.classification.prediction import CropProbabilities
 from dermpipe.data.loaders import ClassificationDataset
 from dermpipe.data.manifest import ManifestError
+from dermpipe.engine import csvsafe
 from dermpipe.engine.cache import stage_key
 from dermpipe.engine.files import atomic_path, write_text_atomic
 
@@ -73,7 +73,7 @@ def write_probability_table(
     run_dir.mkdir(parents=True, exist_ok=True)
     csv_path = run_dir / f"probs_{split}.csv"
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csvsafe.Writer(f)
         writer.writerow([*ID_COLUMNS, *classes])
         for image_id, crop_key, label, row in zip(ids, crop_keys, labels, probs.tolist()):
             writer.writerow([image_id, crop_key, label, *(f"{p:.8g}" for p in row)])
@@ -105,7 +105,7 @@ def read_probability_table(
     info = json.loads(side.read_text())
     ids, keys, labels, rows = [], [], [], []
     with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csvsafe.DictReader(f)
         for r in reader:
             ids.append(r["image_id"])
             keys.append(r["crop_key"])

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
+from dermpipe.engine import csvsafe
 from dermpipe.engine.files import atomic_path, write_text_atomic
 from dermpipe.errors import DermpipeError
 
@@ -30,10 +31,11 @@ class ManifestError(DermpipeError):
 
 
 def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> Path:
-    """Write a UTF-8 CSV table atomically (temporary name, then rename), so a reader never sees half of it."""
+    """Write a UTF-8 CSV table atomically (temporary name, then rename), so a reader never sees half of it; text
+    cells a spreadsheet would run as a formula are escaped (``csvsafe``)."""
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer = csvsafe.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -129,7 +131,7 @@ class Manifest:
         columns = self.columns  # a property that walks every row: compute once, not once per row
         with atomic_path(path) as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+                writer = csvsafe.DictWriter(f, fieldnames=columns, extrasaction="ignore")
                 writer.writeheader()
                 for row in self.rows:
                     writer.writerow({c: row.get(c, "") for c in columns})
@@ -192,7 +194,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, str]], list[int]]:
     lines: list[int] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csvsafe.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in ("image_id", "image_path") if c not in header]
             if not header:

@@ -34,6 +34,7 @@ from dermpipe.data.preprocess import PreprocessConfig
 from dermpipe.data.quality import quality_text
 from dermpipe.data.reading import read_image, write_image
 from dermpipe.engine.cache import StageCache
+from dermpipe.engine import csvsafe
 from dermpipe.engine.checkpoint import CheckpointError, check_trained_setting, weights_digest
 from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries, write_text_atomic
 from dermpipe.engine.onnx_runtime import engine_model
@@ -429,7 +430,7 @@ def merge_parts(
         try:
             state = json.loads((folder / shards.TALLY_FILE).read_text(encoding="utf-8"))
             with open(folder / shards.PREDICTIONS_FILE, newline="") as f:
-                header = next(csv.reader(f), None)
+                header = next(csvsafe.reader(f), None)
         except (OSError, ValueError) as error:
             raise shards.ShardError(f"{name}'s part in {folder} cannot be read ({error}): {again}") from None
         if header != columns:
@@ -447,7 +448,7 @@ def merge_parts(
     with _prediction_table(output, columns) as writer:
         for folder, _ in parts:
             with open(folder / shards.PREDICTIONS_FILE, newline="") as f:
-                writer.writerows(csv.DictReader(f))
+                writer.writerows(csvsafe.DictReader(f))
     for folder, rel in pictures:  # the report's pictures, where one process leaves them beside the report
         with atomic_path(out / rel) as tmp:
             shutil.copyfile(folder / rel, tmp)
@@ -469,7 +470,7 @@ def _prepare_outputs(out: Path, output: Path, report: bool) -> None:
 def _prediction_table(output: Path, columns: Sequence[str]) -> Iterator[csv.DictWriter]:
     """The predictions CSV, header written, rows to come; renamed into place when the block ends without error."""
     with atomic_path(output) as partial, open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer = csvsafe.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         yield writer
 

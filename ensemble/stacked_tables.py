@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dermpipe.classification.backbones import DEFAULT_BACKBONES
+from dermpipe.engine import csvsafe
 from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def read_backbone_table(root: str | os.PathLike, backbone: str, split: str) -> _
     classes = [str(c) for c in sidecar["classes"]]
     try:
         with csv_path.open(newline="") as f:
-            reader = csv.DictReader(f)
+            reader = csvsafe.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = list(reader)
     except (OSError, csv.Error, UnicodeDecodeError) as e:

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
+from dermpipe.engine import csvsafe
 from dermpipe.engine.files import atomic_path
 from dermpipe.segmentation.metrics import METRICS, MaskScoringError, score_folders
 
@@ -15,7 +15,7 @@ from dermpipe.segmentation.metrics import METRICS, MaskScoringError, score_folde
 def write_per_image_csv(path: Path, per_image: list[tuple[str, dict[str, float]]]) -> None:
     """One row per image: ``image_id`` and the six metrics, written to a temporary name and renamed."""
     with atomic_path(path) as partial, partial.open("w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csvsafe.Writer(handle)
         writer.writerow(["image_id", *METRICS])
         for image_id, scores in per_image:
             writer.writerow([image_id, *(repr(scores[name]) for name in METRICS)])

@@ -4,7 +4,6 @@ schema at ``/openapi.json`` and its browsable form at ``/docs``."""
 from __future__ import annotations
 
 import asyncio
-import csv
 import io
 import logging
 import shutil
@@ -18,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from dermpipe import __version__
+from dermpipe.engine import csvsafe
 from dermpipe.ensemble.report import render_rows
 from dermpipe.serve.page import page_html
 from dermpipe.serve.service import Answer, Job, Service
@@ -52,9 +52,9 @@ _UPLOAD_BODY: dict[str, Any] = {
 
 
 def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    """The rows as predictions.csv writes them."""
+    """The rows as predictions.csv writes them (formula-like text escaped)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns)
+    writer = csvsafe.DictWriter(out, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

@@ -9,7 +9,6 @@ limit, so a stage that blocks (on a FIFO, say) fails the test instead of hanging
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import logging
@@ -44,6 +43,7 @@ from dermpipe.data import convert
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.data.quality import QUALITY_NO_LESION, QUALITY_SEPARATOR
 from dermpipe.data.reading import ImageReadError, image_size, read_image, read_mask
+from dermpipe.engine import csvsafe
 from dermpipe.ensemble import predict as ensemble_predict
 from dermpipe.segmentation import predict as segmentation_predict
 from dermpipe.segmentation import train as segmentation_train
@@ -101,7 +101,7 @@ def _shown(path: Path) -> str:
 
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return list(csvsafe.DictReader(f))  # unescaped as the project reads its own tables (-rf is written '-rf)
 
 
 def _reasons(cell: str) -> list[str]:

@@ -1,0 +1,118 @@
+"""What a clinic notices: CSV cells a spreadsheet would run as formulas, error lines naming the path, a converter's
+missing classes, a folder with nothing readable, the page's headings, the resume log, a report rewritten byte for
+byte."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import write_untrained_pipeline
+
+from dermpipe.data.generator import make_sample
+from dermpipe.data.manifest import Manifest
+from dermpipe.engine import csvsafe
+from dermpipe.ensemble import merge as merge_script
+from dermpipe.ensemble import predict as predict_script
+
+BACKBONES = ["test_resnet"]
+CLASSES = ["mel", "nv", "bkl"]
+CALC = "=cmd|' /C calc'!A0"  # OWASP's example: a nested path under the input folder, so the id keeps its '/'
+FORMULA_IDS = [CALC, "-rf", "+1+1", "@SUM(A1)", "'=quoted", "plain"]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    return write_untrained_pipeline(tmp_path_factory.mktemp("stages"), BACKBONES, CLASSES)
+
+
+def _predict(stages: Path, out: Path, *extra: str) -> list[str]:
+    return ["--out", str(out), "--device", "cpu", "--segmentation-run", str(stages / "seg"),
+            "--classification-root", str(stages / "cls"), "--ensemble-run", str(stages / "ens"),
+            "--set", f"run.cache_dir={out.parent / 'cache'}", *extra]  # fmt: skip
+
+
+def _photos(folder: Path, ids: list[str]) -> list[Path]:
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, image_id in enumerate(ids):
+        image, _ = make_sample(rng, CLASSES[i % len(CLASSES)], 64)
+        path = folder / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return paths
+
+
+def _raw(path: Path) -> list[list[str]]:
+    """The cells as a spreadsheet gets them: no unescaping."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def _safe(cells) -> bool:
+    """No cell a spreadsheet would run: every text starting with a formula character is quoted (numbers aside)."""
+    return all(not c.startswith(csvsafe.TRIGGERS) or csvsafe._NUMBER.fullmatch(c) for c in cells)
+
+
+def test_escape_round_trips_and_leaves_numbers_alone():
+    texts = [CALC, "-rf", "+x", "@x", "\tx", "\rx", "=", "'", "''", "'=x", "'x", "plain", "", "a=b", "-", "+"]
+    for text in texts:
+        assert csvsafe.unescape(csvsafe.escape(text)) == text
+        assert not csvsafe.escape(text).startswith(csvsafe.TRIGGERS)
+    for number in ["-0.5", "-3", "+2", "1e-05", "-1.5E+3", ".5", "0"]:
+        assert csvsafe.escape(number) == number
+    assert csvsafe.escape(-0.5) == -0.5 and csvsafe.escape(None) is None
+    assert csvsafe.escape(CALC) == "'" + CALC and csvsafe.escape("-rf") == "'-rf" and csvsafe.escape("'x") == "''x"
+    assert csvsafe.escape("-1+2") == "'-1+2"  # a formula, not a number
+
+
+def test_formula_ids_are_escaped_in_every_csv_and_read_back_as_they_were(stages, tmp_path):
+    photos = tmp_path / "photos"
+    _photos(photos, FORMULA_IDS)
+    (photos / "=HYPERLINK(x).jpg").write_text("not an image")  # skipped, its path and reason in skipped.csv
+    out = tmp_path / "out"
+    assert predict_script.main(["--input", str(photos), *_predict(stages, out, "--isic-csv")]) == 0
+    rows = _raw(out / "predictions.csv")
+    assert rows[0][0] == "image_id"
+    raw_ids = [r[0] for r in rows[1:]]
+    assert "'" + CALC in raw_ids and "'-rf" in raw_ids and "'@SUM(A1)" in raw_ids and "''=quoted" in raw_ids
+    for name in ("predictions.csv", "skipped.csv", "isic_submission.csv"):
+        table = _raw(out / name)
+        assert len(table) > 1 and all(_safe(row) for row in table), name
+    assert _raw(out / "skipped.csv")[1][0].startswith("'=HYPERLINK")
+    with open(out / "predictions.csv", newline="") as f:
+        ids = [r["image_id"] for r in csvsafe.DictReader(f)]
+    assert sorted(ids) == sorted(FORMULA_IDS)  # the project's reader gives the ids back
+    probabilities = [float(c) for r in rows[1:] for c in r[2:5]]
+    assert all(0 <= p <= 1 for p in probabilities)  # numbers stay numbers
+
+    # sharded parts merged: the parts are read back and written again, byte for byte what one process writes
+    sharded = tmp_path / "sharded"
+    for index in (0, 1):
+        args = ["--input", str(photos), *_predict(stages, sharded, "--isic-csv")]
+        assert predict_script.main([*args, "--num-shards", "2", "--shard-index", str(index)]) == 0
+    assert merge_script.main(["--out", str(sharded)]) == 0
+    for name in ("predictions.csv", "skipped.csv", "isic_submission.csv"):
+        assert (sharded / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_a_manifest_of_formula_ids_is_escaped_and_scored_against_its_truth(stages, tmp_path):
+    paths = _photos(tmp_path / "photos", FORMULA_IDS)
+    rows = [{"image_id": i, "image_path": str(p), "label": CLASSES[n % 3]} for n, (i, p) in
+            enumerate(zip(FORMULA_IDS, paths))]  # fmt: skip
+    manifest = tmp_path / "m.csv"
+    Manifest(rows=tuple(rows), classes=tuple(CLASSES)).write(manifest)
+    assert all(_safe(row) for row in _raw(manifest))
+    assert [r["image_id"] for r in Manifest.read(manifest).rows] == FORMULA_IDS
+    out = tmp_path / "out"
+    assert predict_script.main(["--manifest", str(manifest), *_predict(stages, out)]) == 0
+    with open(out / "predictions.csv", newline="") as f:
+        got = {r["image_id"]: r for r in csvsafe.DictReader(f)}
+    assert list(got) == FORMULA_IDS
+    for row in rows:
+        assert got[row["image_id"]]["truth"] == row["label"]
+        assert got[row["image_id"]]["correct"] == str(int(got[row["image_id"]]["predicted"] == row["label"]))
