@@ -201,17 +201,18 @@ class EnsemblePredictor:
         digests = [self.segmenter.weights, *(c.predictor.weights_digest for c in self.classifiers), self.meta_weights]
         return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
-    def cache_counts(self) -> tuple[int, int]:
-        """(entries reused, entries computed) over every stage cache so far."""
+    def cache_counts(self) -> tuple[int, int, int]:
+        """(entries reused, entries computed, corrupt entries recomputed) over every stage cache so far."""
         caches = [self.segmenter.cache] + [c.cache for c in self.classifiers]
-        return sum(c.reused for c in caches), sum(c.computed for c in caches)
+        return sum(c.reused for c in caches), sum(c.computed for c in caches), sum(c.corrupt for c in caches)
 
     def cache_summary(self) -> str:
         return cache_text(*self.cache_counts())
 
 
-def cache_text(reused: int, computed: int) -> str:
-    return f"cache: {reused} reused, {computed} computed"
+def cache_text(reused: int, computed: int, corrupt: int = 0) -> str:
+    extra = f", {corrupt} corrupt recomputed" if corrupt else ""  # an entry that failed to verify: never trusted
+    return f"cache: {reused} reused, {computed} computed{extra}"
 
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("predicted", "confidence", "refer", "box", "fallback", "quality")
@@ -402,12 +403,11 @@ def predict_part(
     tally = BatchTally(info, manifest, excluded)
     _predict_rows(manifest, predictor, tally, folder / shards.PREDICTIONS_FILE, folder, out)
     write_text_atomic(folder / shards.TALLY_FILE, json.dumps(tally.state()) + "\n")
-    reused, computed = predictor.cache_counts()
-    summary = _summary(info, tally, None, (reused, computed))
+    reused, computed, corrupt = predictor.cache_counts()
+    summary = _summary(info, tally, None, (reused, computed, corrupt))
     counts = {k: summary[k] for k in ("images", "skipped", "referred", "whole-image fallbacks")}
-    shards.write_part(
-        folder, {**part, "batch": info.state(), "counts": counts, "cache": {"reused": reused, "computed": computed}}
-    )
+    cache = {"reused": reused, "computed": computed, "corrupt": corrupt}
+    shards.write_part(folder, {**part, "batch": info.state(), "counts": counts, "cache": cache})
     return summary
 
 
@@ -422,7 +422,7 @@ def merge_parts(
     out, output = Path(out_dir), Path(output)
     info = BatchInfo.from_state(parts[0][1]["batch"])
     tally = BatchTally(info, Manifest(rows=(), classes=()))
-    reused = computed = 0
+    reused = computed = corrupt = 0
     columns = prediction_columns(info.classes)
     for folder, part in parts:
         name = f"shard {part['shard']} of {part['shards']}"
@@ -438,6 +438,7 @@ def merge_parts(
         tally.add_state(state, folder)
         reused += int(part["cache"]["reused"])
         computed += int(part["cache"]["computed"])
+        corrupt += int(part["cache"].get("corrupt", 0))
     pictures = [(tally.folders[id(row)], rel) for row in tally.selection.rows for rel in row.images.values()]
     for folder, rel in pictures:
         if not (folder / rel).is_file():
@@ -452,7 +453,7 @@ def merge_parts(
     for folder, rel in pictures:  # the report's pictures, where one process leaves them beside the report
         with atomic_path(out / rel) as tmp:
             shutil.copyfile(folder / rel, tmp)
-    return _write_outputs(out, tally, info, (reused, computed))
+    return _write_outputs(out, tally, info, (reused, computed, corrupt))
 
 
 def _prepare_outputs(out: Path, output: Path, report: bool) -> None:
@@ -525,7 +526,7 @@ def _predict_rows(
 
 
 def _summary(
-    info: BatchInfo, tally: BatchTally, metrics: Mapping[str, Any] | None, cache: tuple[int, int]
+    info: BatchInfo, tally: BatchTally, metrics: Mapping[str, Any] | None, cache: tuple[int, ...]
 ) -> dict[str, Any]:
     segmentation = (metrics or {}).get("segmentation") or {}
     truth = tally.truth
@@ -546,7 +547,7 @@ def _summary(
     }
 
 
-def _write_outputs(out: Path, tally: BatchTally, info: BatchInfo, cache: tuple[int, int]) -> dict[str, Any]:
+def _write_outputs(out: Path, tally: BatchTally, info: BatchInfo, cache: tuple[int, ...]) -> dict[str, Any]:
     """What follows the table: ``skipped.csv``, the ISIC CSV, the truth scores, then the report; the summary."""
     classes = list(info.classes)
     tally.skipped.write(out)

@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         setup_logging(Path(args.out))  # everything validated: from here on the output folder is written
         s = write_crops(manifest, predictor, args.out, cfg.predict.write_masks, cfg.predict.write_crops, excluded)
+        corrupt = f", {s['corrupt']} corrupt recomputed" if s["corrupt"] else ""
         print(
             f"segmentation/predict: {s['cropped']} cropped ({s['fallback']} whole-image fallbacks), "
-            f"{s['skipped']} skipped; cache: {s['reused']} reused, {s['computed']} computed; wrote {args.out}"
+            f"{s['skipped']} skipped; cache: {s['reused']} reused, {s['computed']} computed{corrupt}; wrote {args.out}"
         )
         return 0
 

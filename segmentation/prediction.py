@@ -407,4 +407,5 @@ def write_crops(
         "fallback": sum(1 for b in boxes if b["fallback"]),
         "reused": predictor.cache.reused,
         "computed": predictor.cache.computed,
+        "corrupt": predictor.cache.corrupt,
     }
