@@ -25,7 +25,8 @@ SOURCE_DIGEST = "source_sha256"  # the metadata key that names the weights an ON
 
 
 class OnnxModelError(DermpipeError):
-    """An ONNX export that is missing beside its weights, or that was made from other weights."""
+    """An ONNX export that is missing beside its weights, that is not an ONNX model, or that was made from other
+    weights."""
 
 
 def onnx_file(weights: str | os.PathLike) -> Path:
@@ -66,8 +67,16 @@ class OnnxModule:
 
     def _open(self) -> Any:
         import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-        return ort.InferenceSession(str(self.path), session_options(self.threads), providers=providers(self.device))
+        try:
+            return ort.InferenceSession(str(self.path), session_options(self.threads), providers=providers(self.device))
+        except (state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.NoModel) as error:
+            reason = str(error).rsplit(":", 1)[-1].strip(" .") or type(error).__name__  # bytes that are no model
+            raise OnnxModelError(
+                f"{self.path} is not a valid ONNX model ({reason}): export it again with `{EXPORT_COMMAND}` (or "
+                "predict with --engine pytorch)"
+            ) from None
 
     @property
     def session(self) -> Any:
