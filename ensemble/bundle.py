@@ -16,10 +16,18 @@ Only weights (safetensors, no pickle) and text: no optimiser or resume state, no
 adds each network's ONNX export beside its weights (``best.onnx``, ``meta.onnx``: protobuf, no code) and lists them in
 SHA256SUMS. A bundle whose files do not match SHA256SUMS, or that holds any other kind of file, is refused before
 anything is loaded.
+
+A root is bundled only whole: no stage stale (``engine.lineage.stale_stages``), the vote fitted on the classifiers it
+packs, those classifiers trained on crops of the U-Net it packs. Every metric block of bundle.json (``metrics``, and
+``calibration``) names the sha256 of the model(s) it scored, taken from the stages' lineage. bundle.json describes
+the weights, it never steers them (prediction reads classes, preprocessing, crops and calibration from the weights'
+own metadata): at every load it is recomputed from the bundled files, and a bundle whose bundle.json disagrees with
+them, or whose metric digests are not those of its weights, is refused naming the value.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -41,13 +49,13 @@ from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.checkpoint import CheckpointError, read_metadata
 from dermpipe.engine.files import atomic_path, file_digest, remove_stale_temporaries
-from dermpipe.engine.loop import read_metrics
+from dermpipe.engine.lineage import read_lineage, short, stale_stages
 from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "dermpipe-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metric blocks name the digests of the models they scored (a version 1 bundle is refused)
 INFO_FILE = "bundle.json"
 CARD_FILE = "MODEL_CARD.md"
 CHECKSUMS = "SHA256SUMS"
@@ -156,43 +164,204 @@ def _class_counts(manifest_path: str | None) -> dict[str, dict[str, int]] | None
     return counts
 
 
-def _bundle_info(name: str, root: Path, files: Mapping[str, Path], vote: Mapping[str, Any]) -> dict[str, Any]:
-    seg_meta = read_metadata(files["segmentation/best.safetensors"])
-    backbones = {}
+UNET = "segmentation/best.safetensors"
+META = "ensemble/meta.safetensors"
+CLASSIFIER_KEYS = ("backbone", "input_size", "mean", "std", "se_reduction", "preprocess", "drop_rate", "fold_models")
+SEGMENTATION_KEYS = ("architecture", "encoder", "input_size", "decoder_channels", "preprocess", "mean", "std")
+CALIBRATION_KEYS = ("temperature", "refer", "refer_class", "refer_threshold", "target_sensitivity")
+CLASSIFIER_SCORES = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "n_images")
+# the methods of the vote's comparison scored by the learned vote itself (its weights and the backbones under it)
+VOTE_METHODS = ("meta_network", "meta_network_calibrated")
+# bundle.json's keys that describe the bundled files: recomputed from them at every load, a disagreement refused
+DESCRIBED = ("classes", "backbones", "segmentation", "classifiers", "crops", "vote", "calibration", "metrics")
+
+
+def classifier_weights(backbone: str) -> str:
+    """A backbone's weights inside a bundle."""
+    return f"{ROOT_LAYOUT['classification']}/{backbone}/best.safetensors"
+
+
+def _segmentation_scores(path: Path | None) -> dict[str, Any] | None:
+    """The U-Net's best epoch in its metrics.csv (by validation Jaccard, as the best checkpoint is chosen)."""
+    if path is None or not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_jaccard")]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: _float(r["val_jaccard"]))
+    return {"epoch": best.get("epoch"), "val_jaccard": _float(best["val_jaccard"]),
+            "val_dice": _float(best.get("val_dice"))}  # fmt: skip
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _scores(files: Mapping[str, Path], backbones: Sequence[str]) -> dict[str, Any]:
+    """The metric blocks of bundle.json (no digests yet): the U-Net's validation Jaccard, each backbone's test scores,
+    the vote's test comparison, each from the metric file its stage wrote."""
+    scores: dict[str, Any] = {}
+    segmentation = _segmentation_scores(files.get("segmentation/metrics.csv"))
+    if segmentation:
+        scores["segmentation"] = segmentation
+    classifiers = {}
+    for backbone in backbones:
+        report = _read_json(files.get(f"{ROOT_LAYOUT['classification']}/{backbone}/metrics_test.json"))
+        if report:
+            classifiers[backbone] = {k: report.get(k) for k in CLASSIFIER_SCORES}
+    if classifiers:
+        scores["classifiers"] = classifiers
+    summary = _read_json(files.get("ensemble/summary.json"))
+    if summary.get("methods"):
+        scores["vote"] = {
+            "n_test": summary.get("n_test"),
+            "best_single": summary.get("best_single"),
+            "methods": summary["methods"],
+            "referral_test": summary.get("referral_test") or {},
+            "target_sensitivity": summary.get("target_sensitivity"),
+            "target_missed": summary.get("target_missed"),
+        }
+    return scores
+
+
+def _described(files: Mapping[str, Path]) -> dict[str, Any]:
+    """What bundle.json says about the bundled files, computed from them alone (the weights' own metadata and the
+    metric files; metric digests apart): written at bundling, recomputed and compared at every load."""
+    vote = read_metadata(files[META])
+    seg_meta = read_metadata(files[UNET])
+    backbones = list(vote["backbones"])
+    classifiers = {}
     crops = None
-    manifest_path = None
-    for backbone in vote["backbones"]:
-        meta = read_metadata(files[f"classification/{backbone}/best.safetensors"])
-        backbones[backbone] = {k: meta.get(k) for k in ("backbone", "input_size", "mean", "std", "se_reduction",
-                                                         "preprocess", "drop_rate", "fold_models")}  # fmt: skip
+    for backbone in backbones:
+        meta = read_metadata(files[classifier_weights(backbone)])
+        classifiers[backbone] = {k: meta.get(k) for k in CLASSIFIER_KEYS}
         crops = crops or meta.get("crops")
-        config = files.get(f"classification/{backbone}/config.yaml")
-        if manifest_path is None and config is not None:
-            manifest_path = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("manifest")
+    described = {
+        "classes": list(vote["classes"]),
+        "backbones": backbones,
+        "segmentation": {k: seg_meta.get(k) for k in SEGMENTATION_KEYS},
+        "classifiers": classifiers,
+        "crops": crops,
+        "vote": {k: vote.get(k) for k in ("init", "anchor", "hidden", "weight_decay", "inputs", "fit_split")},
+        "calibration": {k: vote.get(k) for k in CALIBRATION_KEYS},
+        "metrics": _scores(files, backbones),
+    }
+    return json.loads(json.dumps(described, default=str))  # as bundle.json holds it
+
+
+def _with_digests(described: dict[str, Any], digests: Mapping[str, str]) -> dict[str, Any]:
+    """``described`` with each metric block naming the sha256 of what it scored (``digests``: bundle path of each
+    weights file -> sha256): ``model_digest`` of one model, ``model_digests`` (role -> sha256) of several."""
+    backbones = described["backbones"]
+    models = {b: digests[classifier_weights(b)] for b in backbones}
+    scores = described["metrics"]
+    if "segmentation" in scores:
+        scores["segmentation"]["model_digest"] = digests[UNET]
+    for backbone, block in (scores.get("classifiers") or {}).items():
+        block["model_digest"] = models[backbone]
+    if "vote" in scores:
+        vote = scores["vote"]
+        vote["model_digests"] = {"meta": digests[META], **models}
+        for row in vote["methods"]:
+            method = row.get("method")
+            if method in VOTE_METHODS:
+                row["model_digests"] = vote["model_digests"]
+            elif method in models or method == "best_single" and vote.get("best_single") in models:
+                single = method if method in models else vote["best_single"]
+                row["model_digests"] = {single: models[single]}
+            else:  # a baseline vote over the backbones (its own fitted weights, if any, are not bundled)
+                row["model_digests"] = models
+    described["calibration"]["model_digest"] = digests[META]
+    return described
+
+
+def _bundle_info(name: str, root: Path, files: Mapping[str, Path], digests: Mapping[str, str]) -> dict[str, Any]:
+    manifest_path = _training_manifest(files)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_root": root.name,
-        "classes": list(vote["classes"]),
-        "backbones": list(vote["backbones"]),
-        "segmentation": {
-            k: seg_meta.get(k)
-            for k in ("architecture", "encoder", "input_size", "decoder_channels", "preprocess", "mean", "std")
-        },  # fmt: skip
-        "classifiers": backbones,
-        "crops": crops,
-        "vote": {k: vote.get(k) for k in ("init", "anchor", "hidden", "weight_decay", "inputs", "fit_split")},
-        "calibration": {
-            k: vote.get(k) for k in ("temperature", "refer", "refer_class", "refer_threshold", "target_sensitivity")
-        },  # fmt: skip
+        **_with_digests(_described(files), digests),
         "training_data": {
             "manifest": Path(manifest_path).name if manifest_path else None,
             "images": _class_counts(manifest_path),
         },  # fmt: skip
         "versions": _versions(),
     }
+
+
+def _training_manifest(files: Mapping[str, Path]) -> str | None:
+    """The manifest the classifiers were trained from, as their config.yaml names it (None when none does)."""
+    for rel in sorted(files):
+        if rel.startswith(f"{ROOT_LAYOUT['classification']}/") and rel.endswith("/config.yaml"):
+            manifest = (yaml.safe_load(files[rel].read_text()) or {}).get("data", {}).get("manifest")
+            if manifest:
+                return str(manifest)
+    return None
+
+
+def _check_chain(root: Path, files: Mapping[str, Path], backbones: Sequence[str]) -> dict[str, str]:
+    """Refuse a root whose stages the bundle packs are stale (their lineage, ``stale_stages``) or kept no lineage;
+    return the weights digests the lineage records (bundle path -> sha256), the digests of what each stage's metrics
+    scored. The vote's records of its backbones come as ``model:<backbone>``."""
+    cls = ROOT_LAYOUT["classification"]
+    folders = {UNET: ROOT_LAYOUT["segmentation"], META: ROOT_LAYOUT["ensemble"],
+               **{classifier_weights(b): f"{cls}/{b}" for b in backbones}}  # fmt: skip
+    packed = {*folders.values(), ROOT_LAYOUT["crops"]}
+    manifest = _training_manifest(files)
+    manifest = manifest if manifest and Path(manifest).is_file() else None
+    lines = [
+        line
+        for line in stale_stages(root, manifest)
+        if any(line.startswith((f"{p} ", f"{p}/")) for p in packed)
+    ]  # fmt: skip
+    records = {rel: read_lineage(root / folder) for rel, folder in folders.items()}
+    for rel, record in records.items():
+        if record is None and not any(line.startswith(f"{folders[rel]} ") for line in lines):
+            lines.append(f"{folders[rel]} has no readable lineage record: rerun `dermpipe run --force` or retrain it")
+    if lines:
+        raise BundleError(f"{root} cannot be bundled: {'; '.join(lines)}")
+    produced = {UNET: "weights", META: "meta", **{classifier_weights(b): "weights" for b in backbones}}
+    digests = {rel: str(records[rel]["produced"].get(key) or "") for rel, key in produced.items()}
+    vote = records[META]["consumed"]
+    digests.update({f"model:{b}": str(vote.get(f"model:{b}") or "") for b in backbones})
+    return digests
+
+
+def _check_packed(root: Path, packed: Mapping[str, Path], lineage: Mapping[str, str], backbones: Sequence[str]) -> None:
+    """Refuse what would be packed unless it is what the lineage and the weights' own records say: each stage's
+    weights are those its lineage (and so its metrics) names, the vote was fitted on the classifiers packed beside it,
+    and those were trained on crops of the U-Net packed beside them."""
+    digest = {rel: file_digest(packed[rel]) for rel in (UNET, META, *map(classifier_weights, backbones))}
+    vote_meta = read_metadata(packed[META])
+    recorded = vote_meta.get("weights_digests") if isinstance(vote_meta.get("weights_digests"), dict) else {}
+    lines = []
+    for rel in (UNET, *map(classifier_weights, backbones), META):
+        if lineage[rel] != digest[rel]:
+            folder = str(Path(rel).parent.as_posix())
+            lines.append(f"{folder}: its lineage (and metrics) are of weights {short(lineage[rel])} but {rel} is "
+                         f"{short(digest[rel])}: retrain it")  # fmt: skip
+    for b in backbones:
+        have = digest[classifier_weights(b)]
+        fitted = {lineage[f"model:{b}"], *([recorded[b]] if recorded.get(b) else [])}
+        if fitted != {have}:
+            lines.append(f"{ROOT_LAYOUT['ensemble']}: the vote was fitted on {b} "
+                         f"{' / '.join(short(d) for d in sorted(fitted))} but the bundle would pack {b} {short(have)}: "
+                         f"fit the vote again (`python ensemble/vote.py --root {root}`)")  # fmt: skip
+        crops = read_metadata(packed[classifier_weights(b)]).get("crops")
+        unet = crops.get("segmentation_weights") if isinstance(crops, dict) else None
+        if unet and unet != digest[UNET]:
+            lines.append(f"{ROOT_LAYOUT['classification']}/{b} was trained on crops of U-Net {short(unet)} but the "
+                         f"bundle would pack U-Net {short(digest[UNET])}: make the crops again and retrain it "
+                         f"(`dermpipe run --root {root}`)")  # fmt: skip
+    if lines:
+        raise BundleError(f"{root} cannot be bundled: {'; '.join(lines)}")
 
 
 def _checksums(folder: Path) -> str:
@@ -213,7 +382,8 @@ def write_bundle(root: str | os.PathLike, out: str | os.PathLike, archive: bool 
     if out.exists() or out.is_symlink():
         raise BundleError(f"{out} already exists: pass another --out (a bundle is never overwritten)")
     files, vote = _stage_sources(root)
-    info = _bundle_info(out.name, root, files, vote)
+    backbones = list(vote["backbones"])
+    lineage = _check_chain(root, files, backbones)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, recursive=False)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -222,6 +392,9 @@ def write_bundle(root: str | os.PathLike, out: str | os.PathLike, archive: bool 
         for rel, src in files.items():
             (partial / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, partial / rel)
+        packed = {rel: partial / rel for rel in files}
+        _check_packed(root, packed, lineage, backbones)  # what was copied, not what the root holds a moment later
+        info = _bundle_info(out.name, root, packed, lineage)
         (partial / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         summary = _read_json(partial / "ensemble" / "summary.json")
         (partial / CARD_FILE).write_text(model_card(info, summary, _read_metrics(partial / "segmentation")))
@@ -236,12 +409,15 @@ def write_bundle(root: str | os.PathLike, out: str | os.PathLike, archive: bool 
     return bundle
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_json(path: Path | None) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 
 def _read_metrics(seg_dir: Path) -> list[dict[str, str]]:
-    return read_metrics(seg_dir / "metrics.csv", (), 10**9)
+    if not (seg_dir / "metrics.csv").is_file():
+        return []
+    with open(seg_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _refuse(path: Path, why: str) -> BundleError:
@@ -297,7 +473,58 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
         raise _refuse(path, f"{INFO_FILE} is missing or not JSON") from None
     if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
         raise _refuse(path, f"{INFO_FILE} is not a {FORMAT} of version {FORMAT_VERSION} or older")
+    if int(info.get("format_version", 0)) < FORMAT_VERSION:
+        raise _refuse(path, f"{INFO_FILE} is of version {info.get('format_version')}, made before its metrics named "
+                            "the models they scored")  # fmt: skip
+    _check_described(path, info, present, listed)
     return Bundle(path, identity_digest(sums.read_bytes()), info)
+
+
+def _check_described(
+    path: Path, info: Mapping[str, Any], present: Mapping[str, Path], listed: Mapping[str, str]
+) -> None:
+    """Refuse a bundle.json that says anything else about the bundled files than they say themselves (classes, their
+    order, backbones, preprocessing, crops, calibration and refer threshold, metric figures), or whose metric blocks
+    name other digests than those of the bundled weights: an edit there is never silently ignored."""
+    try:
+        expected = _described(present)
+        weights = [UNET, META, *map(classifier_weights, expected["backbones"])]
+        expected = _with_digests(expected, {rel: listed[rel] for rel in weights})
+    except (CheckpointError, KeyError, ValueError) as e:
+        raise _refuse(path, f"its weights or metric files cannot be read ({e})") from None
+    for key in DESCRIBED:
+        where = _first_difference(info.get(key), expected[key], key)
+        if where is not None:
+            dotted, have, want = where
+            if dotted.rsplit(".", 1)[-1].startswith("model_digest"):
+                why = f"names model {have} but the bundled weights are {want}"
+            else:
+                why = f"is {have} but the bundled files say {want} (what prediction uses)"
+            raise _refuse(path, f"{INFO_FILE} {dotted} {why}")
+
+
+def _first_difference(have: Any, want: Any, where: str) -> tuple[str, str, str] | None:
+    """The first dotted path at which ``have`` and ``want`` (JSON values) differ, with both values as short text."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in [*want, *(k for k in have if k not in want)]:
+            found = _first_difference(have.get(key), want.get(key), f"{where}.{key}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
+        for i, (a, b) in enumerate(zip(have, want)):
+            found = _first_difference(a, b, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if json.dumps(have, sort_keys=True) == json.dumps(want, sort_keys=True):
+        return None
+    return where, _shown(have), _shown(want)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_derived(line: bytes) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dermpipe.engine.lineage import short
+
 LIMITS = """\
 ## Intended use and limits
 
@@ -54,16 +56,27 @@ def _data_table(images: Mapping[str, Mapping[str, int]] | None, classes: Sequenc
     return "\n".join(lines) + "\n"
 
 
-def _methods_table(summary: Mapping[str, Any]) -> str:
+def _models(digests: Mapping[str, str] | None) -> str:
+    """The models a figure was measured on, as ``name 3fa2c0de..`` (``meta``: the vote's own weights)."""
+    if not digests:
+        return "n/a"
+    return ", ".join(f"{'vote' if name == 'meta' else name} {short(d)}" for name, d in digests.items())
+
+
+def _methods_table(summary: Mapping[str, Any], vote: Mapping[str, Any]) -> str:
     rows = summary.get("methods") or []
     if not rows:
         return "No test-split scores were recorded (the vote's summary.json is missing).\n"
-    lines = ["| method | balanced accuracy | 95% interval | macro AUC |", "|---|---|---|---|"]
+    scored = {row.get("method"): row.get("model_digests") for row in vote.get("methods") or []}
+    lines = [
+        "| method | balanced accuracy | 95% interval | macro AUC | models scored (sha256) |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
         low, high = row.get("balanced_accuracy_low"), row.get("balanced_accuracy_high")
         interval = f"{_number(low)} to {_number(high)}" if low is not None else "n/a"
         lines.append(f"| {row['method']} | {_number(row.get('balanced_accuracy'))} | {interval} | "
-                     f"{_number(row.get('macro_auc'))} |")  # fmt: skip
+                     f"{_number(row.get('macro_auc'))} | {_models(scored.get(row['method']))} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +90,8 @@ def _referral(summary: Mapping[str, Any], calibration: Mapping[str, Any]) -> str
         else ""
     )
     return (
-        f"Images whose top probability is below {_number(calibration.get('refer_threshold'))} are referred. On the "
+        f"Images whose top probability is below {_number(calibration.get('refer_threshold'))} (vote "
+        f"{short(calibration.get('model_digest'))}) are referred. On the "
         f"test split {_number(referral.get('referred_fraction'), 3)} of images were referred, and the "
         f"{calibration.get('refer_class')} sensitivity counting referred images as caught was "
         f"{_number(referral.get('sensitivity_with_referral'))} (target "
@@ -89,19 +103,28 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any], seg_metrics:
     """MODEL_CARD.md from the bundle's bundle.json, the vote's summary.json and the U-Net's metrics.csv."""
     classes = list(info["classes"])
     seg = info.get("segmentation") or {}
+    scores = info.get("metrics") or {}
     best = max(seg_metrics, key=lambda r: float(r.get("val_jaccard") or 0), default=None)
     seg_line = (
         f"best validation Jaccard (per image, as ISIC scores) {_number(best.get('val_jaccard'))} at epoch "
-        f"{best.get('epoch')}, Dice {_number(best.get('val_dice'))}"
+        f"{best.get('epoch')}, Dice {_number(best.get('val_dice'))} (U-Net "
+        f"{short((scores.get('segmentation') or {}).get('model_digest'))})"
         if best
         else "not recorded"
     )
+    tested = scores.get("classifiers") or {}
     crops = info.get("crops") or {}
     data = info.get("training_data") or {}
     backbones = "\n".join(
         f"  - `{name}`: input {c.get('input_size')} px, SE reduction {c.get('se_reduction')}, mean {c.get('mean')}, "
         f"std {c.get('std')}"
         + (f"; the mean probability of {c['fold_models']} fold models" if c.get("fold_models") else "")
+        + (
+            f"; test balanced accuracy {_number(tested[name].get('balanced_accuracy'))} (weights "
+            f"{short(tested[name].get('model_digest'))})"
+            if name in tested
+            else ""
+        )
         for name, c in (info.get("classifiers") or {}).items()
     )
     vote = info.get("vote") or {}
@@ -131,14 +154,16 @@ Manifest `{data.get("manifest")}`; images per split and class (splits grouped by
 - Classifiers (each with a Squeeze-and-Excitation block before pooling):
 {backbones}
 - Vote: locally connected meta-network over the stacked probabilities ({_vote_form(vote)}), fit on the
-  `{vote.get("fit_split")}` split only; temperature {_number(calibration.get("temperature"))}.
+  `{vote.get("fit_split")}` split only; temperature {_number(calibration.get("temperature"))} (vote
+  {short(calibration.get("model_digest"))}).
 
 ## Measured on the test split ({summary.get("n_test", "n/a")} images, scored once)
 
 Balanced accuracy (mean per-class recall) with a 95% interval from a paired, class-stratified bootstrap of the test
-images; `best_single` is the backbone chosen on the fit split.
+images; `best_single` is the backbone chosen on the fit split. Each row names the weights it scored (the first 8 hex
+digits of their sha256; bundle.json holds them whole, and the bundle is refused unless they are its own weights).
 
-{_methods_table(summary)}
+{_methods_table(summary, scores.get("vote") or {})}
 {_referral(summary, calibration)}
 ## Versions
 

@@ -10,7 +10,6 @@ predictor and cache as ``dermpipe predict``, in batches gathered from concurrent
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import socket
 import sys
@@ -36,10 +35,11 @@ class ServeError(DermpipeError):
 
 def model_card(bundle: Bundle, engine: str) -> dict[str, Any]:
     """What ``GET /v1/model`` answers: the bundle's identity and hash, its bundle.json, the test scores of every
-    method its vote compared (the meta-network's as ``metrics``), and its MODEL_CARD.md."""
+    method its vote compared (the meta-network's as ``metrics``), every metric block (``scores``) with the sha256 of
+    the model(s) it scored (verified to be the bundle's weights when the bundle was opened), and its MODEL_CARD.md."""
     info = bundle.info
-    summary_path = bundle.path / "ensemble" / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    scores = info.get("metrics") or {}
+    summary = scores.get("vote") or {}
     methods = summary.get("methods") or []
     metrics = next((m for m in methods if m.get("method") == "meta_network"), None)
     card_path = bundle.path / "MODEL_CARD.md"
@@ -54,6 +54,7 @@ def model_card(bundle: Bundle, engine: str) -> dict[str, Any]:
         "metrics": metrics,
         "methods": methods,
         "n_test": summary.get("n_test"),
+        "scores": scores,
         "calibration": info.get("calibration"),
         "segmentation": info.get("segmentation"),
         "classifiers": info.get("classifiers"),

@@ -78,7 +78,22 @@ def write_untrained_bundle(folder, backbones, classes, name="bundle", input_size
 
     layout = ("segmentation", "classification", "ensemble")
     root = write_untrained_pipeline(folder / "root", backbones, classes, layout, input_size)
+    write_lineages(root, backbones)
     return write_bundle(root, folder / name).path
+
+
+def write_lineages(root, backbones):
+    """Each stage's lineage.json in an untrained pipeline under ``root`` (the run root's layout), as the stages
+    record it when they finish: the U-Net's and each classifier's weights, the vote's models and its own weights."""
+    from dermpipe.engine.lineage import file_sha256, write_lineage
+
+    seg, cls, ens = root / "segmentation", root / "classification", root / "ensemble"
+    write_lineage(seg, "segmentation", {}, {"weights": file_sha256(seg / "best.safetensors")})
+    models = {f"model:{b}": file_sha256(cls / b / "best.safetensors") for b in backbones}
+    for b in backbones:
+        write_lineage(cls / b, "classification", {}, {"weights": models[f"model:{b}"]})
+    write_lineage(ens, "vote", models, {"meta": file_sha256(ens / "meta.safetensors")})
+    return root
 
 
 @contextlib.contextmanager
