@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -12,6 +13,15 @@ class DermpipeError(ValueError):
     Its message names the thing and the fix; the command line prints it as ``error: <message>`` and exits with
     status 2. Every other exception (a shape mismatch, CUDA out of memory) keeps its traceback.
     """
+
+
+def plain_message(error: BaseException) -> str:
+    """What went wrong, in words: an ``OSError`` as ``<path>: <reason>`` (``str`` of one reads ``[Errno 28] No space
+    left on device: 'x'``; no user ever needs the number), anything else as ``str(error)`` without such prefixes."""
+    if isinstance(error, OSError) and error.strerror:
+        where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+        return f"{where}: {error.strerror}" if where else error.strerror
+    return re.sub(r"\[Errno -?\d+\] ", "", str(error))
 
 
 def close_matches(name: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:

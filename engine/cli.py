@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from dermpipe.configs.loader import default_config_path, load_config
 from dermpipe.configs.ranges import check_flags
-from dermpipe.errors import DermpipeError
+from dermpipe.errors import DermpipeError, plain_message
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -28,6 +28,17 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     PermissionError,
 )
+
+
+def output_error(error: OSError) -> str:
+    """One line for a write the disk refused (full, read-only, over quota or the file size limit): the path and the
+    fix, never the errno."""
+    where = f" {error.filename}" if error.filename else ""
+    if error.errno == errno.EROFS:
+        fix = "the disk is read-only: pass an output folder (or run.cache_dir) on a writable disk"
+    else:
+        fix = "free some space or pass another output folder"
+    return f"cannot write{where}: {error.strerror}; {fix} (finished outputs and cache entries are intact)"
 
 
 class MissingInputError(DermpipeError):
@@ -84,15 +95,17 @@ def run_cli(body: Callable[[], int]) -> int:
     """Run a script body; a user mistake becomes ``error: <one line>`` on stderr and exit status 2."""
     try:
         return body()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:
-        if e.errno not in OUTPUT_ERRNOS:
+        if e.errno in OUTPUT_ERRNOS:
+            print(f"error: {output_error(e)}", file=sys.stderr)
+            return 2
+        if not isinstance(e, USER_ERRORS):
             raise
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot write{where}: {e.strerror}; free some space or pass another output folder (finished "
-              "outputs and cache entries are intact)", file=sys.stderr)  # fmt: skip
+        fix = " (check its permissions, or pass another path)" if isinstance(e, PermissionError) else ""
+        print(f"error: {plain_message(e)}{fix}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        print(f"error: {plain_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept in the cache and run folder; rerun to resume", file=sys.stderr)

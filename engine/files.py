@@ -39,6 +39,10 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:  # a full or read-only disk names the file being written, not a temporary or nothing
+        if error.errno is None or error.filename not in (None, str(tmp), tmp):
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)  # only left when the write or the rename failed
 

@@ -33,8 +33,8 @@ from dermpipe.data.manifest import Manifest, write_table
 from dermpipe.data.preprocess import PreprocessConfig
 from dermpipe.data.quality import quality_text
 from dermpipe.data.reading import read_image, write_image
-from dermpipe.engine.cache import StageCache
 from dermpipe.engine import csvsafe
+from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import CheckpointError, check_trained_setting, weights_digest
 from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries, write_text_atomic
 from dermpipe.engine.onnx_runtime import engine_model
@@ -45,6 +45,7 @@ from dermpipe.ensemble.config import PredictConfig
 from dermpipe.ensemble.meta import load_meta, meta_logits
 from dermpipe.ensemble.report import ReportRow, ReviewSelection, review_rank, save_thumbnail, write_report
 from dermpipe.ensemble.truth import TRUTH_OUTPUTS, TruthScorer, refer_class_of
+from dermpipe.errors import plain_message
 from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.segmentation.prediction import CROP_SETTINGS, CropResult, SegmentationPredictor, SkipLog
 
@@ -432,7 +433,8 @@ def merge_parts(
             with open(folder / shards.PREDICTIONS_FILE, newline="") as f:
                 header = next(csvsafe.reader(f), None)
         except (OSError, ValueError) as error:
-            raise shards.ShardError(f"{name}'s part in {folder} cannot be read ({error}): {again}") from None
+            why = plain_message(error)
+            raise shards.ShardError(f"{name}'s part in {folder} cannot be read ({why}): {again}") from None
         if header != columns:
             raise shards.ShardError(f"{name}'s {folder / shards.PREDICTIONS_FILE} has other columns: {again}")
         tally.add_state(state, folder)

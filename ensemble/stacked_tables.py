@@ -16,7 +16,7 @@ import numpy as np
 
 from dermpipe.classification.backbones import DEFAULT_BACKBONES
 from dermpipe.engine import csvsafe
-from dermpipe.errors import DermpipeError
+from dermpipe.errors import DermpipeError, plain_message
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ def _read_sidecar(path: Path, backbone: str, split: str) -> dict[str, Any]:
         sidecar = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TableError(
-            f"sidecar {path} of backbone {backbone} cannot be read ({e}); rerun {_make_command(backbone, split)}"
+            f"sidecar {path} of backbone {backbone} cannot be read ({plain_message(e)}); "
+            f"rerun {_make_command(backbone, split)}"
         ) from None
     if not isinstance(sidecar, dict) or not isinstance(sidecar.get("classes"), list) or not sidecar["classes"]:
         raise TableError(f"sidecar {path} lacks the list of classes; rerun {_make_command(backbone, split)}")
@@ -162,7 +163,8 @@ def read_backbone_table(root: str | os.PathLike, backbone: str, split: str) -> _
             header = list(reader.fieldnames or [])
             rows = list(reader)
     except (OSError, csv.Error, UnicodeDecodeError) as e:
-        raise TableError(f"{csv_path} cannot be read ({e}); rerun {_make_command(backbone, split)}") from None
+        why = plain_message(e)
+        raise TableError(f"{csv_path} cannot be read ({why}); rerun {_make_command(backbone, split)}") from None
     if header != [*ID_COLUMNS, *classes]:
         raise TableError(
             f"{csv_path} has columns {header}, expected {[*ID_COLUMNS, *classes]} (the classes of its sidecar); "

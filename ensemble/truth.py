@@ -27,6 +27,7 @@ from dermpipe.data.manifest import Manifest, write_table
 from dermpipe.engine.files import write_text_atomic
 from dermpipe.ensemble.calibration import referral_outcome
 from dermpipe.ensemble.evaluation import method_metrics
+from dermpipe.errors import plain_message
 from dermpipe.segmentation.metrics import (
     GREY_THRESHOLD,
     METRICS,
@@ -200,7 +201,7 @@ class TruthScorer:
                 )
             scores = image_scores(predicted.astype(bool), truth > GREY_THRESHOLD)
         except (MaskScoringError, OSError) as error:
-            self.mask_rows.append({"image_id": image_id, **dict.fromkeys(METRICS, ""), "missing": str(error)})
+            self.mask_rows.append({"image_id": image_id, **dict.fromkeys(METRICS, ""), "missing": plain_message(error)})
             return None
         self._mask_scores.append(scores)
         self.mask_rows.append({"image_id": image_id, **{m: f"{scores[m]:.6f}" for m in METRICS}, "missing": ""})

@@ -5,6 +5,8 @@ byte."""
 from __future__ import annotations
 
 import csv
+import errno
+import os
 from pathlib import Path
 
 import cv2
@@ -15,8 +17,11 @@ from conftest import write_untrained_pipeline
 from dermpipe.data.generator import make_sample
 from dermpipe.data.manifest import Manifest
 from dermpipe.engine import csvsafe
+from dermpipe.engine.cli import run_cli
+from dermpipe.engine.files import write_text_atomic
 from dermpipe.ensemble import merge as merge_script
 from dermpipe.ensemble import predict as predict_script
+from dermpipe.errors import plain_message
 
 BACKBONES = ["test_resnet"]
 CLASSES = ["mel", "nv", "bkl"]
@@ -116,3 +121,56 @@ def test_a_manifest_of_formula_ids_is_escaped_and_scored_against_its_truth(stage
     for row in rows:
         assert got[row["image_id"]]["truth"] == row["label"]
         assert got[row["image_id"]]["correct"] == str(int(got[row["image_id"]]["predicted"] == row["label"]))
+
+
+# --- a full or read-only disk names the path; no "[Errno N]" reaches a user ------------------------------------------
+
+
+def _error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Errno" not in err, err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_a_full_disk_at_the_write_names_the_file(stages, tmp_path, monkeypatch, capsys):
+    photos = tmp_path / "photos"
+    _photos(photos, ["a", "b"])
+    out = tmp_path / "out"
+
+    def full(self, row):  # what a file's write() raises on a full disk: no file name in the error
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csvsafe.DictWriter, "writerow", full)
+    assert predict_script.main(["--input", str(photos), *_predict(stages, out)]) == 2
+    (line,) = _error_lines(capsys)
+    assert f"cannot write {out / 'predictions.csv'}: No space left on device" in line and "free some space" in line
+    assert not list(out.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize(
+    ("code", "error_type", "expected"),
+    [
+        (errno.EROFS, OSError, "Read-only file system; the disk is read-only: pass an output folder"),
+        (errno.ENOSPC, OSError, "No space left on device; free some space"),
+        (errno.EACCES, PermissionError, "Permission denied (check its permissions, or pass another path)"),
+    ],
+)
+def test_a_refused_write_names_the_file_never_its_temporary(tmp_path, monkeypatch, capsys, code, error_type, expected):
+    target = tmp_path / "out" / "report.html"
+
+    def refuse(src, dst):
+        raise error_type(code, os.strerror(code), str(src))  # the OS names the temporary being renamed
+
+    monkeypatch.setattr(os, "replace", refuse)
+    assert run_cli(lambda: write_text_atomic(target, "<html>")) == 2
+    (line,) = _error_lines(capsys)
+    assert f"{target}: " in line and expected in line and ".tmp" not in line
+    assert not target.exists() and not list(target.parent.iterdir())
+
+
+def test_a_missing_path_is_one_line_without_the_errno(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "x.csv"
+    assert run_cli(lambda: len(missing.read_text())) == 2
+    assert _error_lines(capsys) == [f"error: {missing}: No such file or directory"]
+    assert plain_message(OSError(errno.EIO, "Input/output error")) == "Input/output error"
+    assert plain_message(ValueError("[Errno 5] Input/output error")) == "Input/output error"
