@@ -306,7 +306,7 @@ def _training_manifest(files: Mapping[str, Path]) -> str | None:
     return None
 
 
-def _check_chain(root: Path, files: Mapping[str, Path], backbones: Sequence[str]) -> dict[str, str]:
+def _check_chain(root: Path, backbones: Sequence[str]) -> dict[str, str]:
     """Refuse a root whose stages the bundle packs are stale (their lineage, ``stale_stages``) or kept no lineage;
     return the weights digests the lineage records (bundle path -> sha256), the digests of what each stage's metrics
     scored. The vote's records of its backbones come as ``model:<backbone>``."""
@@ -314,11 +314,10 @@ def _check_chain(root: Path, files: Mapping[str, Path], backbones: Sequence[str]
     folders = {UNET: ROOT_LAYOUT["segmentation"], META: ROOT_LAYOUT["ensemble"],
                **{classifier_weights(b): f"{cls}/{b}" for b in backbones}}  # fmt: skip
     packed = {*folders.values(), ROOT_LAYOUT["crops"]}
-    manifest = _training_manifest(files)
-    manifest = manifest if manifest and Path(manifest).is_file() else None
+    # without the manifest: the classifiers' config names the crops manifest, not the one the U-Net was trained on
     lines = [
         line
-        for line in stale_stages(root, manifest)
+        for line in stale_stages(root)
         if any(line.startswith((f"{p} ", f"{p}/")) for p in packed)
     ]  # fmt: skip
     records = {rel: read_lineage(root / folder) for rel, folder in folders.items()}
@@ -383,7 +382,7 @@ def write_bundle(root: str | os.PathLike, out: str | os.PathLike, archive: bool 
         raise BundleError(f"{out} already exists: pass another --out (a bundle is never overwritten)")
     files, vote = _stage_sources(root)
     backbones = list(vote["backbones"])
-    lineage = _check_chain(root, files, backbones)
+    lineage = _check_chain(root, backbones)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, recursive=False)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
