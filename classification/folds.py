@@ -21,6 +21,7 @@ from dermpipe.data.splits import assign_folds
 from dermpipe.engine.checkpoint import weights_digest
 from dermpipe.engine.files import file_digest
 from dermpipe.engine.loop import fingerprint, finished_state
+from dermpipe.engine.rerun import recorded_settings
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,15 @@ def row_keys(rows: Manifest, column: str) -> list[str]:
 
 def training_fingerprint(cfg: ClassificationConfig, manifest_path: str, fold: int | None) -> str:
     """What decides the trained weights: data/model/train settings, seed, manifest bytes and fold."""
+    return fingerprint(_training_payload(cfg, fold), manifest_path)
+
+
+def training_settings(cfg: ClassificationConfig, manifest_path: str, fold: int | None) -> dict[str, Any]:
+    """The settings the fingerprint stands for, as dotted keys with the manifest's digest: what a run records."""
+    return recorded_settings(_training_payload(cfg, fold), manifest_path)
+
+
+def _training_payload(cfg: ClassificationConfig, fold: int | None) -> dict[str, Any]:
     train = {k: v for k, v in asdict(cfg.train).items() if k not in AFTER_TRAINING}
     train["freeze_epochs"] = effective_freeze_epochs(cfg)  # auto (null) and the number it stands for train alike
     payload = {
@@ -112,7 +122,7 @@ def training_fingerprint(cfg: ClassificationConfig, manifest_path: str, fold: in
         "seed": cfg.run.seed,
         "fold": fold,
     }
-    return fingerprint(payload, manifest_path)
+    return payload
 
 
 def stale_folds(cfg: ClassificationConfig, backbone_dir: Path, k: int) -> list[int]:

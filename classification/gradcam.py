@@ -69,7 +69,8 @@ def save_gradcam_images(
     labels: Sequence[str] | None = None,
     preprocess_cfg: PreprocessConfig | None = None,
 ) -> list[Path]:
-    """``<out_dir>/<image_id>_pred-<class>[_true-<class>].png``: each crop beside its Grad-CAM overlay."""
+    """``<out_dir>/<image_id>_pred-<class>[_true-<class>].png``: each crop beside its Grad-CAM overlay. Overlays
+    left from an earlier call (another model, other images) are removed: the folder shows one model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = predict_probabilities(model, images, preprocess_cfg=preprocess_cfg, desc="grad-cam")
@@ -81,5 +82,7 @@ def save_gradcam_images(
         path = out_dir / f"{ids[i]}_pred-{classes[predicted[i]]}{truth}.png"
         panel = np.concatenate([image, overlay], axis=1)
         paths.append(write_image(path, panel))
+    for old in set(out_dir.glob("*.png")) - set(paths):  # another model's (or image's) overlay: never mixed in
+        old.unlink(missing_ok=True)
     logger.info("wrote %d Grad-CAM overlays to %s", len(paths), out_dir)
     return paths

@@ -43,6 +43,7 @@ from dermpipe.classification.folds import (
     split_rows,
     stale_folds,
     training_fingerprint,
+    training_settings,
 )
 from dermpipe.classification.gradcam import save_gradcam_images
 from dermpipe.classification.losses import build_loss
@@ -56,19 +57,30 @@ from dermpipe.data.loaders import ClassificationDataset, seed_worker
 from dermpipe.data.manifest import Manifest
 from dermpipe.data.reading import read_image
 from dermpipe.engine.cache import StageCache
-from dermpipe.engine.checkpoint import read_metadata, save_checkpoint, save_resume_state, weights_digest
+from dermpipe.engine.checkpoint import (
+    CheckpointError,
+    load_resume_state,
+    read_metadata,
+    save_checkpoint,
+    save_resume_state,
+    weights_digest,
+)
 from dermpipe.engine.distributed import is_main, rank
 from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.lineage import file_sha256, read_lineage, write_lineage
 from dermpipe.engine.loop import (
     STATE_FILE,
     LoopSettings,
+    claim_run,
     epoch_seed,
     evaluate,
     finished_state,
     fit,
     read_metrics,
+    training_conflict,
     unfinished,
 )
+from dermpipe.engine.rerun import Conflict, conflict, refuse_all
 from dermpipe.engine.run import Run, start_stage_run
 from dermpipe.engine.schedules import Schedule
 
@@ -202,15 +214,74 @@ class ClassificationStage:
         save_checkpoint(path, model, meta)
 
 
+def _what(cfg: ClassificationConfig, fold: int | None) -> str:
+    return f"{cfg.model.backbone} classifier" + (f" (fold {fold})" if fold is not None else "")
+
+
+def _shipped_settings(cfg: ClassificationConfig) -> dict[str, Any]:
+    """What the backbone folder of a K-fold run records: the settings and which model it ships (mean or refit)."""
+    return {**training_settings(cfg, cfg.data.manifest, None), "train.fold_models": cfg.train.fold_models}
+
+
+def classification_conflicts(cfg: ClassificationConfig) -> list[Conflict]:
+    """Every run folder this backbone's training would write (the backbone's, each fold's) that holds a run made
+    with other settings or data than ``cfg``."""
+    backbone_dir = Path(cfg.run.out_dir) / cfg.model.backbone
+    if not cfg.train.folds:
+        settings = training_settings(cfg, cfg.data.manifest, None)
+        found = training_conflict(
+            backbone_dir, training_fingerprint(cfg, cfg.data.manifest, None), settings, _what(cfg, None)
+        )
+        return [found] if found is not None else []
+    chosen = [cfg.train.fold] if cfg.train.fold >= 0 else list(range(cfg.train.folds))
+    found = [
+        training_conflict(
+            backbone_dir / f"fold{i}",
+            training_fingerprint(cfg, cfg.data.manifest, i),
+            training_settings(cfg, cfg.data.manifest, i),
+            _what(cfg, i),
+        )
+        for i in chosen
+    ]
+    if cfg.train.fold < 0 and cfg.train.fold_models == "refit":
+        plain = replace(cfg, train=replace(cfg.train, folds=0, fold=-1))
+        key = training_fingerprint(plain, cfg.data.manifest, None)
+        found.append(training_conflict(backbone_dir, key, _shipped_settings(cfg), _what(cfg, None)))
+    elif cfg.train.fold < 0:
+        found.append(_fold_mean_conflict(cfg, backbone_dir))
+    return [c for c in found if c is not None]
+
+
+def _fold_mean_conflict(cfg: ClassificationConfig, backbone_dir: Path) -> Conflict | None:
+    """The backbone folder of a fold mean holds another model: a trained one (a plain run or a refit), or a fold
+    mean of other settings. An older fold mean records no settings: its folds are checked on their own."""
+    try:
+        state = load_resume_state(backbone_dir / STATE_FILE)
+    except CheckpointError:
+        return None
+    mean = str(state.get("fingerprint", "")).startswith("fold mean ")
+    recorded, expected = state.get("settings"), _shipped_settings(cfg)
+    if (mean and recorded is None) or recorded == expected:
+        return None
+    return conflict(backbone_dir, _what(cfg, None), bool(state.get("finished")), recorded, expected)
+
+
 def train_fold(
-    cfg: ClassificationConfig, run: Run, manifest: Manifest, fold: int | None, resume: bool
+    cfg: ClassificationConfig,
+    run: Run,
+    manifest: Manifest,
+    fold: int | None,
+    resume: bool,
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (or reuse, or resume) one model in ``run.dir``, then evaluate it and write its probability tables."""
+    """Train (or reuse, or resume) one model in ``run.dir``, then evaluate it and write its probability tables.
+    ``record``: the settings the run records, when not ``cfg``'s own (a refit records its K-fold run's)."""
     classes = manifest.classes
     column = image_column(cfg)
     rows = split_rows(manifest, cfg, fold)
     key = training_fingerprint(cfg, cfg.data.manifest, fold)
-    finished = None if resume or cfg.run.force else finished_state(run.dir, key)
+    settings = dict(record) if record is not None else training_settings(cfg, cfg.data.manifest, fold)
+    finished = claim_run(run.dir, key, settings, _what(cfg, fold), cfg.run.force, resume)
     model: LesionClassifier | None = None
     if finished is not None:
         # Size and normalisation from the checkpoint: no model build, so no weights download either.
@@ -235,7 +306,7 @@ def train_fold(
         history = read_metrics(run.dir / "metrics.csv", METRIC_COLUMNS, 10**9)
     else:
         fit_ds = dataset(rows.fit, build_transform(cfg.data.augment, size, train=True, mean=mean, std=std))
-        history = _fit(cfg, run, model, rows, fit_ds, monitor_ds, classes, fold, key, resume)
+        history = _fit(cfg, run, model, rows, fit_ds, monitor_ds, classes, fold, key, settings, resume)
     if not is_main():  # under torchrun rank 0 alone evaluates and writes the tables
         return {"run_dir": str(run.dir), "rank": rank()}
     return _after_training(cfg, run, rows, monitor_ds, dataset, classes, column, history)
@@ -271,7 +342,7 @@ def fold_mean(cfg: ClassificationConfig, manifest: Manifest, backbone_dir: Path,
             logger.warning("%s holds another model (a refit, or other folds); replacing it by the mean of the %d "
                            "fold models", path, k)  # fmt: skip
         save_fold_mean(path, fold_paths, digests, config_hash=run.config_hash, trained_on=rows.trained_on)
-        save_resume_state(state_path, {"finished": True, "fingerprint": marker})
+        save_resume_state(state_path, {"finished": True, "fingerprint": marker, "settings": _shipped_settings(cfg)})
     text = io.StringIO()
     writer = csv.DictWriter(text, ["fold", *METRIC_COLUMNS], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -296,6 +367,7 @@ def _fit(
     classes: Sequence[str],
     fold: int | None,
     key: str,
+    settings: Mapping[str, Any],
     resume: bool,
 ) -> list[dict[str, Any]]:
     """Loss, optimiser and schedule for this backbone, then the engine's loop; returns the history."""
@@ -326,7 +398,7 @@ def _fit(
     if run.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
-    settings = LoopSettings.from_train(
+    loop = LoopSettings.from_train(
         t,
         cfg.run.seed,
         columns=METRIC_COLUMNS,
@@ -335,12 +407,13 @@ def _fit(
         patience_from=freeze,
         fingerprint=key,
         stage=STAGE,
+        settings=settings,
     )
-    steps = settings.steps_per_epoch(len(stage.first))
+    steps = loop.steps_per_epoch(len(stage.first))
     # the head-only phase ends at freeze_epochs; the whole network then warms up again at unfreeze_lr_scale x lr
     unfreeze = freeze * steps if 0 < freeze < t.epochs else 0
     schedule = Schedule(t.schedule, t.epochs * steps, int(t.warmup_epochs * steps), unfreeze, t.unfreeze_lr_scale)
-    return fit(stage, model, loss_fn, optimizer, schedule.scheduler(optimizer), run, settings, resume).history
+    return fit(stage, model, loss_fn, optimizer, schedule.scheduler(optimizer), run, loop, resume).history
 
 
 def _after_training(
@@ -407,6 +480,7 @@ def _after_training(
             [r.get("label", "") for r in chosen],
             cfg.data.preprocess,
         )
+    _write_lineage(cfg, run.dir, best_path, column)
     monitor_name = "oof" if "oof" in rows.tables else "val"
     return {
         "backbone": cfg.model.backbone,
@@ -421,10 +495,25 @@ def _after_training(
     }
 
 
+def _write_lineage(cfg: ClassificationConfig, run_dir: Path, best_path: Path, column: str) -> None:
+    """``run_dir/lineage.json``: the crops manifest it trained on (with the manifest the crops came from, as the
+    crops folder's lineage records it), or the manifest of whole images, and its weights."""
+    trained_on = file_sha256(cfg.data.manifest)
+    consumed = {"manifest": trained_on}
+    if column == "crop_path":
+        crops = read_lineage(Path(cfg.data.manifest).parent) or {"consumed": {}}
+        consumed = {"crops_manifest": trained_on}
+        if "manifest" in crops["consumed"]:
+            consumed["manifest"] = crops["consumed"]["manifest"]
+    write_lineage(run_dir, "classification", consumed, {"weights": file_sha256(best_path)})
+
+
 def run_classification(cfg: ClassificationConfig, resume: bool = False) -> dict[str, Any]:
     """Train one backbone (or its K folds) into ``<run.out_dir>/<backbone>[/fold<i>]``; returns the summary."""
     resolve_backbone(cfg.model.backbone)  # an unknown name fails before any run folder is made
     manifest = read_training_manifest(cfg)
+    if not cfg.run.force:  # every folder of other settings named before any is written (--force replaces them)
+        refuse_all(classification_conflicts(cfg), False, "choose another --out/--root")
     backbone_dir = Path(cfg.run.out_dir) / cfg.model.backbone
 
     def start(path: Path) -> Run:
@@ -455,7 +544,7 @@ def run_classification(cfg: ClassificationConfig, resume: bool = False) -> dict[
             # estimators after cross_val_predict; the fold models only give the out-of-fold table
             plain = replace(cfg, train=replace(cfg.train, folds=0, fold=-1))
             shipped = train_fold(plain, start_stage_run(plain, "classification", backbone_dir), manifest, None,
-                                 resume and unfinished(backbone_dir))  # fmt: skip
+                                 resume and unfinished(backbone_dir), _shipped_settings(cfg))  # fmt: skip
         summary.update(shipped)
         summary.update({"folds": folds, "run_dir": str(backbone_dir)})
         summary["tables"] = {**shipped.get("tables", {}), **combined["tables"]}

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.engine.files import FileInputError, file_digest, write_text_atomic
 
@@ -51,7 +53,9 @@ def write_lineage(folder: Path, stage: str, consumed: Mapping[str, str], produce
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     record = {"stage": stage, "consumed": dict(sorted(consumed.items())), "produced": dict(sorted(produced.items()))}
-    write_text_atomic(Path(folder) / LINEAGE_FILE, json.dumps(record, indent=2) + "\n")
+    path, text = Path(folder) / LINEAGE_FILE, json.dumps(record, indent=2) + "\n"
+    if not path.is_file() or path.read_text() != text:  # a stage reused as it was leaves its record untouched
+        write_text_atomic(path, text)
 
 
 def read_lineage(folder: Path) -> dict[str, Any] | None:
@@ -78,11 +82,21 @@ def stage_folders(root: Path) -> list[tuple[str, Path]]:
     return [(stage, folder) for stage, folder in found if (folder / FINISHED_FILE[stage]).is_file()]
 
 
+def training_manifest(root: Path) -> str | None:
+    """The manifest the run root's U-Net was trained on, as its saved ``config.yaml`` names it (``None``: none)."""
+    try:
+        config = yaml.safe_load((Path(root) / ROOT_LAYOUT["segmentation"] / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    manifest = config.get("data", {}).get("manifest") if isinstance(config, dict) else None
+    return str(manifest) if manifest else None
+
+
 class CurrentDigests:
     """The digests a run root holds now, by lineage name, each file hashed once (``None``: the file is gone)."""
 
     def __init__(self, root: Path, manifest: str | os.PathLike | None = None) -> None:
-        self.root, self.manifest = Path(root), manifest
+        self.root, self.manifest = Path(root), manifest or training_manifest(root)
         self.seen: dict[Path, str | None] = {}
 
     def path(self, name: str) -> Path | None:
@@ -128,8 +142,8 @@ def stale_stages(root: Path, manifest: str | os.PathLike | None = None) -> list[
     """One line per finished stage of run root ``root`` whose consumed digests no longer match the files the root
     holds now, or whose produced files changed since its lineage was written, or that has no lineage at all.
 
-    ``manifest``: the manifest the run uses now (its digest is compared with the one each stage recorded); without
-    it the manifest is not checked.
+    ``manifest``: the manifest of images and labels the run uses now (not the crops manifest; its digest is compared
+    with the one each stage recorded); default: the one the U-Net's saved ``config.yaml`` names, if any.
     """
     root = Path(root)
     now = CurrentDigests(root, manifest)
@@ -146,6 +160,8 @@ def stale_stages(root: Path, manifest: str | os.PathLike | None = None) -> list[
             if path is None:
                 continue
             new = now.digest(path)
+            if new is None and key == "manifest":
+                continue  # the manifest lies outside the root (a relative path, moved): it cannot be checked here
             if new != old:
                 what = _what(key)
                 state = f"{what} {'are' if what.endswith('s') else 'is'} now {short(new)}" if new else f"{path} is gone"

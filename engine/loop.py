@@ -39,6 +39,7 @@ from dermpipe.engine.distributed import (
     world_size,
 )
 from dermpipe.engine.files import atomic_path, file_digest
+from dermpipe.engine.rerun import Conflict, conflict, differences, refuse_or_replace
 from dermpipe.engine.run import Run
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class LoopSettings:
     grad_clip: float = 0.0
     max_steps_per_epoch: int = 0
     ema_decay: float = 0.0  # > 0: validate and keep as best a moving average of the weights (timm's ModelEmaV3)
+    settings: Mapping[str, Any] | None = field(default=None, compare=False)  # what the fingerprint stands for, kept
 
     @classmethod
     def from_train(cls, train: Any, seed: int, **fields: Any) -> LoopSettings:
@@ -250,6 +252,37 @@ def finished_state(run_dir: Path, fingerprint: str, warn: bool = True) -> dict[s
     return None
 
 
+def training_conflict(run_dir: Path, fingerprint: str, settings: Mapping[str, Any], what: str) -> Conflict | None:
+    """The run ``run_dir`` holds (finished or not) when it was made with another fingerprint than ``fingerprint``:
+    a ``Conflict`` naming the keys where its recorded settings differ from ``settings``; ``None`` when the folder
+    holds no run, or one with this fingerprint."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = load_resume_state(path)
+    except CheckpointError:
+        return None
+    if state.get("fingerprint") == fingerprint:
+        return None
+    return conflict(run_dir, what, bool(state.get("finished")), state.get("settings"), settings)
+
+
+def claim_run(
+    run_dir: Path, fingerprint: str, settings: Mapping[str, Any], what: str, force: bool = False, resume: bool = False
+) -> dict[str, Any] | None:
+    """Before a stage writes into ``run_dir``: refuse a run there made with other settings (unless ``force``, said in
+    the log), and return the finished state to reuse (``None``: train)."""
+    if resume:
+        return None  # ``fit`` refuses a resume with other settings, naming them
+    refuse_or_replace(training_conflict(run_dir, fingerprint, settings, what), force)
+    if force:
+        if finished_state(run_dir, fingerprint, warn=False) is not None:
+            logger.warning("--force: retraining the finished %s in %s", what, run_dir)
+        return None
+    return finished_state(run_dir, fingerprint)
+
+
 def unfinished(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds an interrupted training that ``--resume`` would continue."""
     path = run_dir / STATE_FILE
@@ -284,9 +317,11 @@ def fit(
     if resume:
         state = load_resume_state(state_path)
         if state.get("fingerprint") != s.fingerprint:
+            keys = differences(state.get("settings"), s.settings or {})
             raise CheckpointError(
-                f"resume state {state_path} was made with other settings or data: rerun without --resume to "
-                "train afresh, or with the settings of that run"
+                f"resume state {state_path} was made with other settings or data"
+                f"{': ' + ', '.join(keys) if keys else ''}: rerun with --force to train afresh, or with the "
+                "settings of that run"
             )
         if "model" in state:  # the weights saved with the state, as one unit (a kill between files cannot split them)
             load_weights(model, state["model"], state_path)
@@ -364,6 +399,7 @@ def fit(
                     "scaler": scaler.state_dict(),
                     "model": model.state_dict(),
                     "fingerprint": s.fingerprint,
+                    **({"settings": dict(s.settings)} if s.settings is not None else {}),
                     "finished": stopped or epoch + 1 == s.epochs,
                     "stopped": stopped,
                     **({"ema": ema.module.state_dict()} if ema is not None else {}),

@@ -14,6 +14,8 @@ import numpy as np
 from dermpipe.configs.loader import config_hash, to_dict
 from dermpipe.engine.cache import stage_key
 from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.lineage import file_sha256, write_lineage
+from dermpipe.engine.rerun import Conflict, conflict, flatten, refuse_or_replace
 from dermpipe.engine.run import Run
 from dermpipe.ensemble.baselines import best_single, logistic_stacking, majority_vote, mean_vote
 from dermpipe.ensemble.calibration import (
@@ -95,6 +97,37 @@ def vote_key(cfg: EnsembleConfig, fit: StackedTable, test: StackedTable) -> str:
     return stage_key("ensemble", settings=settings, upstream=(table_digest(fit), table_digest(test)))
 
 
+def vote_settings(cfg: EnsembleConfig, fit: StackedTable, test: StackedTable) -> dict[str, Any]:
+    """What ``vote_key`` stands for, as dotted keys: every setting but the run section's, and each split's table
+    digest. A finished vote records them, so a rerun with others names what differs."""
+    settings = json.loads(json.dumps(flatten({k: v for k, v in to_dict(cfg).items() if k != "run"}), default=str))
+    settings.update({f"tables.{t.split} digest": table_digest(t) for t in (fit, test)})
+    return settings
+
+
+def vote_conflict(out: Path, key: str, settings: dict[str, Any]) -> Conflict | None:
+    """The vote ``out`` holds when it was made with other settings or tables (``None``: none there, or this one)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("vote_key") == key:
+        return None
+    return conflict(out, "vote", True, summary.get("settings"), settings)
+
+
+def write_vote_lineage(cfg: EnsembleConfig, out: Path) -> None:
+    """``out/lineage.json``: each backbone's fit and test tables and weights, and the meta-network it made."""
+    d = cfg.data
+    consumed = {}
+    for backbone in d.backbones:
+        folder = Path(d.classification_root) / backbone
+        for split in (d.fit_split, d.test_split):
+            consumed[f"tables:{backbone}:{split}"] = file_sha256(folder / f"probs_{split}.csv")
+        consumed[f"model:{backbone}"] = file_sha256(folder / "best.safetensors")
+    write_lineage(out, "vote", consumed, {"meta": file_sha256(out / META_FILE)})
+
+
 def finished_vote(out: Path, key: str) -> dict[str, Any] | None:
     """The summary of a vote already written into ``out`` for ``key`` with all its files, else None."""
     try:
@@ -140,9 +173,11 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     fit_all = load_probability_tables(d.classification_root, d.backbones, d.fit_split)
     test_all = load_probability_tables(d.classification_root, d.backbones, d.test_split)
     check_fit_and_test_agree(fit_all, test_all)
-    key = vote_key(cfg, fit_all, test_all)
+    key, settings = vote_key(cfg, fit_all, test_all), vote_settings(cfg, fit_all, test_all)
+    refuse_or_replace(vote_conflict(run.dir, key, settings), cfg.run.force)  # before anything is written
     if not cfg.run.force and (done := finished_vote(run.dir, key)) is not None:
         logger.info("reused the finished vote in %s (same tables and settings; --force refits)", run.dir)
+        write_vote_lineage(cfg, run.dir)
         return done
     fit = _fit_rows(fit_all)
     test = test_all.labelled()
@@ -259,6 +294,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     )
     summary = {
         "vote_key": key,
+        "settings": settings,
         "fit_split": d.fit_split,
         "n_fit": len(fit),
         "n_test": len(test),
@@ -285,5 +321,6 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         "paths": {k: str(v) for k, v in paths.items()},
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    write_vote_lineage(cfg, out)
     logger.info("wrote %s", paths["methods"])
     return summary

@@ -10,6 +10,7 @@ from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import read_inputs
 from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
 from dermpipe.engine.files import check_output_folder
+from dermpipe.engine.lineage import file_sha256, write_lineage
 from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
 from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.segmentation.prediction import SegmentationPredictor, write_crops
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         setup_logging(Path(args.out))  # everything validated: from here on the output folder is written
         s = write_crops(manifest, predictor, args.out, cfg.predict.write_masks, cfg.predict.write_crops, excluded)
+        consumed = {"unet": file_sha256(checkpoint)}
+        if args.manifest:
+            consumed["manifest"] = file_sha256(args.manifest)
+        write_lineage(Path(args.out), "crops", consumed, {"crops_manifest": file_sha256(Path(args.out) / "crops.csv")})
         corrupt = f", {s['corrupt']} corrupt recomputed" if s["corrupt"] else ""
         print(
             f"segmentation/predict: {s['cropped']} cropped ({s['fallback']} whole-image fallbacks), "

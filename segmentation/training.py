@@ -17,7 +17,9 @@ from dermpipe.data.loaders import SegmentationDataset, seed_epoch, seed_worker
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.distributed import is_main, rank
 from dermpipe.engine.files import atomic_path
-from dermpipe.engine.loop import LoopSettings, evaluate, fingerprint, finished_state, fit, read_metrics
+from dermpipe.engine.lineage import file_sha256, write_lineage
+from dermpipe.engine.loop import LoopSettings, claim_run, evaluate, fingerprint, fit, read_metrics, training_conflict
+from dermpipe.engine.rerun import MANIFEST_DIGEST, Conflict, recorded_settings
 from dermpipe.engine.run import Run
 from dermpipe.engine.schedules import Schedule
 from dermpipe.segmentation.config import SegmentationConfig
@@ -84,11 +86,25 @@ class SegmentationStage:
         save_unet(path, model, self.cfg.model, self.cfg.data.image_size, self.run.config_hash, extra)
 
 
+def _training_payload(cfg: SegmentationConfig) -> dict[str, Any]:
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in _AFTER_TRAINING}
+    return {"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": train, "seed": cfg.run.seed}
+
+
 def training_fingerprint(cfg: SegmentationConfig) -> str:
     """What decides the trained weights: data, model and training settings, the seed and the manifest's bytes."""
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in _AFTER_TRAINING}
-    payload = {"data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": train, "seed": cfg.run.seed}
-    return fingerprint(payload, cfg.data.manifest)
+    return fingerprint(_training_payload(cfg), cfg.data.manifest)
+
+
+def training_settings(cfg: SegmentationConfig) -> dict[str, Any]:
+    """The settings the fingerprint stands for, as dotted keys with the manifest's digest: what a run records."""
+    return recorded_settings(_training_payload(cfg), cfg.data.manifest)
+
+
+def training_conflicts(cfg: SegmentationConfig, run_dir: Path) -> list[Conflict]:
+    """The U-Net run in ``run_dir`` when it was made with other settings or data than ``cfg`` (none: empty)."""
+    found = training_conflict(run_dir, training_fingerprint(cfg), training_settings(cfg), "U-Net")
+    return [found] if found is not None else []
 
 
 def _loaders(cfg: SegmentationConfig, manifest: Manifest, run: Run) -> tuple[DataLoader, DataLoader, Manifest]:
@@ -129,9 +145,9 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
     curves and a validation panel into the run."""
     t = cfg.train
     manifest = Manifest.read(cfg.data.manifest)
+    key, recorded = training_fingerprint(cfg), training_settings(cfg)
+    done = claim_run(run.dir, key, recorded, "U-Net", cfg.run.force, resume)  # refused before anything is written
     train_loader, val_loader, val_manifest = _loaders(cfg, manifest, run)
-    key = training_fingerprint(cfg)
-    done = None if resume or cfg.run.force else finished_state(run.dir, key)
     if done is not None:
         logger.info("training already finished with these settings in %s; reusing it (--force retrains)", run.dir)
         history = read_metrics(run.dir / "metrics.csv", METRIC_COLUMNS, 10**9)
@@ -144,7 +160,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         settings = LoopSettings.from_train(
             t, cfg.run.seed, columns=METRIC_COLUMNS, monitor="val_jaccard", ema_decay=t.ema_decay, fingerprint=key,
-            stage=STAGE,
+            stage=STAGE, settings=recorded,
         )  # fmt: skip
         steps = settings.steps_per_epoch(len(train_loader))
         schedule = Schedule(t.schedule, steps * t.epochs, int(t.warmup_epochs * steps))
@@ -153,6 +169,9 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         history, best, best_epoch = result.history, result.best, result.best_epoch
     if not is_main():  # under torchrun rank 0 alone draws and writes
         return {"best_val_jaccard": best, "best_epoch": best_epoch, "rank": rank()}
+    best_path = run.dir / "best.safetensors"
+    consumed = {"manifest": recorded[MANIFEST_DIGEST]}
+    write_lineage(run.dir, "segmentation", consumed, {"weights": file_sha256(best_path)})
     plot_curves(history, run.dir / "curves.png")
     if t.panel_images:
         loaded = load_unet(run.dir / "best.safetensors", run.device)
