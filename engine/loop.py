@@ -339,8 +339,12 @@ def fit(
         best_epoch, stale = int(state["best_epoch"]), int(state["stale"])
         if state.get("finished"):
             start = s.epochs  # it had stopped early or run every epoch: nothing left to train
-        logger.info("resuming at epoch %d of %d (best %s %.4f at epoch %d)", start + 1, s.epochs, s.monitor, best,
-                    best_epoch)  # fmt: skip
+        if start >= s.epochs:  # never "resuming at epoch 7 of 6"
+            logger.info("resuming: the run had finished after epoch %d of %d (best %s %.4f at epoch %d)",
+                        int(state["epoch"]) + 1, s.epochs, s.monitor, best, best_epoch)  # fmt: skip
+        else:
+            logger.info("resuming at epoch %d of %d (best %s %.4f at epoch %d)", start + 1, s.epochs, s.monitor,
+                        best, best_epoch)  # fmt: skip
     run.begin()  # everything validated: from here on the run folder is written (by rank 0 alone under torchrun)
     main = is_main()
     if main and not resume and metrics_path.exists():

@@ -33,6 +33,7 @@ async function send(files){
   const list = document.getElementById('skipped');
   for(const s of answer.skipped){
     const li = document.createElement('li'); li.textContent = s.reason; list.appendChild(li); }
+  document.getElementById('skipped-head').hidden = !list.children.length;
   csvText = csvText ? csvText + answer.csv.slice(answer.csv.indexOf('\\n') + 1) : answer.csv;
   const link = document.getElementById('download');
   link.href = URL.createObjectURL(new Blob([csvText], {type: 'text/csv'}));
@@ -78,5 +79,5 @@ accept="image/jpeg,image/png,image/bmp,image/tiff"></p>
  &middot; click a column header to sort &middot;
 <a id="download" download="predictions.csv" style="display:none">download the rows as CSV</a></p>
 <table id="preds">{table_head(classes, False)}<tbody></tbody></table>
-<h2>Not readable</h2><ul id="skipped"></ul>
+<h2 id="skipped-head" hidden>Not readable</h2><ul id="skipped"></ul>
 </body></html>"""

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import csv
 import errno
+import logging
 import os
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import cv2
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import write_untrained_pipeline
 
-from dermpipe.data.generator import make_sample
+from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.manifest import Manifest
 from dermpipe.engine import csvsafe
 from dermpipe.engine.cli import run_cli
@@ -22,6 +25,8 @@ from dermpipe.engine.files import write_text_atomic
 from dermpipe.ensemble import merge as merge_script
 from dermpipe.ensemble import predict as predict_script
 from dermpipe.errors import plain_message
+from dermpipe.segmentation import train as segmentation_train
+from dermpipe.serve.page import page_html
 
 BACKBONES = ["test_resnet"]
 CLASSES = ["mel", "nv", "bkl"]
@@ -174,3 +179,52 @@ def test_a_missing_path_is_one_line_without_the_errno(tmp_path, capsys):
     assert _error_lines(capsys) == [f"error: {missing}: No such file or directory"]
     assert plain_message(OSError(errno.EIO, "Input/output error")) == "Input/output error"
     assert plain_message(ValueError("[Errno 5] Input/output error")) == "Input/output error"
+
+
+# --- the resume log of a finished run ---------------------------------------------------------------------------------
+
+
+def test_resuming_a_finished_run_says_so_never_epoch_7_of_6(tmp_path, caplog):
+    manifest = generate_dataset(tmp_path / "data", n_images=40, size=48, seed=3, hair=0.0, ruler=0.0)
+    args = ["--manifest", str(manifest), "--device", "cpu", "--out", str(tmp_path / "seg"), "--epochs", "2",
+            "--set", f"run.cache_dir={tmp_path / 'cache'}", "--set", "train.max_steps_per_epoch=1",
+            "--set", "train.panel_images=0", "--set", "model.encoder=tu-test_resnet",
+            "--set", "model.encoder_weights=null", "--set", "model.decoder_channels=[16,8,8,8,8]",
+            "--set", "data.image_size=32", "--set", "train.batch_size=4"]  # fmt: skip
+    assert segmentation_train.main(args) == 0
+    with caplog.at_level(logging.INFO):
+        assert segmentation_train.main([*args, "--resume"]) == 0
+    said = [m for m in caplog.messages if m.startswith("resuming")]
+    assert len(said) == 1 and said[0].startswith("resuming: the run had finished after epoch 2 of 2"), said
+    for message in caplog.messages:
+        if match := re.search(r"epoch (\d+) of (\d+)", message):
+            assert int(match.group(1)) <= int(match.group(2)), message
+
+
+# --- the served page -------------------------------------------------------------------------------------------------
+
+
+class _Headings(HTMLParser):
+    """Each ``<h2>``'s text and whether it is hidden."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: dict[str, bool] = {}
+        self._open: bool | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "h2":
+            self._open = "hidden" in dict(attrs)
+
+    def handle_data(self, data):
+        if self._open is not None:
+            self.found[data.strip()] = self._open
+            self._open = None
+
+
+def test_the_page_shows_no_empty_not_readable_heading():
+    page = page_html("m@sha256:0", CLASSES, {}, 25)
+    parser = _Headings()
+    parser.feed(page)
+    assert parser.found == {"Not readable": True}  # hidden until a photo of the batch could not be read
+    assert "getElementById('skipped-head').hidden = !list.children.length" in page  # shown once one is listed
