@@ -174,6 +174,9 @@ CLASSIFIER_SCORES = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "
 VOTE_METHODS = ("meta_network", "meta_network_calibrated")
 # bundle.json's keys that describe the bundled files: recomputed from them at every load, a disagreement refused
 DESCRIBED = ("classes", "backbones", "segmentation", "classifiers", "crops", "vote", "calibration", "metrics")
+# every key bundle.json holds; the others describe the bundle (name: its identity) or what is not in it (the training
+# manifest's counts, the library versions) and steer nothing
+INFO_KEYS = ("format", "format_version", "name", "created", "source_root", *DESCRIBED, "training_data", "versions")
 
 
 def classifier_weights(backbone: str) -> str:
@@ -491,6 +494,9 @@ def _check_described(
         expected = _with_digests(expected, {rel: listed[rel] for rel in weights})
     except (CheckpointError, KeyError, ValueError) as e:
         raise _refuse(path, f"its weights or metric files cannot be read ({e})") from None
+    unknown = sorted(set(info) - set(INFO_KEYS))
+    if unknown:
+        raise _refuse(path, f"{INFO_FILE} holds {', '.join(unknown)}, which no dermpipe bundle has (added by hand?)")
     for key in DESCRIBED:
         where = _first_difference(info.get(key), expected[key], key)
         if where is not None:

@@ -197,6 +197,7 @@ def test_a_metric_digest_that_is_not_the_bundled_weights_is_refused_at_load(tmp_
             "metrics.vote.methods[0].balanced_accuracy",
         ),
         (lambda info: info["metrics"]["vote"]["model_digests"].pop("meta"), "metrics.vote.model_digests.meta"),
+        (lambda info: info.update(refer_threshold=0.9), "holds refer_threshold, which no dermpipe bundle has"),
     ],
 )
 def test_an_edited_bundle_json_value_is_refused_not_ignored(tmp_path, edit, key):
