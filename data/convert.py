@@ -95,7 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     for line in split_table(manifest) + report.describe():
         print(f"  {line}")
+    if gaps := missing_classes(manifest):
+        print(f"warning: {gaps}", file=sys.stderr)
     return 0
+
+
+def missing_classes(manifest: Manifest) -> str:
+    """One line naming the classes each split of the manifest lacks (a split without a class can neither train nor
+    score it), or ``""`` when every split that has images has every class."""
+    labelled = Counter((r.get("label", ""), r.get("split", "")) for r in manifest.rows if r.get("label"))
+    used = [s for s in SPLITS if any(split == s for _, split in labelled)]
+    gaps = [(s, [c for c in manifest.classes if not labelled[(c, s)]]) for s in used]
+    gaps = [(s, missing) for s, missing in gaps if missing]
+    if not gaps:
+        return ""
+    listed = "; ".join(f"{s} has no {', '.join(missing)}" for s, missing in gaps)
+    return (f"not every class is in every split: {listed} (its recall there cannot be measured: add images of the "
+            "class, --drop it, or --resplit with other --fractions)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import write_untrained_pipeline
 
+from dermpipe.data import convert
 from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.manifest import Manifest
 from dermpipe.engine import csvsafe
@@ -228,3 +229,23 @@ def test_the_page_shows_no_empty_not_readable_heading():
     parser.feed(page)
     assert parser.found == {"Not readable": True}  # hidden until a photo of the batch could not be read
     assert "getElementById('skipped-head').hidden = !list.children.length" in page  # shown once one is listed
+
+
+# --- convert: a class missing from a split ---------------------------------------------------------------------------
+
+
+def test_convert_warns_in_one_line_when_a_split_lacks_a_class(tmp_path, capsys):
+    layout = {"train": ["mel", "nv", "bkl"], "val": ["mel", "nv", "bkl"], "test": ["mel", "bkl"]}  # test has no nv
+    for split, classes in layout.items():
+        for label in classes:
+            folder = tmp_path / "photos" / split / label
+            folder.mkdir(parents=True)
+            cv2.imwrite(str(folder / "x.png"), np.zeros((8, 8, 3), np.uint8))
+    argv = ["--format", "folder", "--root", str(tmp_path / "photos"), "--out", str(tmp_path / "m.csv")]
+    assert convert.main(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "test has no nv" in warnings[0] and "val has" not in warnings[0], warnings
+    (tmp_path / "photos" / "test" / "nv").mkdir()
+    cv2.imwrite(str(tmp_path / "photos" / "test" / "nv" / "x.png"), np.zeros((8, 8, 3), np.uint8))
+    assert convert.main(argv) == 0
+    assert "warning:" not in capsys.readouterr().err
