@@ -192,7 +192,7 @@ def _segmentation_scores(path: Path | None) -> dict[str, Any] | None:
         rows = [r for r in csv.DictReader(f) if r.get("val_jaccard")]
     if not rows:
         return None
-    best = max(rows, key=lambda r: _float(r["val_jaccard"]))
+    best = max(rows, key=lambda r: _float(r["val_jaccard"]) or 0.0)
     return {"epoch": best.get("epoch"), "val_jaccard": _float(best["val_jaccard"]),
             "val_dice": _float(best.get("val_dice"))}  # fmt: skip
 
