@@ -69,6 +69,15 @@ def _installed_versions() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def user_cache_dir() -> Path:
+    """The user's own cache folder for the stage cache of commands that have no run root (``predict --model``,
+    ``serve``): platformdirs' user cache folder (``~/.cache/dermpipe`` on Linux, ``XDG_CACHE_HOME`` moves it;
+    ``~/Library/Caches/dermpipe`` on macOS; ``%LOCALAPPDATA%\\dermpipe\\Cache`` on Windows)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("dermpipe", appauthor=False))
+
+
 def library_versions() -> dict[str, str]:
     """Installed versions of the libraries whose change can change a stage's output (read once per process)."""
     return dict(_installed_versions())

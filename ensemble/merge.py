@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from dermpipe.engine.cli import run_cli
+from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_file, check_output_folder
 from dermpipe.engine.run import setup_logging
 from dermpipe.ensemble.predict import summary_line
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         out = check_output_folder(args.out, "--out")
         output = check_output_file(args.output if args.output else out / "predictions.csv", "--output")
+        confine_output(out, "--out")  # never inside a bundle or a finished run (symlinks followed)
+        confine_output(output, "--output", is_file=True)
         parts = check_parts(out, args.num_shards)  # reads only: a refused merge leaves everything as it was
         setup_logging(None)
         s = merge_parts(parts, out, output)

@@ -14,8 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dermpipe.configs.loader import default_config_path, load_yaml
+from dermpipe.configs.loader import default_config_path, load_yaml
 from dermpipe.data.manifest import Manifest, read_inputs
+from dermpipe.engine.cache import user_cache_dir
 from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
+from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_file, check_output_folder
 from dermpipe.engine.onnx_runtime import ENGINES
 from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
@@ -51,6 +55,32 @@ def check_trained_stages(cfg: PredictConfig) -> None:
                 f"{what} is not trained: {path} not found; make it with `{command}`, or pass {flag} FOLDER "
                 "(or --root, or --model BUNDLE)"
             )
+
+
+def bundle_cache_dir(args: argparse.Namespace) -> str | None:
+    """Where prediction from a bundle caches when the user named neither a cache nor a run root (``--root``, or
+    ``run.cache_dir`` / ``run.root`` by ``--set`` or ``--config``): the user's cache folder (``user_cache_dir``),
+    never ``./runs/cache`` in whatever folder the command runs from. ``None`` where the user chose."""
+    if args.root or any(o.strip().startswith(("run.cache_dir=", "run.root=")) for o in args.overrides):
+        return None
+    if str(args.config) != str(default_config_path("predict")):
+        run = load_yaml(args.config).get("run")
+        if isinstance(run, dict) and (run.get("cache_dir") or run.get("root")):
+            return None
+    return str(user_cache_dir())
+
+
+def bundle_cache_dir(args: argparse.Namespace) -> str | None:
+    """Where prediction from a bundle caches when the user named neither a cache nor a run root (``--root``, or
+    ``run.cache_dir`` / ``run.root`` by ``--set`` or ``--config``): the user's cache folder (``user_cache_dir``),
+    never ``./runs/cache`` in whatever folder the command runs from. ``None`` where the user chose."""
+    if args.root or any(o.strip().startswith(("run.cache_dir=", "run.root=")) for o in args.overrides):
+        return None
+    if str(args.config) != str(default_config_path("predict")):
+        run = load_yaml(args.config).get("run")
+        if isinstance(run, dict) and (run.get("cache_dir") or run.get("root")):
+            return None
+    return str(user_cache_dir())
 
 
 def summary_line(s: Mapping[str, Any]) -> str:
@@ -153,11 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise BundleError(f"--model {args.model} holds every trained stage: drop {flag}")
             bundle = open_bundle(args.model)  # verified against its sha256 manifest before anything is read
             flags.update(bundle.stage_paths())
+            flags["run.cache_dir"] = bundle_cache_dir(args)  # None: the user's --root or run.cache_dir
+            flags["run.cache_dir"] = bundle_cache_dir(args)  # None: the user's --root or run.cache_dir
         cfg = resolve_config(PredictConfig, args, flags)
         out = check_output_folder(cfg.run.out_dir, "--out", [args.input] if args.input else [])
         output = check_output_file(args.output if args.output else out / "predictions.csv", "--output")
         if args.input and Path(args.input).resolve() in output.resolve().parents:
             check_output_folder(output.parent, "--output", [args.input])
+        confine_output(out, "--out")  # never inside a bundle or a finished run (symlinks followed)
+        confine_output(output, "--output", is_file=True)
         check_run_folder(Path(cfg.segmentation_run), "segmentation")
         check_run_folder(Path(cfg.ensemble_run), "ensemble")
         check_trained_stages(cfg)

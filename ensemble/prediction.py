@@ -43,7 +43,14 @@ from dermpipe.ensemble import shards
 from dermpipe.ensemble.calibration import apply_temperature
 from dermpipe.ensemble.config import PredictConfig
 from dermpipe.ensemble.meta import load_meta, meta_logits
-from dermpipe.ensemble.report import ReportRow, ReviewSelection, review_rank, save_thumbnail, write_report
+from dermpipe.ensemble.report import (
+    ReportRow,
+    ReviewSelection,
+    prune_report_files,
+    review_rank,
+    save_thumbnail,
+    write_report,
+)
 from dermpipe.ensemble.truth import TRUTH_OUTPUTS, TruthScorer, refer_class_of
 from dermpipe.errors import plain_message
 from dermpipe.segmentation.config import SegmentationConfig
@@ -567,6 +574,7 @@ def _write_outputs(out: Path, tally: BatchTally, info: BatchInfo, cache: tuple[i
             predicted_counts=tally.predicted,
             quality_warnings=tally.quality,
         )
+    prune_report_files(out, tally.selection.rows if info.report else ())  # only this report's pictures stay
     return summary
 
 

@@ -82,6 +82,19 @@ class ReviewSelection:
         return [row for group in self._groups for row in group]
 
 
+def prune_report_files(out: Path, rows: Sequence[ReportRow]) -> int:
+    """Remove every file under ``out/report_files`` that no row of the report just written shows (an earlier run's
+    pictures of another input, or of images no longer in the report); returns how many went."""
+    keep = {os.path.normpath(out / rel) for row in rows for rel in row.images.values()}
+    folder = out / "report_files"
+    removed = 0
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if not path.is_dir() and os.path.normpath(path) not in keep:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def save_thumbnail(image: np.ndarray, path: Path, mask: np.ndarray | None = None, side: int = THUMB) -> Path:
     """A small JPEG of an RGB image, with the lesion mask's contour drawn in green when given."""
     h, w = image.shape[:2]

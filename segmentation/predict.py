@@ -9,6 +9,7 @@ from dermpipe.configs.loader import default_config_path
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import read_inputs
 from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
+from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_folder
 from dermpipe.engine.lineage import file_sha256, write_lineage
 from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             strict = True
         cfg = resolve_config(SegmentationConfig, args, {"predict.write_masks": args.masks, "predict.tta": args.tta})
         check_output_folder(args.out, "--out", [args.input] if args.input else [])
+        confine_output(args.out, "--out", own="crops")  # a crops folder is its own rerun; a bundle or run never
         inputs = read_inputs(args.manifest, args.input)
         manifest, excluded = inputs.manifest, inputs.excluded
         if args.split:

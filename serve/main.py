@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
+from dermpipe.engine.confine import confine_output
 from dermpipe.engine.run import check_run_folder, choose_device
 from dermpipe.ensemble.bundle import Bundle, open_bundle
 from dermpipe.ensemble.config import PredictConfig
-from dermpipe.ensemble.predict import check_trained_stages
+from dermpipe.ensemble.predict import bundle_cache_dir, check_trained_stages
 from dermpipe.ensemble.prediction import EnsemblePredictor
 from dermpipe.errors import DermpipeError
 from dermpipe.serve.app import Limits, create_app
@@ -107,8 +108,11 @@ def open_service(args: argparse.Namespace) -> tuple[Service, Limits]:
         raise ServeError("--max-upload-mb, --max-files and --max-queue must be positive")
     if args.upload_dir and not Path(args.upload_dir).is_dir():
         raise ServeError(f"--upload-dir {args.upload_dir} is not a folder: create it or pass another")
+    if args.upload_dir:
+        confine_output(args.upload_dir, "--upload-dir")  # never inside a bundle or a finished run
     bundle = open_bundle(args.model)  # verified against its sha256 manifest before anything is read
     flags: dict[str, Any] = {**bundle.stage_paths(), "outputs.gradcam": args.gradcam}
+    flags["run.cache_dir"] = bundle_cache_dir(args)  # the user's cache folder unless --root or run.cache_dir
     if args.engine:
         flags["engine"] = args.engine
     cfg = resolve_config(PredictConfig, args, flags)

@@ -31,6 +31,15 @@ def interrupt_epoch(monkeypatch):
     return install
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_folder(tmp_path_factory):
+    """The user's cache folder (platformdirs: ``XDG_CACHE_HOME``), where prediction from a bundle caches without a
+    run root, is the test session's own: no test reads or fills the real one (servers started inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: on two shared cores, several times faster than two threads fighting."""
@@ -115,3 +124,19 @@ def served(*args):
             server.kill()
             server.wait()
     assert server.returncode == 0, server.stdout.read()
+
+
+def write_photos(folder, n, seed=0, classes=("nv", "mel", "bcc"), size=64):
+    """``n`` synthetic photos ``photo_<seed>_<i>.png`` in ``folder`` (made when missing): the names differ per seed,
+    so two inputs never share a picture's name. Returns ``folder``."""
+    import cv2
+    import numpy as np
+
+    from dermpipe.data.generator import make_sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image, _ = make_sample(rng, classes[i % len(classes)], size)
+        cv2.imwrite(str(folder / f"photo_{seed}_{i}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return folder

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import write_photos, write_untrained_pipeline
 
 from dermpipe.engine.cache import StageCache, arrays_digest, stage_key
 
@@ -161,8 +162,6 @@ BACKBONES = ["test_resnet", "test_efficientnet"]
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
-    from conftest import write_untrained_pipeline
-
     return write_untrained_pipeline(tmp_path_factory.mktemp("stages"), BACKBONES, CLASSES)
 
 
@@ -177,21 +176,9 @@ def _predict(stages, photos, out, cache):
         return list(csv.DictReader(f))
 
 
-def _photos(folder, n):
-    import cv2
-
-    from dermpipe.data.generator import make_sample
-
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(3)
-    for i in range(n):
-        image, _ = make_sample(rng, CLASSES[i % 3], 64)
-        cv2.imwrite(str(folder / f"photo_{i}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-
-
 def test_prediction_over_swapped_and_permuted_entries_equals_a_clean_run(stages, tmp_path, capsys, one_thread):
     photos, cache = tmp_path / "photos", tmp_path / "cache"
-    _photos(photos, 4)
+    write_photos(photos, 4, seed=3, classes=CLASSES)
     clean = _predict(stages, photos, tmp_path / "clean", cache)
     capsys.readouterr()
     probabilities = sorted((cache / "crop_probabilities").rglob("*.npz"))
