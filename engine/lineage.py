@@ -138,22 +138,32 @@ def _what(name: str) -> str:
     return _WHAT.get(kind, name)
 
 
-def stale_stages(root: Path, manifest: str | os.PathLike | None = None) -> list[str]:
+def stale_stages(root: Path, manifest: str | os.PathLike | None = None, missing: bool = True) -> list[str]:
     """One line per finished stage of run root ``root`` whose consumed digests no longer match the files the root
     holds now, or whose produced files changed since its lineage was written, or that has no lineage at all.
 
     ``manifest``: the manifest of images and labels the run uses now (not the crops manifest; its digest is compared
     with the one each stage recorded); default: the one the U-Net's saved ``config.yaml`` names, if any.
+    ``missing=False`` leaves out the stages that kept no lineage (a rerun that reuses them records it).
     """
+    return [f"{text}: {fix}" for _, text, fix in stale_entries(root, manifest, missing)]
+
+
+def stale_entries(
+    root: Path, manifest: str | os.PathLike | None = None, missing: bool = True
+) -> list[tuple[str, str, str]]:
+    """``stale_stages`` as ``(stage folder relative to the root, what is stale, the fix)``."""
     root = Path(root)
     now = CurrentDigests(root, manifest)
-    lines = []
+    rerun, force = "rerun `dermpipe run` or retrain it", "rerun `dermpipe run --force` or retrain it"
+    out = []
     for _stage, folder in stage_folders(root):
         name = folder.relative_to(root).as_posix()
         record = read_lineage(folder)
         if record is None:
-            lines.append(f"{name} has no lineage record (made before lineage was kept): its inputs cannot be "
-                         "checked; rerun `dermpipe run --force` or retrain it")  # fmt: skip
+            if missing:
+                out.append((name, f"{name} has no lineage record (made before lineage was kept): its inputs cannot "
+                            "be checked", force))  # fmt: skip
             continue
         for key, old in record["consumed"].items():
             path = now.path(key)
@@ -165,14 +175,13 @@ def stale_stages(root: Path, manifest: str | os.PathLike | None = None) -> list[
             if new != old:
                 what = _what(key)
                 state = f"{what} {'are' if what.endswith('s') else 'is'} now {short(new)}" if new else f"{path} is gone"
-                lines.append(f"{name} was made from {what} {short(old)} but {state}: rerun `dermpipe run` or "
-                             "retrain it")  # fmt: skip
+                out.append((name, f"{name} was made from {what} {short(old)} but {state}", rerun))
         for key, old in record["produced"].items():
             file = PRODUCED_FILE.get(key)
             if file is None or not (folder / file).is_file():
                 continue
             new = now.digest(folder / file)
             if new != old:
-                lines.append(f"{name}/{file} is {short(new)}, not the {short(old)} its lineage records (replaced "
-                             "by hand?): rerun `dermpipe run --force` or retrain it")  # fmt: skip
-    return lines
+                out.append((name, f"{name}/{file} is {short(new)}, not the {short(old)} its lineage records "
+                            "(replaced by hand?)", force))  # fmt: skip
+    return out

@@ -76,15 +76,19 @@ def differences(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[s
 @dataclass(frozen=True)
 class Conflict:
     """A folder holding a run made with other settings: ``what`` it holds (``U-Net``, ``resnet18 classifier``,
-    ``vote``), whether that run had finished, and the differing keys (``None``: the folder records no settings)."""
+    ``vote``), whether that run had finished, and the differing keys (``None``: the folder records no settings), or
+    instead a ``reason`` (e.g. that its inputs are about to be remade)."""
 
     folder: Path
     what: str
     finished: bool
     keys: tuple[str, ...] | None
+    reason: str = ""
 
     def line(self) -> str:
         """One line naming the folder, what it holds and every differing key."""
+        if self.reason:
+            return f"{self.folder} holds {'a finished' if self.finished else 'an unfinished'} {self.what} {self.reason}"
         state = f"a finished {self.what} made" if self.finished else f"an unfinished {self.what} training started"
         if self.keys is None:
             why = "with other settings (this older run folder does not record which)"
@@ -115,17 +119,20 @@ def refuse_or_replace(found: Conflict | None, force: bool) -> None:
     logger.warning("--force: replacing what %s holds (%s)", found.folder, found.line().split(" holds ", 1)[1])
 
 
-def refuse_all(found: Iterable[Conflict], force: bool, fix: str = "choose another --root") -> None:
-    """Refuse every conflict at once: each on a line of its own (stderr), then the one error line; with ``force``
-    the log names each run being replaced instead."""
-    found = list(found)
-    for item in found:
-        if force:
-            refuse_or_replace(item, True)
-        else:
-            print(item.line(), file=sys.stderr)
-    if found and not force:
+def refuse_all(found: Iterable[Conflict | str], force: bool, fix: str = "choose another --root") -> None:
+    """Refuse every conflict at once: one alone as the error line itself; several each on a line of its own
+    (stderr), then the one error line. With ``force`` the log names each run being replaced instead."""
+    lines = [item.line() if isinstance(item, Conflict) else item for item in found]
+    if force:
+        for line in lines:
+            logger.warning("--force: replacing it: %s", line)
+        return
+    if len(lines) == 1:
+        raise RerunError(f"{lines[0]}; pass --force to replace it, or {fix}")
+    for line in lines:
+        print(line, file=sys.stderr)
+    if lines:
         raise RerunError(
-            f"{len(found)} stage folder(s) above hold runs made with other settings or data; nothing was trained: "
+            f"the {len(lines)} stage folders above hold runs made with other settings or data; nothing was trained: "
             f"pass --force to replace them, or {fix}"
         )

@@ -36,8 +36,10 @@ from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.cli import run_cli
 from dermpipe.engine.files import write_text_atomic
 from dermpipe.engine.loop import read_metrics, unfinished
+from dermpipe.engine.rerun import refuse_all
 from dermpipe.ensemble import vote as ensemble_vote
 from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.ensemble.stage_check import planned_conflicts
 from dermpipe.errors import did_you_mean
 from dermpipe.segmentation import predict as segmentation_predict
 from dermpipe.segmentation import train as segmentation_train
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         fold_args = ["--folds", str(folds)] if folds else []
         fit_split = ["--fit-split", "oof"] if folds else []
         stage_sets = {stage: [x for item in items for x in ("--set", item)] for stage, items in sets.items()}
+        # every stage folder this run would replace, named at once before anything trains (--force: replaced)
+        refuse_all(planned_conflicts(root, manifest, backbones, sets, folds), args.force, "choose another --root")
         step = Steps()
         try:
             seg = stage_sets["segmentation"]

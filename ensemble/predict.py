@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest, excluded = inputs.manifest, inputs.excluded
         device = local_device(cfg.run.device) if shard is not None else cfg.run.device  # torchrun: cuda:LOCAL_RANK
         predictor = EnsemblePredictor(cfg, choose_device(device))
-        model_id = bundle.identity if bundle is not None else str(Path(cfg.ensemble_run))
+        # a row names its bundle, or the run folder and the digest of each stage model that made it
+        model_id = bundle.identity if bundle is not None else f"{Path(cfg.ensemble_run)} [{predictor.stage_digests}]"
         if shard is not None:
             return predict_shard(shard, args, argv, cfg, manifest, excluded, predictor, model_id, out, output)
         setup_logging(out)  # everything validated: from here on the output folder is written

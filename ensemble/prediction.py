@@ -85,7 +85,8 @@ class Classifier:
             )
         self.model, self.meta = load_classifier(path, device)
         self.name = backbone_dir.name
-        runner, digest = engine_model(self.model, path, weights_digest(path), engine, device, threads)
+        self.weights = weights_digest(path)  # the checkpoint's sha256, whichever engine runs it
+        runner, digest = engine_model(self.model, path, self.weights, engine, device, threads)
         self.predictor = CropProbabilities(
             runner,
             digest,
@@ -156,8 +157,9 @@ class EnsemblePredictor:
                     "retrain the vote with `python ensemble/vote.py`"
                 )
         meta_path = Path(cfg.ensemble_run) / "meta.safetensors"  # the vote is tiny: on the CPU, as load_meta leaves it
+        self.meta_checkpoint = weights_digest(meta_path)
         self.meta_model, self.meta_weights = engine_model(
-            self.meta_model, meta_path, weights_digest(meta_path), cfg.engine, torch.device("cpu"), cfg.run.threads
+            self.meta_model, meta_path, self.meta_checkpoint, cfg.engine, torch.device("cpu"), cfg.run.threads
         )
         seg_run = Path(cfg.segmentation_run)
         seg_cfg_path = seg_run / "config.yaml"
@@ -208,6 +210,13 @@ class EnsemblePredictor:
         """A digest of every trained stage's weights (the U-Net, the backbones in the vote's order, the vote)."""
         digests = [self.segmenter.weights, *(c.predictor.weights_digest for c in self.classifiers), self.meta_weights]
         return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+    @property
+    def stage_digests(self) -> str:
+        """Which models make a row, compactly: ``unet:<8 hex> <backbone>:<8 hex> ... vote:<8 hex>``, each the sha256
+        of the stage's checkpoint (as its lineage.json records it; the same whichever engine runs it)."""
+        named = [("unet", self.segmenter.weights), *((c.name, c.weights) for c in self.classifiers)]
+        return " ".join(f"{name}:{digest[:8]}" for name, digest in [*named, ("vote", self.meta_checkpoint)])
 
     def cache_counts(self) -> tuple[int, int, int]:
         """(entries reused, entries computed, corrupt entries recomputed) over every stage cache so far."""

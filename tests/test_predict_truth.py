@@ -86,9 +86,9 @@ def test_labelled_manifest_fills_truth_correct_and_model(labelled):
     for row, entry in zip(rows, manifest.rows):
         assert row["truth"] == entry["label"] != ""
         assert row["correct"] == str(int(row["predicted"] == row["truth"]))
-        assert row["model"] == str(stages / "ens")
+        assert row["model"].startswith(f"{stages / 'ens'} [unet:")  # the run folder and each stage's digest
     report = (out / "report.html").read_text()
-    assert f"<td>model</td><td>{stages / 'ens'}</td>" in report  # the report names the model first
+    assert f"<td>model</td><td>{stages / 'ens'} [unet:" in report  # the report names the model first
 
 
 def test_metrics_agree_with_sklearn_on_the_csv(labelled):
@@ -278,7 +278,7 @@ def test_unlabelled_folder_has_empty_truth_columns_and_no_metrics(world, tmp_pat
     assert predict_script.main(["--input", str(folder), *_stage_args(stages, out, root / "cache")]) == 0
     rows = _read(out / "predictions.csv")
     assert len(rows) == 4 and list(rows[0]) == prediction_columns(CLASSES)
-    assert all(r["truth"] == "" and r["correct"] == "" and r["model"] == str(stages / "ens") for r in rows)
+    assert all(r["truth"] == r["correct"] == "" and r["model"].startswith(f"{stages / 'ens'} [") for r in rows)
     assert not any((out / name).exists() for name in TRUTH_OUTPUTS)
     report = (out / "report.html").read_text()
     assert "data-correct" not in report and "sortBy('truth'" not in report and "balanced accuracy" not in report
