@@ -249,3 +249,28 @@ def test_convert_warns_in_one_line_when_a_split_lacks_a_class(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "photos" / "test" / "nv" / "x.png"), np.zeros((8, 8, 3), np.uint8))
     assert convert.main(argv) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+# --- a folder with nothing readable ----------------------------------------------------------------------------------
+
+
+def test_a_folder_with_nothing_readable_exits_non_zero_with_one_line(stages, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "notes.jpg").write_text("not an image")
+    (photos / "anim.gif").write_bytes(b"GIF89a")
+    out = tmp_path / "out"
+    assert predict_script.main(["--input", str(photos), *_predict(stages, out)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert f"no image in {photos} could be read: all 2 entries were skipped" in lines[0]
+    assert str(out / "skipped.csv") in lines[0]
+    with open(out / "skipped.csv", newline="") as f:  # the reasons, where the line says
+        assert len(list(csvsafe.DictReader(f))) == 2
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert predict_script.main(["--input", str(empty), *_predict(stages, tmp_path / "out2")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"{empty} holds no image" in line
