@@ -573,6 +573,7 @@ def _write_outputs(out: Path, tally: BatchTally, info: BatchInfo, cache: tuple[i
         write_table(out / "isic_submission.csv", ["image", *[c.upper() for c in classes]], tally.isic_rows)
     metrics = tally.truth.write(out)
     summary = _summary(info, tally, metrics, cache)
+    logger.info("prediction %s", summary["cache"])  # in the log, not the report: a rerun writes the same report
     if info.report:
         write_report(
             out / "report.html",
@@ -589,10 +590,12 @@ def _write_outputs(out: Path, tally: BatchTally, info: BatchInfo, cache: tuple[i
 
 def _report_summary(summary: Mapping[str, Any], metrics: Mapping[str, Any] | None, shown: int) -> dict[str, Any]:
     """The report's summary table: the run's summary with the scores against the truth spelled out, numbers rounded
-    and what does not apply to this run left out."""
+    and what does not apply to this run left out; not the cache tally (it is in the log), so the same inputs and models
+    give the same report byte for byte, however much a rerun found cached."""
     lines: dict[str, Any] = {}
     for key, value in summary.items():
-        if key in ("scored", "balanced accuracy", "masks scored", "mask jaccard") or (key == "model" and not value):
+        skipped_keys = ("scored", "balanced accuracy", "masks scored", "mask jaccard", "cache")
+        if key in skipped_keys or (key == "model" and not value):
             continue
         lines[key] = value
         if key == "images" and shown < int(value):

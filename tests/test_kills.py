@@ -9,7 +9,6 @@ module, and run beside the in-process work; each test waits for its own.
 
 import csv
 import hashlib
-import re
 import signal
 import subprocess
 import sys
@@ -201,16 +200,6 @@ def _folder(args: list[str], flag: str) -> Path:
 
 # --- batch prediction -----------------------------------------------------------------------------------------------
 
-# The report's summary counts this run's cache hits, which a rerun after a kill has by design; nothing else in the
-# report is run-specific (its images are named by image id, relative to the report).
-CACHE_LINE = re.compile(r"cache: \d+ reused, \d+ computed")
-
-
-def _report_without_cache_counts(path: Path) -> str:
-    text = path.read_text()
-    assert len(CACHE_LINE.findall(text)) == 1, "the report's summary should have one cache line"
-    return CACHE_LINE.sub("cache: ...", text)
-
 
 @pytest.mark.parametrize("point", list(PREDICT_KILLS))
 def test_prediction_killed_and_rerun_writes_what_an_uninterrupted_run_writes(world, point):
@@ -235,9 +224,9 @@ def test_prediction_killed_and_rerun_writes_what_an_uninterrupted_run_writes(wor
     assert predictions.read_bytes() == (out_a / "predictions.csv").read_bytes()
     assert (out / "skipped.csv").read_bytes() == (out_a / "skipped.csv").read_bytes()
     assert "broken.jpg" in (out / "skipped.csv").read_text()
-    if point == "loading the second backbone":  # killed before anything was cached: the very same report
-        assert (out / "report.html").read_bytes() == (out_a / "report.html").read_bytes()
-    assert _report_without_cache_counts(out / "report.html") == _report_without_cache_counts(out_a / "report.html")
+    # the very same report, whatever the rerun found cached: the cache tally is in the log, not the report (its
+    # images are named by image id, relative to the report)
+    assert (out / "report.html").read_bytes() == (out_a / "report.html").read_bytes()
     a, b = _snapshot(out_a), _snapshot(out)
     assert sorted(b) == sorted(a)  # the same files, no leftovers of the killed run
     assert {k: v for k, v in b.items() if k.startswith("report_files/")} == {

@@ -274,3 +274,21 @@ def test_a_folder_with_nothing_readable_exits_non_zero_with_one_line(stages, tmp
     assert predict_script.main(["--input", str(empty), *_predict(stages, tmp_path / "out2")]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert f"{empty} holds no image" in line
+
+
+# --- report.html depends on the inputs and models alone ---------------------------------------------------------------
+
+
+def test_the_report_is_byte_identical_whatever_the_cache_held(stages, tmp_path, capsys):
+    """A rerun after a kill finds part of the work cached; its report is the uninterrupted run's, byte for byte (the
+    cache tally goes to the log and the summary line). tests/test_kills.py checks it after real kills."""
+    photos = tmp_path / "photos"
+    _photos(photos, ["a", "b", "c"])
+    (photos / "broken.jpg").write_text("not an image")
+    cold, warm = tmp_path / "cold", tmp_path / "warm"
+    assert predict_script.main(["--input", str(photos), *_predict(stages, cold)]) == 0  # one cache for both runs
+    assert "cache: 0 reused" in capsys.readouterr().out
+    assert predict_script.main(["--input", str(photos), *_predict(stages, warm)]) == 0
+    assert "0 computed" in capsys.readouterr().out  # everything found in the cache this time
+    assert (warm / "report.html").read_bytes() == (cold / "report.html").read_bytes()
+    assert "prediction cache: " in (warm / "train.log").read_text()
