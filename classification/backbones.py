@@ -209,8 +209,13 @@ class LesionClassifier(nn.Module):
             )
         return self.se(fmap)
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled features B x C): the vector the head reads, which the out-of-distribution check scores."""
+        pooled = self.pool(self.features(x)).flatten(1)
+        return self.head(self.dropout(pooled)), pooled
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.pool(self.features(x)).flatten(1)))
+        return self.forward_with_features(x)[0]
 
     def cam_layers(self) -> list[nn.Module]:
         """The layers Grad-CAM explains: the SE block's output."""
@@ -252,9 +257,15 @@ class FoldMeanClassifier(nn.Module):
         self.se_reduction, self.input_size = first.se_reduction, first.input_size
         self.data_config = dict(first.data_config)
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the mean's logits, the members' pooled features side by side: B x K*C)."""
+        outputs = [m.forward_with_features(x) for m in self.members]
+        log_probs = torch.stack([torch.log_softmax(logits.float(), dim=1) for logits, _ in outputs])
+        mean = torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+        return mean, torch.cat([pooled for _, pooled in outputs], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.stack([torch.log_softmax(m(x).float(), dim=1) for m in self.members])
-        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+        return self.forward_with_features(x)[0]
 
     def cam_layers(self) -> list[nn.Module]:
         return [layer for m in self.members for layer in m.cam_layers()]

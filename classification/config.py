@@ -64,6 +64,9 @@ class ClsTrainConfig:
     # split and stopped on val)
     fold_models: Literal["mean", "refit"] = "mean"
     gradcam_images: int = 4  # Grad-CAM overlays of the first validation images; 0 = none
+    # the out-of-distribution check fitted after training (classification/ood.py): its threshold is this percentile
+    # of the validation crops' feature distances; 0 = no check
+    ood_percentile: float = 99.5
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -76,6 +79,8 @@ class ClsTrainConfig:
             raise ValueError(f"train.fold {self.fold} needs train.folds (--folds K) as well")
         if self.folds and not -1 <= self.fold < self.folds:
             raise ValueError(f"train.fold must be -1 (all) or 0..{self.folds - 1}, got {self.fold}")
+        if not 0.0 <= self.ood_percentile < 100.0:
+            raise ValueError(f"train.ood_percentile must be in [0, 100) (0 = no check), got {self.ood_percentile}")
         if self.freeze_epochs is not None and not 0 <= self.freeze_epochs <= self.epochs:
             raise ValueError(
                 f"train.freeze_epochs must be in 0..train.epochs ({self.epochs}), or null (auto); "

@@ -26,7 +26,7 @@ from dermpipe.engine.rerun import recorded_settings
 logger = logging.getLogger(__name__)
 
 # Settings that change what is predicted or drawn after training, not the trained weights.
-AFTER_TRAINING = ("tta", "gradcam_images", "eval_batch_size", "fold", "fold_models")
+AFTER_TRAINING = ("tta", "gradcam_images", "eval_batch_size", "fold", "fold_models", "ood_percentile")
 
 
 @dataclass(frozen=True)

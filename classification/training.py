@@ -48,6 +48,7 @@ from dermpipe.classification.folds import (
 from dermpipe.classification.gradcam import save_gradcam_images
 from dermpipe.classification.losses import build_loss
 from dermpipe.classification.metrics import classification_report, format_report, per_class_table, plot_learning_curves
+from dermpipe.classification.ood import fit_after_training
 from dermpipe.classification.prediction import CropProbabilities
 from dermpipe.classification.probability_tables import combined_digest, probability_table
 from dermpipe.configs.loader import ConfigError
@@ -444,6 +445,7 @@ def _after_training(
         channels_last=run.channels_last,
     )
     reports: dict[str, dict[str, Any]] = {}
+        features=bool(cfg.train.ood_percentile),  # kept for the out-of-distribution check below
     tables: dict[str, str] = {}
     for name, subset in rows.tables.items():
         ds = monitor_ds if subset is rows.monitor else dataset(subset)
@@ -469,6 +471,7 @@ def _after_training(
             logger.info("%s: %s\n%s", name, format_report(report), per_class_table(report))
     cache.log_summary()
     plot_learning_curves(history, run.dir / "learning_curves.png")
+    fit_after_training(predictor, run.dir, rows, dataset, column, cfg.train.ood_percentile)
     if cfg.train.gradcam_images and len(rows.monitor):
         chosen = rows.monitor.rows[: cfg.train.gradcam_images]
         save_gradcam_images(

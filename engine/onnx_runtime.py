@@ -85,8 +85,12 @@ class OnnxModule:
         return self._session
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[0]
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every output of the graph, in its order (a classifier's: logits, then its pooled features)."""
         inputs = {self.input_name: np.ascontiguousarray(x.detach().cpu().numpy(), np.float32)}
-        return torch.from_numpy(self.session.run(None, inputs)[0]).to(x.device)
+        return [torch.from_numpy(out).to(x.device) for out in self.session.run(None, inputs)]
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("module", "_session"):  # not set yet (unpickling): no recursion

@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from dermpipe import __version__
+from dermpipe.classification.ood import OOD_FILE, ood_description
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.checkpoint import CheckpointError, read_metadata
@@ -67,7 +68,7 @@ DERIVED_SUFFIXES = (".onnx",)
 # files copied from each stage's run folder when present (the weights are required)
 STAGE_FILES = {
     "segmentation": ("best.safetensors", "config.yaml", "metrics.csv"),
-    "classification": ("best.safetensors", "config.yaml", "metrics.csv", "metrics_test.json"),
+    "classification": ("best.safetensors", "config.yaml", "metrics.csv", "metrics_test.json", "ood.safetensors"),
     "ensemble": ("meta.safetensors", "config.yaml", "summary.json", "methods.csv"),
 }
 LIBRARIES = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "numpy", "opencv-python-headless",
@@ -242,6 +243,9 @@ def _described(files: Mapping[str, Path]) -> dict[str, Any]:
     for backbone in backbones:
         meta = read_metadata(files[classifier_weights(backbone)])
         classifiers[backbone] = {k: meta.get(k) for k in CLASSIFIER_KEYS}
+        ood = files.get(f"{ROOT_LAYOUT['classification']}/{backbone}/{OOD_FILE}")
+        if ood:  # the out-of-distribution check's statistics (a bundle of older classifiers has none)
+            classifiers[backbone]["ood"] = ood_description(ood, files[classifier_weights(backbone)])
         crops = crops or meta.get("crops")
     described = {
         "classes": list(vote["classes"]),
@@ -378,7 +382,7 @@ def write_bundle(root: str | os.PathLike, out: str | os.PathLike, archive: bool 
 
     The folder is assembled beside ``out`` and renamed into place when whole; an existing ``out`` is refused.
     """
-    from dermpipe.ensemble.card import model_card
+    from dermpipe.ensemble.card import card_warnings, model_card
 
     root, out = Path(root), Path(out)
     if out.exists() or out.is_symlink():
@@ -397,6 +401,8 @@ def write_bundle(root: str | os.PathLike, out: str | os.PathLike, archive: bool 
         packed = {rel: partial / rel for rel in files}
         _check_packed(root, packed, lineage, backbones)  # what was copied, not what the root holds a moment later
         info = _bundle_info(out.name, root, packed, lineage)
+        for warning in card_warnings(info, _read_json(partial / "ensemble" / "summary.json")):
+            logger.warning("bundle %s: %s", out.name, warning)
         (partial / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         summary = _read_json(partial / "ensemble" / "summary.json")
         (partial / CARD_FILE).write_text(model_card(info, summary, _read_metrics(partial / "segmentation")))

@@ -145,3 +145,31 @@ def refer_threshold(probs: np.ndarray, labels: np.ndarray, class_index: int, tar
         return 0.0
     missed_top = np.sort(probs.max(axis=1)[positive & ~predicted])
     return float(np.nextafter(missed_top[need - caught - 1], np.inf))
+
+
+# a top probability this close to 1 prints as 1.000000 in predictions.csv: saturated
+SATURATED = 1.0 - 5e-7
+
+
+def never_refers(
+    threshold: float, n_classes: int, temperature: float = 1.0, top_probabilities: np.ndarray | None = None
+) -> str:
+    """Why a calibration's refer rule (refer when the top probability is below ``threshold``) can never refer an
+    image on confidence, or ``""``: a threshold of at most 1/``n_classes`` (no top probability is lower), or a
+    ``temperature`` that saturates the held-out images' ``top_probabilities`` (99% or more of them at 1.000000: then
+    any image, however unlike them, is predicted at full confidence)."""
+    if threshold <= 1.0 / max(n_classes, 1):
+        return (
+            f"the refer threshold {threshold:.3g} is at most 1/{n_classes}, below every possible top probability: "
+            "no image is ever referred for low confidence (only for input quality, no lesion or unlike the training "
+            "images)"
+        )
+    top = np.asarray(top_probabilities if top_probabilities is not None else [], np.float64)
+    saturated = float((top >= SATURATED).mean()) if len(top) else 0.0
+    if saturated >= 0.99:
+        return (
+            f"the temperature {temperature:.3g} saturates the probabilities: {saturated:.1%} of the held-out images "
+            f"get a top probability of 1.000000, so the refer threshold {threshold:.3g} almost never refers an image "
+            "for low confidence"
+        )
+    return ""

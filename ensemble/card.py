@@ -165,7 +165,60 @@ digits of their sha256; bundle.json holds them whole, and the bundle is refused 
 
 {_methods_table(summary, scores.get("vote") or {})}
 {_referral(summary, calibration)}
+{_trust_checks(info, summary)}
 ## Versions
 
 {versions}
 """
+
+
+def card_warnings(info: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
+    """What a bundle's user must know about when it refers: a refer rule that can never refer on confidence (the
+    vote's ``never_refers``, or a threshold of at most 1/classes in a vote from before it was recorded), and
+    backbones whose out-of-distribution check is off."""
+    from dermpipe.ensemble.calibration import never_refers
+
+    warnings = []
+    calibration = info.get("calibration") or {}
+    if calibration.get("refer"):
+        never = summary.get("never_refers")
+        if never is None:
+            threshold = float(calibration.get("refer_threshold") or 0.0)
+            never = never_refers(threshold, len(info.get("classes") or []), float(calibration.get("temperature") or 1))
+        if never:
+            warnings.append(f"calibration: {never}")
+    classifiers = info.get("classifiers") or {}
+    off = [name for name, c in classifiers.items() if not (c.get("ood") or {}).get("usable")]
+    if off:
+        whole = " (the whole check is off: images unlike the training images are not referred)"
+        warnings.append(f"out-of-distribution check off for {', '.join(off)}: no statistics fitted on its weights "
+                        f"(retrain it){whole if len(off) == len(classifiers) else ''}")  # fmt: skip
+    return warnings
+
+
+def _trust_checks(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    """The card's section on what refers an image besides the input quality: the out-of-distribution check, its
+    thresholds and how they were set, and any warning about the refer rule."""
+    lines = [
+        "## Referral checks",
+        "",
+        "An image whose pooled classifier features lie far from the training images' (the Mahalanobis distance to "
+        "the nearest class mean, over a threshold set on held-out crops; the mean over the backbones of distance / "
+        'threshold above 1) is referred as "unlike the training images"; an image where the U-Net finds no lesion '
+        'is referred as "no lesion found".',
+        "",
+    ]
+    for name, c in (info.get("classifiers") or {}).items():
+        ood = c.get("ood") or {}
+        if ood.get("usable"):
+            lines.append(
+                f"- `{name}`: distance threshold {_number(ood.get('threshold'))}, the {ood.get('percentile')}th "
+                f"percentile of the {ood.get('threshold_images')} {ood.get('threshold_split')} crops (fitted on "
+                f"{ood.get('fit_images')} training crops, {ood.get('feature_dim')} features)"
+            )
+        else:
+            lines.append(f"- `{name}`: check off ({ood.get('why') or 'no statistics: trained before the check'})")
+    warnings = card_warnings(info, summary)
+    if warnings:
+        lines += ["", *(f"**Warning**: {w}." for w in warnings)]
+    return "\n".join(lines) + "\n"

@@ -67,6 +67,18 @@ class Network:
     shape: tuple[int, ...]  # one input's shape, without the batch axis
     names: tuple[str, str]  # the ONNX graph's input and output names
     props: dict[str, str]  # the ONNX file's metadata_props
+    features: bool = False  # a classifier: a second output, its pooled features (the out-of-distribution check's)
+
+
+class _WithFeatures(torch.nn.Module):
+    """A classifier as its export runs it: (logits, pooled features) from one forward pass."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.classifier.forward_with_features(x)
 
 
 def weights_files(bundle: Bundle) -> dict[str, str]:
@@ -98,9 +110,11 @@ def _classifier(path: Path, weights: str, digest: str) -> Network:
         "input": f"normalised RGB N x 3 x {size} x {size}: (pixel / 255 - mean) / std, after bundle.json's preprocess",
         "output": f"logits N x {len(classes)} (softmax: the class probabilities)",
         "fold_models": int(meta.get("fold_models") or 1),  # > 1: the log of the mean probability of that many models
+        "features": "second output: the pooled features N x D the head reads (the out-of-distribution check scores "
+        "them against ood.safetensors beside the weights)",
     }
     props = _props("classification", weights, digest, fields)
-    return Network(weights, model, (3, size, size), ("image", "logits"), props)
+    return Network(weights, model, (3, size, size), ("image", "logits"), props, features=True)
 
 
 def _unet(path: Path, weights: str, digest: str) -> Network:
@@ -172,15 +186,16 @@ def export_network(net: Network, path: Path) -> None:
     with _export_errors(net.weights):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
+            outputs = [target, "features"] if net.features else [target]
             torch.onnx.export(
-                net.module,
+                _WithFeatures(net.module).eval() if net.features else net.module,
                 (example_input(net, 2),),
                 str(path),
                 dynamo=False,
                 opset_version=OPSET,
                 input_names=[source],
-                output_names=[target],
-                dynamic_axes={source: {0: "batch"}, target: {0: "batch"}},
+                output_names=outputs,
+                dynamic_axes={source: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             )
         model = onnx.load(str(path))
         onnx.helper.set_model_props(model, net.props)
@@ -194,15 +209,18 @@ def check_export(net: Network, path: Path) -> None:
     x = example_input(net, 3, seed=1)
     with _export_errors(net.weights):
         session = ort.InferenceSession(str(path), session_options(), providers=providers(torch.device("cpu")))
-        got = session.run(None, {net.names[0]: x.numpy()})[0]
+        got_all = session.run(None, {net.names[0]: x.numpy()})
     with torch.inference_mode():
-        want = net.module(x).numpy()
-    difference = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
-    if not difference <= CHECK_TOLERANCE * max(1.0, float(np.abs(want).max())):
-        raise OnnxExportError(
-            f"the ONNX export of {net.weights} differs from PyTorch (shape {got.shape} against {want.shape}, largest "
-            f"difference {difference:.3g}) on a test batch: not exported, the bundle is unchanged"
-        )
+        want_all = [t.numpy() for t in net.module.forward_with_features(x)] if net.features else [net.module(x).numpy()]
+    if len(got_all) != len(want_all):
+        got_all = [*got_all, *([np.zeros(0)] * (len(want_all) - len(got_all)))]
+    for got, want in zip(got_all, want_all):
+        difference = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+        if not difference <= CHECK_TOLERANCE * max(1.0, float(np.abs(want).max())):
+            raise OnnxExportError(
+                f"the ONNX export of {net.weights} differs from PyTorch (shape {got.shape} against {want.shape}, "
+                f"largest difference {difference:.3g}) on a test batch: not exported, the bundle is unchanged"
+            )
 
 
 def _checksums_with(sums: bytes, added: Mapping[str, tuple[str, str]]) -> bytes:

@@ -16,7 +16,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dermpipe.classification.backbones import load_classifier
 from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.ood import OOD_REASON, read_backbone_ood
 from dermpipe.classification.prediction import STAGE, CropProbabilities
 from dermpipe.configs.loader import load_config
 from dermpipe.data.manifest import Manifest, write_table
@@ -37,7 +38,7 @@ from dermpipe.engine import csvsafe
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import CheckpointError, check_trained_setting, weights_digest
 from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries, write_text_atomic
-from dermpipe.engine.onnx_runtime import engine_model
+from dermpipe.engine.onnx_runtime import EXPORT_COMMAND, engine_model
 from dermpipe.engine.run import check_run_folder
 from dermpipe.ensemble import shards
 from dermpipe.ensemble.calibration import apply_temperature
@@ -54,6 +55,7 @@ from dermpipe.ensemble.report import (
 from dermpipe.ensemble.truth import TRUTH_OUTPUTS, TruthScorer, refer_class_of
 from dermpipe.errors import plain_message
 from dermpipe.segmentation.config import SegmentationConfig
+from dermpipe.segmentation.lesion import FALLBACK_TOO_SMALL
 from dermpipe.segmentation.prediction import CROP_SETTINGS, CropResult, SegmentationPredictor, SkipLog
 
 logger = logging.getLogger(__name__)
@@ -85,8 +87,10 @@ class Classifier:
             )
         self.model, self.meta = load_classifier(path, device)
         self.name = backbone_dir.name
-        self.weights = weights_digest(path)  # the checkpoint's sha256, whichever engine runs it
-        runner, digest = engine_model(self.model, path, self.weights, engine, device, threads)
+        trained = self.weights = weights_digest(path)  # the checkpoint's sha256, whichever engine runs it
+        # the out-of-distribution statistics fitted on these weights' training features; None: the check is off
+        self.ood, self.ood_off = read_backbone_ood(backbone_dir, trained)
+        runner, digest = engine_model(self.model, path, trained, engine, device, threads)
         self.predictor = CropProbabilities(
             runner,
             digest,
@@ -95,11 +99,24 @@ class Classifier:
             preprocess_cfg=_trained_preprocess(self.meta, backbone_dir, path),
             batch_size=batch_size,
             device=device,
+            features=self.ood is not None,
         )
         self.cache = self.predictor.cache
 
     def probabilities(self, crops: Sequence[CropResult]) -> np.ndarray:
-        return self.predictor([c.crop_key for c in crops], lambda i: crops[i].crop, desc=self.name)
+        return self.scored(crops)[0]
+
+    def scored(self, crops: Sequence[CropResult]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities N x C, each crop's out-of-distribution score over its threshold, or ``None`` when the check
+        is off for this backbone), from the same forward pass."""
+        probs, features = self.predictor.scored([c.crop_key for c in crops], lambda i: crops[i].crop, desc=self.name)
+        if self.ood is None or not len(crops):
+            return probs, None
+        if features is None:  # an ONNX export made before it had the features output
+            self.ood, self.ood_off = None, f"its ONNX export gives no features: export it again ({EXPORT_COMMAND})"
+            logger.warning("out-of-distribution check off for %s: %s", self.name, self.ood_off)
+            return probs, None
+        return probs, self.ood.ratio(features)
 
 
 def _trained_preprocess(meta: dict[str, Any], backbone_dir: Path, path: Path) -> PreprocessConfig | None:
@@ -184,26 +201,45 @@ class EnsemblePredictor:
             )
         self.temperature = float(self.meta.get("temperature") or 1.0)
         self.refer_threshold = float(self.meta.get("refer_threshold") or 0.0) if cfg.refer else 0.0
+        self.ood_check = ood_check_text(self.classifiers)
+        log = logger.info if any(c.ood is not None for c in self.classifiers) else logger.warning
+        log("out-of-distribution check: %s", self.ood_check)
         # the class whose sensitivity the refer threshold protects (the vote's metadata, else mel when there is one)
         self.refer_class = refer_class_of(self.meta, self.classes)
 
     def vote(self, crops: Sequence[CropResult]) -> tuple[np.ndarray, np.ndarray]:
         """(stacked N x B x C backbone probabilities, final N x C probabilities)."""
-        stacked = np.stack([c.probabilities(crops) for c in self.classifiers], axis=1)
+        return self.judge(crops)[:2]
+
+    def judge(self, crops: Sequence[CropResult]) -> tuple[np.ndarray, np.ndarray, list[JudgedCrop]]:
+        """``vote``'s arrays and each crop with the out-of-distribution verdict of the same forward passes: unlike
+        the training images when the mean over the backbones of its feature distance over their thresholds is above
+        1 (``dermpipe.classification.ood``)."""
+        scored = [c.scored(crops) for c in self.classifiers]
+        stacked = np.stack([probs for probs, _ in scored], axis=1)
         logits = meta_logits(self.meta_model, stacked)
-        return stacked, apply_temperature(logits, self.temperature)
+        ratios = [ratio for _, ratio in scored if ratio is not None]
+        mean = np.mean(ratios, axis=0) if ratios else np.zeros(len(crops))
+        judged = [
+            JudgedCrop(**{f.name: getattr(c, f.name) for f in fields(CropResult)},
+                       unlike=f"{OOD_REASON} (feature distance {r:.2f} x the threshold)" if r > 1.0 else "")
+            for c, r in zip(crops, mean)
+        ]  # fmt: skip
+        return stacked, apply_temperature(logits, self.temperature), judged
 
     def predict(self, items: Sequence[tuple[str, str]], skipped: SkipLog) -> Iterator[tuple[CropResult, np.ndarray]]:
         """Stream ``(crop result, final probabilities)`` per image in chunks of ``batch_size``; an image that cannot be
-        read is recorded in ``skipped``."""
+        read is recorded in ``skipped``. Each crop result is a ``JudgedCrop``: ``refer_reason`` reads its verdict."""
         chunk: list[CropResult] = []
         for result in skipped.passed(self.segmenter.crop(items)):
             chunk.append(result)
             if len(chunk) >= self.cfg.batch_size:
-                yield from zip(chunk, self.vote(chunk)[1])
+                _, final, judged = self.judge(chunk)
+                yield from zip(judged, final)
                 chunk = []
         if chunk:
-            yield from zip(chunk, self.vote(chunk)[1])
+            _, final, judged = self.judge(chunk)
+            yield from zip(judged, final)
 
     @property
     def weights(self) -> str:
@@ -241,10 +277,34 @@ def prediction_columns(classes: Sequence[str]) -> list[str]:
     return ["image_id", "path", *classes, *PREDICTION_COLUMNS, *TRUTH_COLUMNS]
 
 
+@dataclass(frozen=True)
+class JudgedCrop(CropResult):
+    """A crop result with the classifiers' out-of-distribution verdict: ``unlike`` is the reason when its features
+    are unlike the training images', else ``""``."""
+
+    unlike: str = ""
+
+
+def ood_check_text(classifiers: Sequence[Classifier]) -> str:
+    """What the out-of-distribution check of these backbones is: on (and for which), or off and why."""
+    on = [c for c in classifiers if c.ood is not None]
+    off = "; ".join(f"{c.name}: {c.ood_off}" for c in classifiers if c.ood is None)
+    if not on:
+        return f"off ({off}): images unlike the training images are not referred"
+    names = ", ".join(c.name for c in on)
+    return f"on ({names}: mean feature distance over the thresholds above 1)" + (f"; off for {off}" if off else "")
+
+
 def refer_reason(crop: CropResult, probs: np.ndarray, threshold: float) -> str:
     """Why an image is referred to a dermatologist, or ``""``: an image the models cannot judge (too small, dark,
-    blurred, no lesion found) is referred, never confident; so is one whose top probability is below the threshold."""
+    blurred, no lesion found) is referred, never confident; so is one unlike the training images (a ``JudgedCrop``'s
+    verdict), one whose lesion the U-Net found implausibly small, and one whose top probability is below the
+    threshold."""
     reasons = [f"input quality: {quality_text(crop.quality)}"] if crop.quality else []
+    if crop.box.fallback == FALLBACK_TOO_SMALL:  # no lesion-like region either: the whole image was classified
+        reasons.append(f"no lesion found ({FALLBACK_TOO_SMALL}): the whole image was classified")
+    if isinstance(crop, JudgedCrop) and crop.unlike:
+        reasons.append(crop.unlike)
     top = float(np.max(probs))
     if top < threshold:
         reasons.append(f"confidence {top:.3f} below the refer threshold {threshold:.3f}")

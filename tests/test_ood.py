@@ -1,0 +1,235 @@
+"""The out-of-distribution check: junk is referred "unlike the training images", real-looking lesions are not.
+
+The Mahalanobis fit on Gaussian data with a known answer; a tiny pipeline trained on the synthetic generator, whose
+classifiers fit the check after training, predicting noise, a flat grey image and synthetic lesions on both engines;
+the whole-image fallbacks referred as "no lesion found"; an older root without statistics still predicting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dermpipe.classification.ood import OOD_FILE, OOD_REASON, fit_ood, load_ood, read_backbone_ood
+from dermpipe.engine.checkpoint import weights_digest
+
+CLASSES_SEEN = 3
+
+
+def _gaussian(n: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points of three classes, each a Gaussian around its own mean, with correlated features."""
+    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    labels = rng.integers(0, CLASSES_SEEN, n)
+    means = rng.normal(scale=4.0, size=(CLASSES_SEEN, dim))
+    return means[labels] + rng.normal(size=(n, dim)) @ mixing, labels
+
+
+def test_the_fit_scores_an_outlier_far_above_and_the_held_out_points_at_the_percentile(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = _gaussian(6000, 8, rng)
+    train, held, test = (x[:3000], y[:3000]), x[3000:4500], x[4500:]
+    stats = fit_ood(*train, held, percentile=95.0, weights_digest="abc", backbone="b")
+    # about 5% of fresh in-distribution points pass a threshold set at the 95th percentile of held-out ones
+    assert 0.03 < float((stats.score(test) > stats.threshold).mean()) < 0.07
+    far = x[:5].mean(0) + 40.0 * np.ones(8)  # far from every class mean
+    assert stats.score(far[None])[0] > 3 * stats.threshold
+    # along the shared covariance's thin direction a small step is already far: the distance is Mahalanobis, not
+    # Euclidean
+    thin = np.linalg.eigh(np.cov((x - x.mean(0)).T))[1][:, 0]
+    mean0 = train[0][train[1] == 0].mean(0)
+    assert stats.score((mean0 + 3.0 * thin)[None])[0] > stats.score((mean0 + 0.3 * thin)[None])[0] * 5
+    stats.save(tmp_path / OOD_FILE)
+    back = load_ood(tmp_path / OOD_FILE)
+    assert back.threshold == stats.threshold and back.info["weights_digest"] == "abc"
+    assert back.info["percentile"] == 95.0 and back.info["threshold_split"] == "validation"
+    np.testing.assert_array_equal(back.score(test), stats.score(test))
+
+
+def test_statistics_of_other_weights_are_ignored_and_say_why(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = _gaussian(300, 4, rng)
+    assert read_backbone_ood(tmp_path, "w")[0] is None and "retrain" in read_backbone_ood(tmp_path, "w")[1]
+    fit_ood(x, y, weights_digest="w").save(tmp_path / OOD_FILE)
+    assert read_backbone_ood(tmp_path, "w")[0] is not None
+    stats, why = read_backbone_ood(tmp_path, "other")
+    assert stats is None and "other weights" in why
+
+
+# --- a tiny pipeline trained on synthetic lesions: each classifier fits the check after training ---
+
+
+def _junk(folder: Path) -> dict[str, Path]:
+    """Junk no dermatoscope takes: uniform noise, a flat grey image, a grey gradient (PNG, lossless)."""
+    from dermpipe.data.reading import write_image
+
+    rng = np.random.default_rng(0)
+    images = {
+        "noise": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+        "grey": np.full((64, 64, 3), 128, np.uint8),
+        "gradient": np.repeat(np.linspace(0, 255, 64)[None, :, None], 64, 0).repeat(3, 2).astype(np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, image in images.items():
+        paths[name] = folder / f"{name}.png"
+        write_image(paths[name], image)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run root trained by ``dermpipe run`` on 80 synthetic images (two tiny backbones), each network exported to
+    ONNX beside its weights (as ``dermpipe export`` does in a bundle), and its manifest."""
+    from types import SimpleNamespace
+
+    import yaml
+    from test_pipeline_run import EXPERIMENT
+
+    from dermpipe.data.generator import generate_dataset
+    from dermpipe.ensemble.onnx_export import export_network, load_network
+    from dermpipe.ensemble.pipeline import main
+
+    folder = tmp_path_factory.mktemp("ood")
+    manifest = generate_dataset(folder / "data", n_images=80, size=64, seed=0)
+    config = folder / "experiment.yaml"
+    config.write_text(yaml.safe_dump(EXPERIMENT))
+    root = folder / "root"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(config), "--device", "cpu"]
+            assert main(argv) == 0
+        networks = {"segmentation/best.safetensors": "segmentation", "ensemble/meta.safetensors": "ensemble"}
+        networks.update({f"classification/{b}/best.safetensors": "classification" for b in EXPERIMENT["backbones"]})
+        for weights, stage in networks.items():
+            net = load_network(SimpleNamespace(path=root), stage, weights, weights_digest(root / weights))
+            export_network(net, (root / weights).with_suffix(".onnx"))
+    finally:
+        torch.set_num_threads(before)
+    return {"root": root, "manifest": manifest, "folder": folder}
+
+
+def _predictor(stages: dict, cache: Path, engine: str = "pytorch"):
+    from dermpipe.configs.schema import RunConfig
+    from dermpipe.ensemble.config import PredictConfig
+    from dermpipe.ensemble.prediction import EnsemblePredictor
+
+    cfg = PredictConfig(**stages, engine=engine, run=RunConfig(cache_dir=str(cache), threads=1))
+    return EnsemblePredictor(cfg, torch.device("cpu"))
+
+
+def _root_stages(root: Path) -> dict:
+    return {
+        "segmentation_run": str(root / "segmentation"),
+        "classification_root": str(root / "classification"),
+        "ensemble_run": str(root / "ensemble"),
+    }
+
+
+def _reasons(predictor, items) -> dict[str, str]:
+    from dermpipe.ensemble.prediction import refer_reason
+    from dermpipe.segmentation.prediction import SkipLog
+
+    return {
+        crop.image_id: refer_reason(crop, probs, predictor.refer_threshold)
+        for crop, probs in predictor.predict(items, SkipLog())
+    }
+
+
+def test_each_trained_backbone_fits_its_check_beside_its_weights(trained):
+    for backbone in ("test_resnet", "test_efficientnet"):
+        folder = trained["root"] / "classification" / backbone
+        stats, why = read_backbone_ood(folder, weights_digest(folder / "best.safetensors"))
+        assert stats is not None, why
+        assert stats.info["percentile"] == 99.5 and stats.info["threshold_split"] == "validation"
+        assert stats.info["fit_images"] > stats.info["threshold_images"] > 0
+
+
+def test_junk_is_referred_unlike_the_training_images_and_synthetic_lesions_mostly_are_not(trained, tmp_path):
+    from dermpipe.data.manifest import Manifest
+
+    junk = _junk(tmp_path / "junk")
+    lesions = [(r["image_id"], r["image_path"]) for r in Manifest.read(trained["manifest"]).rows]
+    reasons = _reasons(_predictor(_root_stages(trained["root"]), tmp_path / "cache"), [*junk.items(), *lesions])
+    for name in ("noise", "grey"):
+        assert OOD_REASON in reasons[name], (name, reasons[name])
+    unlike = [i for i, _ in lesions if OOD_REASON in reasons[i]]
+    assert len(unlike) <= 0.1 * len(lesions), unlike  # the images like the training ones: about 0.5% expected
+
+
+def test_pytorch_and_onnxruntime_refer_the_same_images_for_the_same_reasons(trained, tmp_path):
+    from dermpipe.data.manifest import Manifest
+
+    junk = _junk(tmp_path / "junk")
+    items = [*junk.items(), *((r["image_id"], r["image_path"]) for r in Manifest.read(trained["manifest"]).rows[:20])]
+    stages = _root_stages(trained["root"])
+    on_torch = _reasons(_predictor(stages, tmp_path / "torch"), items)
+    on_ort = _reasons(_predictor(stages, tmp_path / "ort", "onnxruntime"), items)
+    assert on_torch == on_ort
+    assert OOD_REASON in on_ort["noise"]
+
+
+def test_the_bundle_packs_the_statistics_and_its_card_states_the_thresholds_or_the_check_off(tmp_path, caplog):
+    from conftest import write_lineages, write_untrained_pipeline
+
+    from dermpipe.ensemble.bundle import open_bundle, write_bundle
+
+    backbones = ["test_resnet", "test_efficientnet"]
+    root = write_untrained_pipeline(tmp_path / "root", backbones, ["nv", "mel", "bcc"],
+                                    ("segmentation", "classification", "ensemble"))  # fmt: skip
+    weights = root / "classification" / "test_resnet" / "best.safetensors"
+    x, y = _gaussian(300, 6, np.random.default_rng(2))
+    fit_ood(x, y, x[:50], weights_digest=weights_digest(weights)).save(weights.parent / OOD_FILE)
+    write_lineages(root, backbones)
+    with caplog.at_level(logging.WARNING):
+        path = write_bundle(root, tmp_path / "bundle").path
+    bundle = open_bundle(path)  # verified: the statistics are listed in SHA256SUMS
+    assert f"classification/test_resnet/{OOD_FILE}" in (path / "SHA256SUMS").read_text()
+    assert not (path / "classification" / "test_efficientnet" / OOD_FILE).exists()
+    ood = bundle.info["classifiers"]["test_resnet"]["ood"]
+    assert ood["usable"] and ood["percentile"] == 99.5 and ood["threshold_split"] == "validation"
+    card = (path / "MODEL_CARD.md").read_text()
+    assert f"`test_resnet`: distance threshold {ood['threshold']:.3f}, the 99.5th percentile of the 50" in card
+    assert "`test_efficientnet`: check off" in card
+    assert "out-of-distribution check off for test_efficientnet" in caplog.text  # said at bundle time too
+
+
+def test_a_calibration_that_can_never_refer_is_warned_about_in_the_card():
+    from dermpipe.ensemble.calibration import never_refers
+    from dermpipe.ensemble.card import card_warnings
+
+    assert "at most 1/3" in never_refers(0.0, 3)
+    assert "at most 1/4" in never_refers(0.25, 4)
+    saturated = np.array([1.0] * 995 + [0.6] * 5)
+    assert "saturates" in never_refers(0.9, 4, 0.05, saturated)
+    assert never_refers(0.9, 4, 1.0, np.linspace(0.3, 1.0, 100)) == ""
+    info = {"classes": ["a", "b", "c"], "calibration": {"refer": True, "refer_threshold": 0.0, "temperature": 0.05},
+            "classifiers": {"x": {"ood": {"usable": True}}}}  # fmt: skip
+    assert any("ever referred for low confidence" in w for w in card_warnings(info, {}))  # a vote of before
+    assert card_warnings(info, {"never_refers": "the temperature saturates"}) == [
+        "calibration: the temperature saturates"
+    ]
+    assert card_warnings(info, {"never_refers": ""}) == []
+
+
+def test_a_root_without_statistics_still_predicts_with_the_check_off_in_the_log(tmp_path, caplog):
+    from conftest import write_untrained_pipeline
+
+    from dermpipe.ensemble.demo import write_photo_folder
+
+    root = write_untrained_pipeline(tmp_path / "old", ["test_resnet"], ["nv", "mel", "bcc"])
+    write_photo_folder(tmp_path / "photos", 2, 64, seed=0)
+    items = [(p.stem, str(p)) for p in sorted((tmp_path / "photos").glob("photo_*.jpg"))]
+    with caplog.at_level(logging.WARNING):
+        predictor = _predictor({"segmentation_run": str(root / "seg"), "classification_root": str(root / "cls"),
+                                "ensemble_run": str(root / "ens")}, tmp_path / "cache")  # fmt: skip
+        reasons = _reasons(predictor, items)
+    assert len(reasons) == 2 and not any(OOD_REASON in r for r in reasons.values())
+    assert "out-of-distribution check: off (test_resnet: no ood.safetensors" in caplog.text
