@@ -2,7 +2,11 @@
 
 The bundle holds the U-Net, the classifiers, the vote with its calibration and refer threshold, every preprocessing
 setting, library versions, a model card and a sha256 manifest; ``dermpipe predict --model ham-v1 --input DIR`` runs
-from it alone.
+from it alone. Every metric in bundle.json and the card names the sha256 of the model(s) it scored.
+
+A root is refused, naming the stage and the command that fixes it, when a stage it would pack is stale by its lineage
+(a U-Net retrained after the crops, a classifier after the vote), when the vote was fitted on other classifier weights
+than those packed, when the classifiers were trained on crops of another U-Net, or when a stage kept no lineage.
 """
 
 from __future__ import annotations
