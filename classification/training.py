@@ -443,9 +443,9 @@ def _after_training(
         device=run.device,
         amp=run.amp,
         channels_last=run.channels_last,
+        features=bool(cfg.train.ood_percentile),  # kept for the out-of-distribution check below
     )
     reports: dict[str, dict[str, Any]] = {}
-        features=bool(cfg.train.ood_percentile),  # kept for the out-of-distribution check below
     tables: dict[str, str] = {}
     for name, subset in rows.tables.items():
         ds = monitor_ds if subset is rows.monitor else dataset(subset)
@@ -469,9 +469,9 @@ def _after_training(
             reports[name] = report
             save_report(report, run.dir, name, classes)
             logger.info("%s: %s\n%s", name, format_report(report), per_class_table(report))
+    fit_after_training(predictor, run.dir, rows, dataset, column, cfg.train.ood_percentile)
     cache.log_summary()
     plot_learning_curves(history, run.dir / "learning_curves.png")
-    fit_after_training(predictor, run.dir, rows, dataset, column, cfg.train.ood_percentile)
     if cfg.train.gradcam_images and len(rows.monitor):
         chosen = rows.monitor.rows[: cfg.train.gradcam_images]
         save_gradcam_images(

@@ -199,12 +199,12 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     if refer_index is not None:
         threshold = refer_threshold(oof_calibrated, fit.labels, refer_index, cfg.calibration.target_sensitivity)
         referral_fit = referral_outcome(oof_calibrated, fit.labels, refer_index, threshold)
-    best_index, single_scores = best_single(fit.probs, fit.labels, backbones)
     never = ""  # a refer rule that can never refer on confidence is said, at vote time, in summary.json and the card
     if refer_index is not None:
         never = never_refers(threshold, len(classes), temperature, oof_calibrated.max(axis=1))
     if never:
         logger.warning("calibration: %s", never)
+    best_index, single_scores = best_single(fit.probs, fit.labels, backbones)
     stacking = logistic_stacking(
         fit.probs,
         fit.labels,
@@ -317,10 +317,10 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         "refer_threshold": threshold,
         "referral_fit": referral_fit,
         "referral_test": referral_test,
+        "never_refers": never,  # why the refer threshold never refers on confidence ("" when it can)
         # the sensitivity the refer threshold was set for, and whether the test split reached it (flagged, not hidden)
         "target_sensitivity": cfg.calibration.target_sensitivity if referral_test else None,
         "target_missed": bool(
-        "never_refers": never,  # why the refer threshold never refers on confidence ("" when it can)
             referral_test and referral_test["sensitivity_with_referral"] < cfg.calibration.target_sensitivity
         ),
         "methods": rows,
