@@ -5,12 +5,15 @@ not dermoscopy, text) is referred or skipped.
 python benchmarks/ood_real.py build --data ../shared/data/isic_real      # the small real-data pipeline (cached)
 python benchmarks/ood_real.py measure                                    # junk set, predictions, shares -> JSON
 
-``build`` makes ``runs/bench/ood/isic_ood.csv`` (every test image, a random subset of the training and validation
-splits: ``--train-images``, ``--val-images``) and runs ``dermpipe run`` on it into ``runs/bench/ood/root`` at CPU sizes
-(a ResNet-18 U-Net from scratch, two small classifiers from scratch, ``--folds 0``); a rerun reuses every finished
-stage. ``measure`` fits the out-of-distribution statistics of a backbone that lacks them, writes the junk set into
-``runs/bench/ood/junk`` (drawn here, seeded: nothing is downloaded; the photos are scikit-image's bundled ones),
-predicts the real test split and the junk set, and writes ``runs/bench/ood/ood.json``.
+``build`` writes ``runs/bench/ood/isic_ood.csv`` (a random subset of each split of the real sample, seed 0:
+``--train-images``, ``--val-images``, ``--test-images``) and runs the stage commands into ``runs/bench/ood/root`` at CPU
+sizes: a ResNet-18 U-Net from scratch at 96 px (``--seg-epochs``; an existing ``root/segmentation/best.safetensors`` is
+used as it is), crops at 64 px without TTA, two small classifiers from scratch (``--epochs``), each fitting its
+out-of-distribution check after training, and the vote. Each stage reuses what it finished before. ``measure`` writes
+the junk set into ``runs/bench/ood/junk`` (drawn here, seeded; the photos are scikit-image's bundled ones: nothing is
+downloaded), predicts the manifest's test rows and the junk set through the run root, and writes
+``runs/bench/ood/ood.json``: per set and per junk kind the share referred as unlike the training images, for no lesion,
+for any reason, and referred or skipped; and the time the check adds to the classifiers' forward passes.
 """
 
 from __future__ import annotations
@@ -213,11 +216,39 @@ def _shares(reasons: list[str], skipped: int = 0) -> dict[str, Any]:
     }
 
 
+def check_cost(root: Path, crops: list[np.ndarray], rounds: int = 3) -> dict[str, Any]:
+    """Seconds of each backbone's forward passes over ``crops`` without and with the features kept and scored (the
+    best of ``rounds`` alternating runs, no cache): what the check adds to batch prediction's classifier work."""
+    from dermpipe.classification.backbones import load_classifier
+    from dermpipe.classification.ood import OOD_FILE, load_ood
+    from dermpipe.classification.prediction import predict_probabilities, predict_with_features
+
+    cost: dict[str, Any] = {}
+    for folder in sorted((root / "classification").iterdir()):
+        if not (folder / OOD_FILE).is_file():
+            continue
+        model, _ = load_classifier(folder / "best.safetensors")
+        stats = load_ood(folder / OOD_FILE)
+        plain, checked = [], []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            predict_probabilities(model, crops, batch_size=64)
+            plain.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            _, features = predict_with_features(model, crops, batch_size=64)
+            stats.ratio(features)
+            checked.append(time.perf_counter() - start)
+        cost[folder.name] = {"images": len(crops), "without_s": round(min(plain), 3), "with_s": round(min(checked), 3),
+                             "added": round(min(checked) / min(plain) - 1, 4)}  # fmt: skip
+    return cost
+
+
 def measure(args: argparse.Namespace) -> int:
     import torch
 
     from dermpipe.configs.schema import RunConfig
     from dermpipe.data.manifest import Manifest
+    from dermpipe.data.reading import read_image
     from dermpipe.ensemble.config import PredictConfig
     from dermpipe.ensemble.prediction import EnsemblePredictor, refer_reason
     from dermpipe.segmentation.prediction import SkipLog
@@ -261,6 +292,8 @@ def measure(args: argparse.Namespace) -> int:
         "junk_reasons": {i: reasons.get(i, "skipped") for i, _ in junk_items},
         "predict_seconds": round(seconds, 1),
     }
+    crops = [read_image(p) for p in sorted((root / "crops" / "crops").glob("*.png"))[: args.cost_images]]
+    result["check_cost"] = check_cost(root, crops)
     (out / "ood.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "junk_reasons"}, indent=1))
     return 0
@@ -280,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seg-epochs", type=int, default=1)
     m = sub.add_parser("measure", help="the junk set and both shares (runs/bench/ood/ood.json)")
     m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--cost-images", type=int, default=256, help="crops timed with and without the check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return build(args) if args.command == "build" else measure(args)
