@@ -54,7 +54,7 @@ from dermpipe.classification.probability_tables import combined_digest, probabil
 from dermpipe.configs.loader import ConfigError
 from dermpipe.data.augment import build_transform
 from dermpipe.data.balance import balance_summary, class_weights, hybrid_indices, weighted_sampler
-from dermpipe.data.loaders import ClassificationDataset, seed_worker
+from dermpipe.data.loaders import ClassificationDataset, end_with_parent, seed_worker
 from dermpipe.data.manifest import Manifest
 from dermpipe.data.reading import read_image
 from dermpipe.engine.cache import StageCache
@@ -185,7 +185,7 @@ class ClassificationStage:
         t = cfg.train
         self.monitor = DataLoader(
             monitor_ds, batch_size=t.eval_batch_size or 2 * t.batch_size, num_workers=cfg.run.num_workers,
-            pin_memory=self.pin,
+            pin_memory=self.pin, worker_init_fn=end_with_parent,
         )  # fmt: skip
 
     def start_epoch(self, epoch: int) -> dict[str, Any]:

@@ -6,7 +6,12 @@ once per epoch; random augmentation runs on the cached, resized arrays.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -31,11 +36,31 @@ logger = logging.getLogger(__name__)
 IN_MEMORY_BYTES = 2 << 30
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent(worker_id: int = 0) -> None:  # pragma: no cover - runs in DataLoader worker processes
+    """``worker_init_fn`` of every DataLoader: the worker is killed with its parent (on Linux, the kernel sends it
+    SIGKILL when the parent dies, by SIGKILL or SIGTERM too), and one whose parent died before this ran exits now.
+
+    Without it a worker busy decoding outlives a killed parent, holding its memory, until it next waits for work.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent is gone: adopted by init or a subreaper
+        os._exit(1)
+
+
 def seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in DataLoader worker processes
-    """Give each DataLoader worker its own augmentation stream (albumentations does not reseed in forked workers)."""
+    """``worker_init_fn`` of the training loaders: ``end_with_parent``, and each worker its own augmentation stream
+    (albumentations does not reseed in forked workers)."""
+    end_with_parent(worker_id)
     info = torch.utils.data.get_worker_info()
-    if info is not None and hasattr(info.dataset.transform, "set_random_seed"):
-        info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
 def seed_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:

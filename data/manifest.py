@@ -293,21 +293,29 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+def _walk(root: Path, follow_links: bool = False, outputs: Sequence[str] = ()) -> Iterator[tuple[Path, str]]:
     """(path, reason) for every entry under ``root``: reason ``""`` for a non-folder entry to classify, else why the
-    entry (a hidden file or folder, an unreadable folder, a link to a folder listed already) is not listed further.
+    entry (a hidden file or folder, an unreadable folder, a link to a folder listed already, to one of the command's
+    ``outputs`` (resolved folders), or to one outside ``root`` unless ``follow_links``) is not listed further.
 
     Real folders come first; folder links are followed afterwards, once per real folder, so a link loop or a second
     link to a folder never lists a file twice or walks forever, and a file keeps its path outside any link.
     """
-    visited = {os.path.realpath(root)}
+    from dermpipe.data.reading import outside_reason, within  # reading sits beside, not below, manifests
+
+    root_real = os.path.realpath(root)
+    visited = {root_real}
     pending: list[Path] = [root]
     links: list[Path] = []
     while pending or links:
         if not pending:
             link = links.pop(0)
             real = os.path.realpath(link)
-            if real in visited:
+            if any(within(link, out) for out in outputs):
+                yield link, f"link to this command's output folder ({real}): not searched (its files are outputs)"
+            elif not follow_links and not within(link, root_real):
+                yield link, outside_reason(link, folder=True)
+            elif real in visited:
                 yield link, f"link to a folder listed already ({real}): not listed twice (its files are listed once)"
             else:
                 visited.add(real)
@@ -351,16 +359,23 @@ def _unique_ids(rels: Sequence[str]) -> list[str]:
             ids[k] = rels[k]
 
 
-def list_folder(folder: str | os.PathLike, mask_names: bool = True) -> FolderListing:
+def list_folder(
+    folder: str | os.PathLike,
+    mask_names: bool = True,
+    follow_links: bool = False,
+    outputs: Sequence[str | os.PathLike] = (),
+) -> FolderListing:
     """Every entry under ``folder`` (recursive), each either a manifest row or an excluded row with its reason.
 
     A row per image the reader takes (``image_id``: the path relative to ``folder`` without its suffix, the suffix
     kept where two files would share an id; ``image_path``: absolute). Excluded, never opened: hidden entries,
     formats the reader does not take, names that end like masks (``MASK_SUFFIXES``; ``mask_names=False`` keeps
     them), FIFOs, devices, sockets and links to them, broken links and link loops, empty or too large files,
-    unreadable folders, names that are not UTF-8 or hold control characters. Both are sorted by path.
+    unreadable folders, names that are not UTF-8 or hold control characters, and (unless ``follow_links``) links to
+    folders or files outside ``folder``: a link to ``/`` is never searched. Nothing in the command's ``outputs``
+    folders (links resolved) is ever listed as an input. Both are sorted by path.
     """
-    from dermpipe.data.reading import ImageReadError, skip_reason  # reading sits beside, not below, manifests
+    from dermpipe.data.reading import ImageReadError, outside_reason, skip_reason, within
 
     root = Path(folder)
     if not root.is_dir():
@@ -368,9 +383,15 @@ def list_folder(folder: str | os.PathLike, mask_names: bool = True) -> FolderLis
         raise ImageReadError(f"{root}: {what} (give the folder that holds the images; check --input)")
     taken: list[tuple[str, Path]] = []
     excluded: list[dict[str, str]] = []
-    for path, reason in _walk(root):
+    root_real = os.path.realpath(root)
+    outputs_real = tuple(os.path.realpath(out) for out in outputs)
+    for path, reason in _walk(root, follow_links, outputs_real):
         rel = path.relative_to(root).as_posix()
         reason = reason or _name_problem(rel) or skip_reason(path, mask_names)
+        if not reason and any(within(path, out) for out in outputs_real):
+            reason = f"link into this command's output folder ({os.path.realpath(path)}): not read (it is an output)"
+        elif not reason and not follow_links and not within(path, root_real):
+            reason = outside_reason(path)
         if reason:
             excluded.append({"image_id": _printable(rel), "path": _printable(os.path.abspath(path)), "reason": reason})
         else:
@@ -382,13 +403,19 @@ def list_folder(folder: str | os.PathLike, mask_names: bool = True) -> FolderLis
     return FolderListing(Manifest(rows=rows, classes=()), tuple(excluded))
 
 
-def manifest_from_folder(folder: str | os.PathLike) -> Manifest:
+def manifest_from_folder(folder: str | os.PathLike, follow_links: bool = False) -> Manifest:
     """An unlabelled manifest of every image under ``folder`` (recursive): ``list_folder(folder).manifest``."""
-    return list_folder(folder).manifest
+    return list_folder(folder, follow_links=follow_links).manifest
 
 
-def read_inputs(manifest: str | os.PathLike | None, folder: str | os.PathLike | None) -> FolderListing:
-    """What a prediction command was given: a manifest (nothing excluded), or a folder listed by ``list_folder``."""
+def read_inputs(
+    manifest: str | os.PathLike | None,
+    folder: str | os.PathLike | None,
+    follow_links: bool = False,
+    outputs: Sequence[str | os.PathLike] = (),
+) -> FolderListing:
+    """What a prediction command was given: a manifest (nothing excluded), or a folder listed by ``list_folder``
+    (``follow_links``: links out of the folder are read too; nothing under ``outputs`` ever is)."""
     if manifest:
         return FolderListing(Manifest.read(manifest), ())
-    return list_folder(folder)  # type: ignore[arg-type]
+    return list_folder(folder, follow_links=follow_links, outputs=outputs)  # type: ignore[arg-type]

@@ -2,7 +2,8 @@
 
 Every reader looks at a file with ``os.stat`` before it opens it: a named pipe, a device, a socket or a link to one is
 refused unopened (opening a FIFO blocks forever, reading ``/dev/zero`` never ends), and so is a file over
-``MAX_FILE_BYTES``; an image over ``MAX_IMAGE_PIXELS`` is refused from its header, before any pixel is decoded.
+``MAX_FILE_BYTES``; an image whose decoded pixels would take more than ``MAX_DECODED_BYTES`` is refused from its
+header, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ MASK_SUFFIXES: tuple[str, ...] = ("_segmentation", "_lesion", "_superpixels")
 TAKEN_FORMATS = "JPEG (.jpg, .jpeg), PNG (.png), BMP (.bmp), TIFF (.tif, .tiff)"
 # Bounds on one input file: the largest dermatoscope or camera photo is a few tens of MiB and megapixels.
 MAX_FILE_BYTES: int = 512 * 2**20
-# Below Pillow's own decompression-bomb refusal (2 x Image.MAX_IMAGE_PIXELS, about 179 Mpx), so ours speaks first.
-MAX_IMAGE_PIXELS: int = 150_000_000
+# The bound on one image's decoded pixels, in bytes: width x height x channels x bytes per sample as the decoder
+# returns them, or the 8-bit RGB image made from them where that is larger. 150 megapixels of 8-bit RGB, below
+# Pillow's own decompression-bomb refusal (2 x Image.MAX_IMAGE_PIXELS, about 179 Mpx), so ours speaks first; a
+# 16-bit RGBA image (8 bytes a pixel) meets it at 56 megapixels.
+MAX_DECODED_BYTES: int = 150_000_000 * 3
 # Formats people photograph or export in that the reader does not take, by suffix: named in the reason.
 _OTHER_FORMATS: dict[str, str] = {
     **{f".{name.lower()}": name for name in ("GIF", "WebP", "HEIC", "HEIF", "AVIF", "SVG", "PDF")},
@@ -55,6 +59,7 @@ _REDUCED_FLAGS: dict[int, int] = {
     4: cv2.IMREAD_REDUCED_COLOR_4,
     8: cv2.IMREAD_REDUCED_COLOR_8,
 }
+_CONVERT_PIXELS = 1 << 20  # pixels per band of rows in a bit-depth or alpha conversion
 _FIX_CORRUPT = "re-download or re-export the file, or remove it from the manifest"
 _EXIF_ORIENTATION_TAG = 274
 
@@ -64,7 +69,8 @@ class ImageReadError(DermpipeError):
 
 
 class ImageTooLargeError(ImageReadError):
-    """An image whose header declares more pixels than it is safe to decode (``MAX_IMAGE_PIXELS``): a bomb or a scan."""
+    """An image whose header declares more decoded bytes than it is safe to decode (``MAX_DECODED_BYTES``): a bomb or
+    a scan."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,32 @@ def _orientation(image: Image.Image) -> int:
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def _decoded_layout(image: Image.Image) -> tuple[int, int]:
+    """(channels, bytes per sample) of the pixels the decoder returns for ``image``, from its header: Pillow's bands
+    (a palette expands to colour, plus alpha with transparency; grey+alpha to four channels, as OpenCV decodes it),
+    and the sample depth of its raw mode (``RGBA;16B``: 2 bytes; ``I``, ``F``: 4)."""
+    mode = image.mode
+    channels = {"P": 4 if "transparency" in image.info else 3, "LA": 4, "PA": 4}.get(mode, len(image.getbands()))
+    raw = ""
+    if image.tile:
+        args = image.tile[0][3]
+        raw = str(args[0] if isinstance(args, tuple) and args else args)
+    if mode in ("I", "F") or ";32" in raw:
+        return channels, 4
+    return channels, 2 if ";16" in raw or mode.startswith("I;16") else 1
+
+
+def decoded_bytes(width: int, height: int, channels: int, sample_bytes: int) -> int:
+    """What decoding an image takes, as ``MAX_DECODED_BYTES`` counts it: its samples, or the 8-bit RGB image made from
+    them where that is larger."""
+    return width * height * max(channels * sample_bytes, 3)
+
+
+def _megabytes(n: int) -> str:
+    """``n`` bytes as a bound on decoded pixels is stated: 450 MB, 1,152 MB; below a megabyte, 30,000 bytes."""
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n:,} bytes"
+
+
 def _header(path: Path, source: BinaryIO | bytes, verify: bool = False) -> _Header:
     """Format, stored size and EXIF orientation from the file header (Pillow opens lazily: no pixel decode).
 
@@ -182,14 +214,16 @@ def _header(path: Path, source: BinaryIO | bytes, verify: bool = False) -> _Head
         with image:
             image_format = image.format or ""
             width, height = image.size
-            too_large = width * height > MAX_IMAGE_PIXELS  # the header alone says it: nothing more is read
+            channels, sample_bytes = _decoded_layout(image)
+            size = decoded_bytes(width, height, channels, sample_bytes)
+            too_large = size > MAX_DECODED_BYTES  # the header alone says it: nothing more is read
             orientation = 1 if too_large else _orientation(image)
             if verify and image_format == "PNG" and not too_large:
                 image.verify()
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(
             f"{path}: image is too large to decode safely: {str(error).rstrip('.')} (a decompression bomb, or a scan "
-            f"to downscale below {MAX_IMAGE_PIXELS / 1e6:g} megapixels first)"
+            f"to downscale below {MAX_DECODED_BYTES / 3e6:g} megapixels first)"
         ) from None
     except UnidentifiedImageError:
         raise ImageReadError(
@@ -200,9 +234,11 @@ def _header(path: Path, source: BinaryIO | bytes, verify: bool = False) -> _Head
         raise ImageReadError(f"{path}: corrupt or truncated image file: {error} ({_FIX_CORRUPT})") from None
     if too_large:
         raise ImageTooLargeError(
-            f"{path}: image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), over the "
-            f"{MAX_IMAGE_PIXELS / 1e6:g}-megapixel bound (a decompression bomb, or a scan to downscale first; the "
-            "bound is dermpipe.data.reading.MAX_IMAGE_PIXELS)"
+            f"{path}: image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels) of {channels} "
+            f"channel(s) x {8 * sample_bytes} bits: {_megabytes(size)} decoded, over the "
+            f"{_megabytes(MAX_DECODED_BYTES)} bound on decoded pixels ({MAX_DECODED_BYTES / 3e6:g} megapixels of "
+            "8-bit RGB; a decompression bomb, or a scan to downscale first; the bound is "
+            "dermpipe.data.reading.MAX_DECODED_BYTES)"
         )
     if image_format not in _FORMATS:
         what = image_format or "unknown"
@@ -263,12 +299,26 @@ def _to_unit_float(array: np.ndarray, path: Path) -> np.ndarray:
     raise ImageReadError(f"{path}: {array.dtype} pixels are not supported (save it as an 8- or 16-bit image)")
 
 
+def _by_rows(array: np.ndarray, channels: int, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``convert`` (elementwise per pixel, to uint8 with ``channels`` channels) applied a band of rows at a time, so
+    its float or wide-integer temporaries take a few MB whatever the image's size, not several times the image."""
+    height, width = array.shape[:2]
+    out = np.empty((height, width, channels), np.uint8)
+    rows = max(1, _CONVERT_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        out[top : top + rows] = convert(array[top : top + rows])
+    return out
+
+
 def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.uint16:
         # Full 16-bit range onto 8 bits (65535 -> 255); no per-image stretching, so colours stay comparable.
-        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        squeeze = array.ndim == 2
+        wide = array[:, :, None] if squeeze else array
+        out = _by_rows(wide, wide.shape[2], lambda band: ((band.astype(np.uint32) + 128) // 257).astype(np.uint8))
+        return out[:, :, 0] if squeeze else out
     raise ImageReadError(f"{path}: {array.dtype} pixels are not supported (save it as an 8- or 16-bit image)")
 
 
@@ -282,11 +332,14 @@ def _unchanged_to_rgb(array: np.ndarray, path: Path) -> np.ndarray:
         array = array[:, :, None]
     channels = array.shape[2]
     if channels in (2, 4):
-        colour = _to_unit_float(array[:, :, :-1], path)
-        alpha = _to_unit_float(array[:, :, -1:], path)
-        composite = colour * alpha + (1.0 - alpha)
-        array = np.clip(composite * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+        def composite(band: np.ndarray) -> np.ndarray:
+            colour = _to_unit_float(band[:, :, :-1], path)
+            alpha = _to_unit_float(band[:, :, -1:], path)
+            return np.clip((colour * alpha + (1.0 - alpha)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
         channels -= 1
+        array = _by_rows(array, channels, composite)
     else:
         array = _to_uint8(array, path)
     if channels == 1:
@@ -429,8 +482,34 @@ def skip_reason(path: str | os.PathLike, mask_names: bool = True) -> str:
     return ""
 
 
-def walk_files(root: str | os.PathLike, skip: Callable[[str], bool] = lambda name: name.startswith(".")) -> list[Path]:
-    """Every file under ``root`` in a fixed order, following folder links once, leaving out names ``skip`` rejects."""
+def within(path: str | os.PathLike, root_real: str) -> bool:
+    """Whether ``path``, links resolved, is the folder ``root_real`` (itself resolved) or lies under it."""
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def outside_reason(path: str | os.PathLike, folder: bool = False) -> str:
+    """The reason a folder listing gives for a link (to a file, or with ``folder`` to a folder) that resolves outside
+    the folder it lists: not read unless ``--follow-links`` allows it."""
+    real = os.path.realpath(path)
+    if folder:
+        return f"link to a folder outside the input folder ({real}): not searched (pass --follow-links to search it)"
+    return f"link to a file outside the input folder ({real}): not read (pass --follow-links to read it)"
+
+
+def walk_files(
+    root: str | os.PathLike,
+    skip: Callable[[str], bool] = lambda name: name.startswith("."),
+    follow_links: bool = False,
+    excluded: list[tuple[Path, str]] | None = None,
+) -> list[Path]:
+    """Every file under ``root`` in a fixed order, leaving out names ``skip`` rejects.
+
+    Folder links are followed once each (a link loop never walks forever), and only where they resolve inside
+    ``root``: a link to ``/`` or to another disk is not searched, and a file link resolving outside ``root`` is not
+    listed; each such entry is added to ``excluded`` with its reason. ``follow_links`` follows and lists them too.
+    """
+    root_real = os.path.realpath(root)
     found: list[Path] = []
     visited: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
@@ -439,8 +518,20 @@ def walk_files(root: str | os.PathLike, skip: Callable[[str], bool] = lambda nam
             dirs[:] = []
             continue
         visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not skip(d))
-        found.extend(Path(folder) / name for name in sorted(files) if not skip(name))
+        kept = []
+        for name in sorted(d for d in dirs if not skip(d)):
+            path = Path(folder) / name
+            if follow_links or within(path, root_real):
+                kept.append(name)
+            elif excluded is not None:
+                excluded.append((path, outside_reason(path, folder=True)))
+        dirs[:] = kept
+        for name in sorted(f for f in files if not skip(f)):
+            path = Path(folder) / name
+            if follow_links or not os.path.exists(path) or within(path, root_real):  # a broken link: its reader says
+                found.append(path)
+            elif excluded is not None:
+                excluded.append((path, outside_reason(path)))
     return found
 
 

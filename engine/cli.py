@@ -85,6 +85,16 @@ def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_follow_links(parser: argparse.ArgumentParser) -> None:
+    """``--follow-links``, for the commands that list an ``--input`` folder."""
+    parser.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="with --input: also read links (to files or folders) that lead out of the input folder; without it they "
+        "are listed in skipped.csv, and a link to / or /usr is never searched",
+    )
+
+
 def resolve_config(cls: type[T], args: argparse.Namespace, flags: Mapping[str, Any]) -> T:
     """defaults < --config < --set < named flags (flags left at None do not override)."""
     common = {"run.root": args.root, "run.device": args.device, "run.force": args.force}

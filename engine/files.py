@@ -101,8 +101,10 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out", inputs: Se
         if parent.exists() and not parent.is_dir():
             raise OutputPathError(f"{flag} {folder} lies under {parent}, which is a file: pass a folder path")
     for source in inputs:
-        inside, src = folder.resolve(), Path(source).resolve()
-        if inside == src or src in inside.parents:
+        # as written and with every link resolved: a folder reached through a link into the input is inside it too
+        written = (Path(os.path.abspath(folder)), Path(os.path.abspath(source)))
+        pairs = (written, (folder.resolve(), Path(source).resolve()))
+        if any(inside == src or src in inside.parents for inside, src in pairs):
             raise OutputPathError(
                 f"{flag} {folder} is inside the input folder {source}: a rerun would read its own outputs as "
                 "inputs; pass a folder outside it"

@@ -18,7 +18,7 @@ from dermpipe.configs.loader import default_config_path, load_yaml
 from dermpipe.configs.loader import default_config_path, load_yaml
 from dermpipe.data.manifest import Manifest, read_inputs
 from dermpipe.engine.cache import user_cache_dir
-from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
+from dermpipe.engine.cli import MissingInputError, add_follow_links, resolve_config, run_cli, stage_parser
 from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_file, check_output_folder
 from dermpipe.engine.onnx_runtime import ENGINES
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="folder of images (recursive: jpg, jpeg, png, bmp, tif)")
     source.add_argument("--manifest", help="or a manifest CSV of images")
+    add_follow_links(parser)
     parser.add_argument("--output", default=None, help="predictions CSV (default: OUT/predictions.csv)")
     parser.add_argument("--out", default=None, help="folder for skipped.csv, report.html and optional outputs")
     parser.add_argument(
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         check_run_folder(Path(cfg.segmentation_run), "segmentation")
         check_run_folder(Path(cfg.ensemble_run), "ensemble")
         check_trained_stages(cfg)
-        inputs = read_inputs(args.manifest, args.input)
+        inputs = read_inputs(args.manifest, args.input, args.follow_links, outputs=[out, output.parent])
         manifest, excluded = inputs.manifest, inputs.excluded
         device = local_device(cfg.run.device) if shard is not None else cfg.run.device  # torchrun: cuda:LOCAL_RANK
         predictor = EnsemblePredictor(cfg, choose_device(device))

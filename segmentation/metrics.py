@@ -131,6 +131,12 @@ def read_mask(path: Path) -> np.ndarray:
     """An 8-bit single-channel mask file as a 2-D uint8 array; colour, 16-bit or unreadable files are refused."""
     import cv2
 
+    from dermpipe.data.reading import ImageReadError, image_size
+
+    try:
+        image_size(path)  # the reader's header checks and its bound on decoded pixels, before anything is decoded
+    except ImageReadError as error:
+        raise MaskScoringError(f"cannot read mask {error}") from None
     # IMREAD_UNCHANGED rather than IMREAD_GRAYSCALE: the official scorer refuses colour and 16-bit masks, and a silent
     # grey conversion would turn e.g. a pure red lesion (grey 76) into background.
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

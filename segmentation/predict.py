@@ -8,7 +8,7 @@ from pathlib import Path
 from dermpipe.configs.loader import default_config_path
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import read_inputs
-from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
+from dermpipe.engine.cli import MissingInputError, add_follow_links, resolve_config, run_cli, stage_parser
 from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_folder
 from dermpipe.engine.lineage import file_sha256, write_lineage
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="manifest CSV of the images to crop")
     source.add_argument("--input", help="a folder of images (recursive)")
+    add_follow_links(parser)
     parser.add_argument("--split", help="with --manifest: only the rows of this split (train, val or test)")
     parser.add_argument("--run", help="trained segmentation run folder (default: ROOT/segmentation)")
     parser.add_argument("--checkpoint", help="U-Net checkpoint (default: RUN/best.safetensors)")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(SegmentationConfig, args, {"predict.write_masks": args.masks, "predict.tta": args.tta})
         check_output_folder(args.out, "--out", [args.input] if args.input else [])
         confine_output(args.out, "--out", own="crops")  # a crops folder is its own rerun; a bundle or run never
-        inputs = read_inputs(args.manifest, args.input)
+        inputs = read_inputs(args.manifest, args.input, args.follow_links, outputs=[args.out])
         manifest, excluded = inputs.manifest, inputs.excluded
         if args.split:
             manifest = manifest.select(args.split)

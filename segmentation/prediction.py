@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dermpipe.data.loaders import decode_size, model_input, resize_square, to_device
+from dermpipe.data.loaders import decode_size, end_with_parent, model_input, resize_square, to_device
 from dermpipe.data.manifest import Manifest, write_table
 from dermpipe.data.preprocess import PreprocessConfig, preprocess
 from dermpipe.data.quality import DEFAULT_QUALITY, QUALITY_NO_LESION, assess_quality, quality_text
@@ -218,7 +218,7 @@ class SegmentationPredictor:
         if self.workers:
             loader = DataLoader(
                 _Preparing(list(items), self), batch_size=self.predict_cfg.batch_size, num_workers=self.workers,
-                collate_fn=_as_list,
+                collate_fn=_as_list, worker_init_fn=end_with_parent,
             )  # fmt: skip
             for prepared in loader:
                 self.cache.reused += sum(isinstance(p, _Hit) for p in prepared)  # counted in the worker's copy

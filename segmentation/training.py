@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from dermpipe.configs.loader import to_dict
 from dermpipe.data.augment import build_transform
-from dermpipe.data.loaders import SegmentationDataset, seed_epoch, seed_worker
+from dermpipe.data.loaders import SegmentationDataset, end_with_parent, seed_epoch, seed_worker
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.distributed import is_main, rank
 from dermpipe.engine.files import atomic_path
@@ -136,7 +136,10 @@ def _loaders(cfg: SegmentationConfig, manifest: Manifest, run: Run) -> tuple[Dat
         pin_memory=pin,
         persistent_workers=cfg.run.num_workers > 0,
     )
-    val_loader = DataLoader(val_ds, batch_size=cfg.train.batch_size, num_workers=cfg.run.num_workers, pin_memory=pin)
+    val_loader = DataLoader(
+        val_ds, batch_size=cfg.train.batch_size, num_workers=cfg.run.num_workers, pin_memory=pin,
+        worker_init_fn=end_with_parent,
+    )  # fmt: skip
     return train_loader, val_loader, val
 
 

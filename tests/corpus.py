@@ -74,13 +74,14 @@ def save(path: Path, pixels: np.ndarray, **options) -> Path:
     return path
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` grey pixels, with a tiny IDAT: a few hundred bytes on disk."""
+def png_header_only(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels of ``depth`` bits and PNG colour type ``colour`` (0:
+    grey, 6: RGBA), with a tiny IDAT: a few hundred bytes on disk."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     )
@@ -188,6 +189,13 @@ def _huge_image(folder: Path) -> list[Path]:
     return [path]
 
 
+def _rgba16_over_bound(folder: Path) -> list[Path]:
+    path = folder / "deep_rgba.png"
+    # 144 Mpx, under 150 Mpx, but 8 bytes a pixel decoded: 1,152 MB, over the 450 MB bound on decoded pixels
+    path.write_bytes(png_header_only(12_000, 12_000, depth=16, colour=6))
+    return [path]
+
+
 def _decompression_bomb(folder: Path) -> list[Path]:
     path = folder / "bomb.png"
     path.write_bytes(png_header_only(40_000, 40_000))  # 1.6 Gpx claimed by a file of a few hundred bytes
@@ -219,6 +227,20 @@ def _symlink_loop(folder: Path) -> list[Path]:
     os.symlink(b, a)
     os.symlink(a, b)
     return [a, b]
+
+
+def _folder_link_to_root(folder: Path) -> list[Path]:
+    path = folder / "everything"
+    os.symlink("/", path)  # followed, it would list /proc, /dev and /usr
+    return [path]
+
+
+def _file_link_outside(folder: Path) -> list[Path]:
+    # the corpus folder is ROOT/corpus/<class>/<kind>: the photo goes to ROOT/outside_the_corpus, beside the input
+    outside = save(folder.parents[2] / "outside_the_corpus" / "elsewhere.jpg", photo(40), quality=90)
+    path = folder / "elsewhere.jpg"
+    os.symlink(outside, path)
+    return [path]
 
 
 def _broken_symlink(folder: Path) -> list[Path]:
@@ -417,8 +439,12 @@ CORPUS: list[Kind] = [
     Kind("multi-page TIFF", _multipage_tiff, "predicted: the first page", "predicted"),
     Kind("EXIF-rotated JPEG", _exif_rotated_jpeg, "predicted: turned upright first; the box is in upright pixels",
          "predicted"),
-    Kind("huge image (156 Mpx)", _huge_image, f"{_SKIP} (over the 150-megapixel bound, from the header alone)",
-         "skipped", "over the 150-megapixel bound"),
+    Kind("huge image (156 Mpx)", _huge_image,
+         f"{_SKIP} (over the 450 MB bound on decoded pixels, 150 Mpx of 8-bit RGB, from the header alone)",
+         "skipped", "468 MB decoded, over the 450 MB bound on decoded pixels"),
+    Kind("16-bit RGBA PNG over the byte bound (144 Mpx)", _rgba16_over_bound,
+         f"{_SKIP} (over the 450 MB bound on decoded pixels: 8 bytes a pixel, from the header alone)",
+         "skipped", "1,152 MB decoded, over the 450 MB bound on decoded pixels"),
     Kind("decompression bomb", _decompression_bomb, f"{_SKIP} (too large to decode safely, from the header alone)",
          "skipped", "too large to decode safely"),
     Kind("name with spaces", _space_name, "predicted: the id keeps the spaces", "predicted"),
@@ -433,6 +459,12 @@ CORPUS: list[Kind] = [
          "named pipe (FIFO)"),
     Kind("symlink to /dev/zero", _dev_zero, f"{_EXCLUDE} (a character device: never read)", "excluded",
          "character device"),
+    Kind("directory symlink to /", _folder_link_to_root,
+         f"{_EXCLUDE} (a link out of the input folder: not searched; --follow-links searches it)", "excluded",
+         "link to a folder outside the input folder (/): not searched (pass --follow-links to search it)"),
+    Kind("file symlink outside the input", _file_link_outside,
+         f"{_EXCLUDE} (a link out of the input folder: not read; --follow-links reads it)", "excluded",
+         "link to a file outside the input folder"),
     Kind("GIF", _gif, f"{_EXCLUDE} (GIF is not read: convert it to JPEG or PNG)", "excluded",
          "GIF images are not read"),
     Kind("WEBP", _webp, f"{_EXCLUDE} (WebP is not read: convert it to JPEG or PNG)", "excluded",

@@ -39,8 +39,12 @@ def read_folder(root: Path) -> ConversionResult:
     classes: set[str] = set()
     loose = 0
     not_taken: list[str] = []
+    outside: list[str] = []
     for base, split in bases:
-        for path in scan_files(base):
+        links: list[tuple[Path, str]] = []
+        files = scan_files(base, links)
+        outside += [f"{str(path.relative_to(base))[:80]!r}: {reason}" for path, reason in links]
+        for path in files:
             rel = path.relative_to(base)
             if "masks" in rel.parts[:-1]:
                 continue
@@ -54,9 +58,10 @@ def read_folder(root: Path) -> ConversionResult:
                 classes.add(rel.parts[0])
             else:
                 loose += 1
-    if not_taken:
-        shown = "; ".join(not_taken[:5]) + (f"; and {len(not_taken) - 5} more" if len(not_taken) > 5 else "")
-        layout.report.notes.append(f"{len(not_taken)} file(s) not taken: {shown}")
+    for items, what in ((not_taken, "file(s) not taken"), (outside, "link(s) out of the folder not followed")):
+        if items:
+            shown = "; ".join(items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+            layout.report.notes.append(f"{len(items)} {what}: {shown}")
     if classes and loose:
         layout.report.notes.append(f"{loose} image(s) beside the class folders: kept unlabelled")
     if not classes:

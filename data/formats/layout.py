@@ -119,9 +119,10 @@ def is_skipped(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def scan_files(root: Path) -> list[Path]:
-    """Every file under ``root`` in a fixed order, following folder links once, without hidden entries."""
-    return walk_files(root, is_skipped)
+def scan_files(root: Path, excluded: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Every file under ``root`` in a fixed order, following folder links once, without hidden entries; links that
+    resolve outside ``root`` are not followed nor listed (``excluded`` collects them with their reason)."""
+    return walk_files(root, is_skipped, excluded=excluded)
 
 
 def official_split(path: Path, root: Path, include_name: bool = False) -> str:
