@@ -233,3 +233,23 @@ def test_a_root_without_statistics_still_predicts_with_the_check_off_in_the_log(
         reasons = _reasons(predictor, items)
     assert len(reasons) == 2 and not any(OOD_REASON in r for r in reasons.values())
     assert "out-of-distribution check: off (test_resnet: no ood.safetensors" in caplog.text
+
+
+def test_a_whole_image_fallback_without_a_lesion_like_region_is_referred_no_lesion_found():
+    from dermpipe.data.quality import QUALITY_NO_LESION
+    from dermpipe.ensemble.prediction import JudgedCrop, refer_reason
+    from dermpipe.segmentation.lesion import FALLBACK_ALL_BORDERS, FALLBACK_NO_LESION, FALLBACK_TOO_SMALL, LesionBox
+    from dermpipe.segmentation.prediction import CropResult
+
+    def crop(fallback: str, quality: tuple[str, ...] = (), cls=CropResult, **extra):
+        box = LesionBox(0, 0, 64, 64, mask_area=0.001, fallback=fallback)
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        return cls("x", "x.png", pixels, "k", box, np.zeros((32, 32), np.uint8), 64, 64, quality, **extra)
+
+    confident = np.array([0.9, 0.05, 0.05])
+    assert "no lesion found" in refer_reason(crop(FALLBACK_NO_LESION, (QUALITY_NO_LESION,)), confident, 0.5)
+    assert "no lesion found (lesion implausibly small)" in refer_reason(crop(FALLBACK_TOO_SMALL), confident, 0.5)
+    assert refer_reason(crop(FALLBACK_ALL_BORDERS), confident, 0.5) == ""  # a lesion filling the photo: judged
+    assert refer_reason(crop(""), confident, 0.5) == ""
+    judged = crop("", cls=JudgedCrop, unlike=f"{OOD_REASON} (feature distance 3.00 x the threshold)")
+    assert refer_reason(judged, confident, 0.5) == f"{OOD_REASON} (feature distance 3.00 x the threshold)"
