@@ -19,8 +19,9 @@ LIMITS = """\
   gets one of its classes) are outside what the metrics below describe.
 - The metrics were measured once on the held-out test split of the training data set; they say how the models did
   there, not on another clinic's patients. Rare classes are scored on few images: read the intervals.
-- Images the models cannot judge (too small, dark, blurred, no lesion found) and images below the refer threshold are
-  flagged `refer` = 1: send them to a dermatologist.
+- Images the models cannot judge (too small, dark, blurred, no lesion found), images unlike the training images (the
+  out-of-distribution check below) and images below the refer threshold are flagged `refer` = 1: send them to a
+  dermatologist.
 """
 
 

@@ -198,6 +198,7 @@ def test_the_bundle_packs_the_statistics_and_its_card_states_the_thresholds_or_t
     card = (path / "MODEL_CARD.md").read_text()
     assert f"`test_resnet`: distance threshold {ood['threshold']:.3f}, the 99.5th percentile of the 50" in card
     assert "`test_efficientnet`: check off" in card
+    assert "images unlike the training images (the\n  out-of-distribution check below)" in card
     assert "out-of-distribution check off for test_efficientnet" in caplog.text  # said at bundle time too
 
 
