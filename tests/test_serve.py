@@ -139,8 +139,8 @@ def test_a_bad_upload_gets_the_reason_batch_prediction_gives(world, client, tmp_
     bad.write_text("this is not a photo")
     out = tmp_path / "out"
     assert ensemble_predict.main(["--model", str(bundle), "--input", str(bad.parent), "--out", str(out),
-                                  "--device", "cpu", "--root", str(folder / "root-serve")]) == 0  # fmt: skip
-    with open(out / "skipped.csv", newline="") as f:
+                                  "--device", "cpu", "--root", str(folder / "root-serve")]) == 2  # fmt: skip
+    with open(out / "skipped.csv", newline="") as f:  # nothing readable: status 2, the reason in skipped.csv
         (skipped,) = list(csv.DictReader(f))
     answer = client.post("/v1/predict", files=_files(bad))
     assert answer.status_code == 415
