@@ -313,10 +313,10 @@ def _training_manifest(files: Mapping[str, Path]) -> str | None:
     return None
 
 
-def _check_chain(root: Path, backbones: Sequence[str]) -> dict[str, str]:
-    """Refuse a root whose stages the bundle packs are stale (their lineage, ``stale_stages``) or kept no lineage;
-    return the weights digests the lineage records (bundle path -> sha256), the digests of what each stage's metrics
-    scored. The vote's records of its backbones come as ``model:<backbone>``."""
+def _stale(root: Path, backbones: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The lines naming each stage the bundle would pack that is stale by its lineage (``stale_stages``) or kept no
+    lineage; and the weights digests the lineage records (bundle path -> sha256: what each stage's metrics scored;
+    ``model:<backbone>``: the classifiers the vote was fitted on), empty where a record is missing."""
     cls = ROOT_LAYOUT["classification"]
     folders = {UNET: ROOT_LAYOUT["segmentation"], META: ROOT_LAYOUT["ensemble"],
                **{classifier_weights(b): f"{cls}/{b}" for b in backbones}}  # fmt: skip
@@ -327,47 +327,65 @@ def _check_chain(root: Path, backbones: Sequence[str]) -> dict[str, str]:
         for line in stale_stages(root)
         if any(line.startswith((f"{p} ", f"{p}/")) for p in packed)
     ]  # fmt: skip
-    records = {rel: read_lineage(root / folder) for rel, folder in folders.items()}
+    records = {rel: read_lineage(root / folder) or {} for rel, folder in folders.items()}
     for rel, record in records.items():
-        if record is None and not any(line.startswith(f"{folders[rel]} ") for line in lines):
+        if not record and not any(line.startswith(f"{folders[rel]} ") for line in lines):
             lines.append(f"{folders[rel]} has no readable lineage record: rerun `dermpipe run --force` or retrain it")
-    if lines:
-        raise BundleError(f"{root} cannot be bundled: {'; '.join(lines)}")
     produced = {UNET: "weights", META: "meta", **{classifier_weights(b): "weights" for b in backbones}}
-    digests = {rel: str(records[rel]["produced"].get(key) or "") for rel, key in produced.items()}
-    vote = records[META]["consumed"]
+    digests = {rel: str((records[rel].get("produced") or {}).get(key) or "") for rel, key in produced.items()}
+    vote = records[META].get("consumed") or {}
     digests.update({f"model:{b}": str(vote.get(f"model:{b}") or "") for b in backbones})
-    return digests
+    return lines, digests
 
 
-def _check_packed(root: Path, packed: Mapping[str, Path], lineage: Mapping[str, str], backbones: Sequence[str]) -> None:
-    """Refuse what would be packed unless it is what the lineage and the weights' own records say: each stage's
-    weights are those its lineage (and so its metrics) names, the vote was fitted on the classifiers packed beside it,
-    and those were trained on crops of the U-Net packed beside them."""
-    digest = {rel: file_digest(packed[rel]) for rel in (UNET, META, *map(classifier_weights, backbones))}
-    vote_meta = read_metadata(packed[META])
-    recorded = vote_meta.get("weights_digests") if isinstance(vote_meta.get("weights_digests"), dict) else {}
+def _weights_digests(files: Mapping[str, Path], backbones: Sequence[str]) -> dict[str, str]:
+    """The sha256 of each weights file the bundle packs (bundle path -> sha256)."""
+    return {rel: file_digest(files[rel]) for rel in (UNET, META, *map(classifier_weights, backbones))}
+
+
+def _mismatches(
+    root: Path, files: Mapping[str, Path], digest: Mapping[str, str], lineage: Mapping[str, str] | None
+) -> list[str]:
+    """The lines naming each packed stage whose weights are not those the others were made with: the vote fitted on
+    other classifier weights, classifiers trained on crops of another U-Net (both from the weights' own records),
+    and, given the ``lineage`` digests, weights other than those a stage's lineage (so its metrics) names."""
+    vote = read_metadata(files[META])
+    backbones = list(vote["backbones"])
+    recorded = vote.get("weights_digests") if isinstance(vote.get("weights_digests"), dict) else {}
     lines = []
-    for rel in (UNET, *map(classifier_weights, backbones), META):
+    for rel in (UNET, *map(classifier_weights, backbones), META) if lineage is not None else ():
         if lineage[rel] != digest[rel]:
-            folder = str(Path(rel).parent.as_posix())
-            lines.append(f"{folder}: its lineage (and metrics) are of weights {short(lineage[rel])} but {rel} is "
-                         f"{short(digest[rel])}: retrain it")  # fmt: skip
+            lines.append(f"{Path(rel).parent.as_posix()}: its lineage (and metrics) are of weights "
+                         f"{short(lineage[rel])} but {rel} is {short(digest[rel])}: retrain it")  # fmt: skip
     for b in backbones:
         have = digest[classifier_weights(b)]
-        fitted = {lineage[f"model:{b}"], *([recorded[b]] if recorded.get(b) else [])}
-        if fitted != {have}:
+        fitted = {
+            *([lineage[f"model:{b}"]] if lineage is not None else []),
+            *([recorded[b]] if recorded.get(b) else []),
+        }
+        if fitted - {have}:
             lines.append(f"{ROOT_LAYOUT['ensemble']}: the vote was fitted on {b} "
                          f"{' / '.join(short(d) for d in sorted(fitted))} but the bundle would pack {b} {short(have)}: "
                          f"fit the vote again (`python ensemble/vote.py --root {root}`)")  # fmt: skip
-        crops = read_metadata(packed[classifier_weights(b)]).get("crops")
+        crops = read_metadata(files[classifier_weights(b)]).get("crops")
         unet = crops.get("segmentation_weights") if isinstance(crops, dict) else None
         if unet and unet != digest[UNET]:
             lines.append(f"{ROOT_LAYOUT['classification']}/{b} was trained on crops of U-Net {short(unet)} but the "
                          f"bundle would pack U-Net {short(digest[UNET])}: make the crops again and retrain it "
                          f"(`dermpipe run --root {root}`)")  # fmt: skip
+    return lines
+
+
+def _check_chain(root: Path, files: Mapping[str, Path], backbones: Sequence[str]) -> dict[str, str]:
+    """Refuse a root whose packed stages do not belong together (stale by their lineage, without lineage, or of
+    other weights than those the others were made with), naming each; return the packed weights' digests, which the
+    lineage, and so each stage's metrics, names."""
+    stale, lineage = _stale(root, backbones)
+    digest = _weights_digests(files, backbones)
+    lines = [*stale, *_mismatches(root, files, digest, None if stale else lineage)]
     if lines:
         raise BundleError(f"{root} cannot be bundled: {'; '.join(lines)}")
+    return digest
 
 
 def _checksums(folder: Path) -> str:
@@ -389,7 +407,7 @@ def write_bundle(root: str | os.PathLike, out: str | os.PathLike, archive: bool 
         raise BundleError(f"{out} already exists: pass another --out (a bundle is never overwritten)")
     files, vote = _stage_sources(root)
     backbones = list(vote["backbones"])
-    lineage = _check_chain(root, backbones)
+    digests = _check_chain(root, files, backbones)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, recursive=False)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -399,8 +417,9 @@ def write_bundle(root: str | os.PathLike, out: str | os.PathLike, archive: bool 
             (partial / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, partial / rel)
         packed = {rel: partial / rel for rel in files}
-        _check_packed(root, packed, lineage, backbones)  # what was copied, not what the root holds a moment later
-        info = _bundle_info(out.name, root, packed, lineage)
+        if _weights_digests(packed, backbones) != digests:  # what was copied is what was checked
+            raise BundleError(f"{root} changed while it was bundled (a stage was retrained?): bundle it again")
+        info = _bundle_info(out.name, root, packed, digests)
         for warning in card_warnings(info, _read_json(partial / "ensemble" / "summary.json")):
             logger.warning("bundle %s: %s", out.name, warning)
         (partial / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")

@@ -130,6 +130,8 @@ def test_a_root_whose_unet_was_retrained_after_the_classifiers_is_refused_naming
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {root} cannot be bundled: ")
     assert "crops was made from the U-Net" in err and "rerun `dermpipe run`" in err
+    for b in BACKBONES:  # the classifiers too, by their own record of the U-Net behind their crops
+        assert f"classification/{b} was trained on crops of U-Net " in err
     assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle*"))
     assert _files(root) == before
 
