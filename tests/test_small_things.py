@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import write_untrained_pipeline
 
+from dermpipe.classification.probability_tables import read_probability_table, write_probability_table
 from dermpipe.data import convert
 from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.manifest import Manifest
@@ -25,7 +26,10 @@ from dermpipe.engine.cli import run_cli
 from dermpipe.engine.files import write_text_atomic
 from dermpipe.ensemble import merge as merge_script
 from dermpipe.ensemble import predict as predict_script
+from dermpipe.ensemble.stacked_tables import read_backbone_table
 from dermpipe.errors import plain_message
+from dermpipe.segmentation import predict as segmentation_predict
+from dermpipe.segmentation import score as score_script
 from dermpipe.segmentation import train as segmentation_train
 from dermpipe.serve.page import page_html
 
@@ -127,6 +131,36 @@ def test_a_manifest_of_formula_ids_is_escaped_and_scored_against_its_truth(stage
     for row in rows:
         assert got[row["image_id"]]["truth"] == row["label"]
         assert got[row["image_id"]]["correct"] == str(int(got[row["image_id"]]["predicted"] == row["label"]))
+
+
+def test_probability_tables_and_crops_escape_formula_ids_and_read_them_back(stages, tmp_path):
+    probs = np.full((len(FORMULA_IDS), 3), 1 / 3)
+    meta = {"backbone": "b", "source": "val", "trained_on": "train", "weights_digest": "0" * 64, "settings": {}}
+    labels = ["mel"] * len(FORMULA_IDS)
+    keys = [f"k{i}" for i in range(len(FORMULA_IDS))]
+    path = write_probability_table(tmp_path / "cls" / "b", "val", FORMULA_IDS, keys, labels, probs, CLASSES, meta)
+    assert all(_safe(row) for row in _raw(path))
+    assert read_probability_table(tmp_path / "cls" / "b", "val")[0] == FORMULA_IDS  # what the vote trains on
+    assert read_backbone_table(tmp_path / "cls", "b", "val").ids == FORMULA_IDS
+
+    photos = tmp_path / "photos"
+    _photos(photos, FORMULA_IDS)
+    crops = tmp_path / "crops"
+    argv = ["--input", str(photos), "--run", str(stages / "seg"), "--out", str(crops), "--device", "cpu",
+            "--set", f"run.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert segmentation_predict.main(argv) == 0
+    for name in ("crops.csv", "boxes.csv"):
+        assert all(_safe(row) for row in _raw(crops / name)), name
+    assert sorted(r["image_id"] for r in Manifest.read(crops / "crops.csv").rows) == sorted(FORMULA_IDS)
+
+    for folder in ("truth", "pred"):  # ISIC mask scoring's per-image table, of masks named like formulas
+        (tmp_path / folder).mkdir()
+        for name in ("-rf", "=x", "@y"):
+            cv2.imwrite(str(tmp_path / folder / f"{name}.png"), np.full((8, 8), 255, np.uint8))
+    scores = tmp_path / "scores.csv"
+    assert score_script.main([str(tmp_path / "truth"), str(tmp_path / "pred"), "--csv", str(scores)]) == 0
+    table = _raw(scores)
+    assert all(_safe(row) for row in table) and sorted(r[0] for r in table[1:]) == ["'-rf", "'=x", "'@y"]
 
 
 # --- a full or read-only disk names the path; no "[Errno N]" reaches a user ------------------------------------------
