@@ -273,6 +273,12 @@ def measure(args: argparse.Namespace) -> int:
         reasons[crop.image_id] = refer_reason(crop, probs, predictor.refer_threshold)
     seconds = time.time() - start
     skipped_ids = {row["image_id"] for row in skipped.rows}
+    # each backbone's distance over its threshold (from the cache the prediction filled), for the rules compared
+    ratios: dict[str, list[float]] = {}
+    passed = list(skipped.passed(predictor.segmenter.crop([i for i in [*test, *junk_items] if i[0] in reasons])))
+    scored = [c.scored(passed)[1] for c in predictor.classifiers]
+    for n, crop in enumerate(passed):
+        ratios[crop.image_id] = [float(r[n]) for r in scored if r is not None]
     result: dict[str, Any] = {
         "command": "python benchmarks/ood_real.py measure",
         "ood_check": predictor.ood_check,
@@ -289,13 +295,25 @@ def measure(args: argparse.Namespace) -> int:
             )
             for kind, paths in junk.items()
         },
+        "rules": {
+            rule: {
+                name: round(float(np.mean([decide(np.array(ratios[i])) for i, _ in items if i in ratios])), 4)
+                for name, items in (("real_test", test), ("junk", junk_items))
+            }
+            for rule, decide in (
+                ("mean ratio above 1 (used)", lambda r: r.mean() > 1),
+                ("any backbone above its threshold", lambda r: (r > 1).any()),
+                ("every backbone above its threshold", lambda r: (r > 1).all()),
+            )
+        },  # fmt: skip
         "junk_reasons": {i: reasons.get(i, "skipped") for i, _ in junk_items},
+        "junk_ratios": {i: ratios.get(i) for i, _ in junk_items},
         "predict_seconds": round(seconds, 1),
     }
     crops = [read_image(p) for p in sorted((root / "crops" / "crops").glob("*.png"))[: args.cost_images]]
     result["check_cost"] = check_cost(root, crops)
     (out / "ood.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "junk_reasons"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("junk_reasons", "junk_ratios")}, indent=1))
     return 0
 
 
