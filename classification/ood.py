@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dermpipe.engine.files import atomic_path
+from dermpipe.errors import plain_message
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def read_backbone_ood(backbone_dir: Path, weights_digest: str) -> tuple[OodStats
     try:
         stats = load_ood(path)
     except (OSError, ValueError, KeyError) as e:
-        return None, f"{path} cannot be read ({e}): retrain the backbone"
+        return None, f"{path} cannot be read ({plain_message(e)}): retrain the backbone"
     if stats.weights_digest != weights_digest:
         return None, f"{path} was fitted on other weights than {backbone_dir / 'best.safetensors'}: retrain it"
     return stats, ""
@@ -230,7 +231,7 @@ def ood_description(path: Path, weights: Path) -> dict[str, Any]:
     try:
         stats = load_ood(path)
     except (OSError, ValueError, KeyError) as e:
-        return {"usable": False, "why": f"cannot be read ({e})"}
+        return {"usable": False, "why": f"cannot be read ({plain_message(e)})"}
     fitted = stats.weights_digest == file_digest(weights)
     return {
         "usable": fitted,

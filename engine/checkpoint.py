@@ -19,7 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from dermpipe.engine.cache import library_versions
 from dermpipe.engine.files import atomic_path, file_digest
-from dermpipe.errors import DermpipeError
+from dermpipe.errors import DermpipeError, plain_message
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {path} is not a readable safetensors file ({e}); re-export or retrain it"
+            f"checkpoint {path} is not a readable safetensors file ({plain_message(e)}); re-export or retrain it"
         ) from None
     return {k: _decode(v) for k, v in raw.items()}
 
@@ -114,7 +114,7 @@ def load_checkpoint(
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged ({e}); retrain or copy it again") from None
+        raise CheckpointError(f"checkpoint {path} is damaged ({plain_message(e)}); retrain or copy it again") from None
     return state, meta
 
 

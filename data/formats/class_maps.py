@@ -13,7 +13,7 @@ import yaml
 from dermpipe.data.formats.ham10000 import HAM10000_CLASSES
 from dermpipe.data.formats.isic import BINARY_CLASSES
 from dermpipe.data.formats.layout import ConversionError, ConversionResult
-from dermpipe.errors import did_you_mean
+from dermpipe.errors import did_you_mean, plain_message
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def _map_from_file(path: Path) -> ClassMap:
         text = path.read_text()
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as error:
-        raise ConversionError(f"cannot read class map {path}: {error}") from error
+        raise ConversionError(f"cannot read class map {path}: {plain_message(error)}") from error
     classes: list[str] = []
     if isinstance(data, dict) and isinstance(data.get("map"), dict):
         classes = [str(c) for c in data.get("classes") or []]
