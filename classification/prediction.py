@@ -181,9 +181,11 @@ class CropProbabilities:
                 hit = None  # cached before the features were kept: computed again, with them
             out.append(hit[0]["probs"] if hit is not None else None)
             pooled.append(hit[0].get("features") if hit is not None else None)
-        todo = [i for i, p in enumerate(out) if p is None]
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
+        # A batch that holds a miss is computed whole, as a run that found nothing cached computes it: a forward
+        # pass's last bits depend on the batch's size and on a crop's place in it (the kernels' order of summation),
+        # so computing the misses alone would give a recomputed entry other bits than the first computation's.
+        batches = [range(s, min(s + self.batch_size, len(keys))) for s in range(0, len(keys), self.batch_size)]
+        for chunk in (list(b) for b in batches if any(out[i] is None for i in b)):
             probs, feats = predict_with_features(
                 self.model,
                 [image(i) for i in chunk],
@@ -197,6 +199,8 @@ class CropProbabilities:
                 features=self.features,
             )
             for j, (i, p) in enumerate(zip(chunk, probs)):
+                if out[i] is not None:  # a hit computed again beside the misses: its entry stays as it is
+                    continue
                 arrays = {"probs": p} if feats is None else {"probs": p, "features": feats[j]}
                 self.cache.put(keys[i], arrays)
                 out[i], pooled[i] = p, None if feats is None else feats[j]

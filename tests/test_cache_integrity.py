@@ -197,3 +197,37 @@ def test_prediction_over_swapped_and_permuted_entries_equals_a_clean_run(stages,
     shutil.rmtree(tmp_path / "again")
     assert _predict(stages, photos, tmp_path / "again", cache) == clean
     assert "cache: 12 reused, 0 computed" in capsys.readouterr().out
+
+
+# ---- a recomputed entry is bit-identical to the first computation
+
+
+def test_recomputed_probabilities_are_bit_identical(tmp_path, one_thread):
+    """Crops recomputed while the rest of their batch is still cached get exactly the first computation's
+    probabilities: a batch that holds a miss is computed whole, as the first run computed it (computing the misses
+    alone, in a smaller batch and at other places in it, moved their last bits)."""
+    import torch
+
+    from dermpipe.classification.backbones import build_classifier
+    from dermpipe.classification.prediction import CropProbabilities
+    from dermpipe.data.generator import make_sample
+
+    torch.manual_seed(0)
+    model = build_classifier("test_convnext", len(CLASSES), False).eval()  # its sums move with the batch
+    model.input_size = 64
+    rng = np.random.default_rng(0)
+    crops = [make_sample(rng, CLASSES[i % 3], 64)[0] for i in range(8)]
+    keys = [f"crop-{i}" for i in range(8)]
+
+    def predictor():
+        return CropProbabilities(model, "weights", StageCache(tmp_path, "crop_probabilities"), batch_size=4)
+
+    first = predictor()
+    probs = first(keys, lambda i: crops[i])
+    stored = {i: first.cache.path(first.key(k)).read_bytes() for i, k in enumerate(keys)}
+    for i in (1, 4, 6):  # lost: the next run computes these three again, beside five hits
+        first.cache.path(first.key(keys[i])).unlink()
+    again = predictor()
+    assert again(keys, lambda i: crops[i]).tobytes() == probs.tobytes()
+    assert (again.cache.reused, again.cache.computed) == (5, 3)
+    assert all(again.cache.path(again.key(k)).read_bytes() == stored[i] for i, k in enumerate(keys))
