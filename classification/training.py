@@ -244,13 +244,22 @@ def classification_conflicts(cfg: ClassificationConfig) -> list[Conflict]:
         )
         for i in chosen
     ]
-    if cfg.train.fold < 0 and cfg.train.fold_models == "refit":
+    if cfg.train.fold >= 0 or (cfg.train.fold_models == "refit" and _holds_fold_mean(backbone_dir)):
+        pass  # one fold alone ships nothing; a fold mean is made again alike from the folds: a refit may replace it
+    elif cfg.train.fold_models == "refit":
         plain = replace(cfg, train=replace(cfg.train, folds=0, fold=-1))
         key = training_fingerprint(plain, cfg.data.manifest, None)
         found.append(training_conflict(backbone_dir, key, _shipped_settings(cfg), _what(cfg, None)))
-    elif cfg.train.fold < 0:
+    else:
         found.append(_fold_mean_conflict(cfg, backbone_dir))
     return [c for c in found if c is not None]
+
+
+def _holds_fold_mean(backbone_dir: Path) -> bool:
+    try:
+        return str(load_resume_state(backbone_dir / STATE_FILE).get("fingerprint", "")).startswith("fold mean ")
+    except CheckpointError:
+        return False
 
 
 def _fold_mean_conflict(cfg: ClassificationConfig, backbone_dir: Path) -> Conflict | None:
@@ -282,7 +291,10 @@ def train_fold(
     rows = split_rows(manifest, cfg, fold)
     key = training_fingerprint(cfg, cfg.data.manifest, fold)
     settings = dict(record) if record is not None else training_settings(cfg, cfg.data.manifest, fold)
-    finished = claim_run(run.dir, key, settings, _what(cfg, fold), cfg.run.force, resume)
+    if record is not None and not resume and _holds_fold_mean(run.dir):  # made again alike from the folds, kept
+        finished, note = None, f"replacing the mean of the fold models in {run.dir} by a model refitted on train"
+    else:
+        finished, note = claim_run(run.dir, key, settings, _what(cfg, fold), cfg.run.force, resume)
     model: LesionClassifier | None = None
     if finished is not None:
         # Size and normalisation from the checkpoint: no model build, so no weights download either.
@@ -307,7 +319,7 @@ def train_fold(
         history = read_metrics(run.dir / "metrics.csv", METRIC_COLUMNS, 10**9)
     else:
         fit_ds = dataset(rows.fit, build_transform(cfg.data.augment, size, train=True, mean=mean, std=std))
-        history = _fit(cfg, run, model, rows, fit_ds, monitor_ds, classes, fold, key, settings, resume)
+        history = _fit(cfg, run, model, rows, fit_ds, monitor_ds, classes, fold, key, settings, resume, note)
     if not is_main():  # under torchrun rank 0 alone evaluates and writes the tables
         return {"run_dir": str(run.dir), "rank": rank()}
     return _after_training(cfg, run, rows, monitor_ds, dataset, classes, column, history)
@@ -370,6 +382,7 @@ def _fit(
     key: str,
     settings: Mapping[str, Any],
     resume: bool,
+    note: str = "",
 ) -> list[dict[str, Any]]:
     """Loss, optimiser and schedule for this backbone, then the engine's loop; returns the history."""
     t = cfg.train
@@ -409,6 +422,7 @@ def _fit(
         fingerprint=key,
         stage=STAGE,
         settings=settings,
+        note=note,
     )
     steps = loop.steps_per_epoch(len(stage.first))
     # the head-only phase ends at freeze_epochs; the whole network then warms up again at unfreeze_lr_scale x lr

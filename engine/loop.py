@@ -97,6 +97,7 @@ class LoopSettings:
     max_steps_per_epoch: int = 0
     ema_decay: float = 0.0  # > 0: validate and keep as best a moving average of the weights (timm's ModelEmaV3)
     settings: Mapping[str, Any] | None = field(default=None, compare=False)  # what the fingerprint stands for, kept
+    note: str = ""  # logged once the run folder's log is open (e.g. that --force replaces a finished run)
 
     @classmethod
     def from_train(cls, train: Any, seed: int, **fields: Any) -> LoopSettings:
@@ -270,17 +271,17 @@ def training_conflict(run_dir: Path, fingerprint: str, settings: Mapping[str, An
 
 def claim_run(
     run_dir: Path, fingerprint: str, settings: Mapping[str, Any], what: str, force: bool = False, resume: bool = False
-) -> dict[str, Any] | None:
-    """Before a stage writes into ``run_dir``: refuse a run there made with other settings (unless ``force``, said in
-    the log), and return the finished state to reuse (``None``: train)."""
+) -> tuple[dict[str, Any] | None, str]:
+    """Before a stage writes into ``run_dir``: refuse a run there made with other settings unless ``force``. Returns
+    the finished state to reuse (``None``: train) and what the log is to say of a run that ``force`` replaces."""
     if resume:
-        return None  # ``fit`` refuses a resume with other settings, naming them
-    refuse_or_replace(training_conflict(run_dir, fingerprint, settings, what), force)
+        return None, ""  # ``fit`` refuses a resume with other settings, naming them
+    note = refuse_or_replace(training_conflict(run_dir, fingerprint, settings, what), force)
     if force:
-        if finished_state(run_dir, fingerprint, warn=False) is not None:
-            logger.warning("--force: retraining the finished %s in %s", what, run_dir)
-        return None
-    return finished_state(run_dir, fingerprint)
+        if not note and finished_state(run_dir, fingerprint, warn=False) is not None:
+            note = f"--force: retraining the finished {what} in {run_dir}"
+        return None, note
+    return finished_state(run_dir, fingerprint), ""
 
 
 def unfinished(run_dir: Path) -> bool:
@@ -346,6 +347,8 @@ def fit(
             logger.info("resuming at epoch %d of %d (best %s %.4f at epoch %d)", start + 1, s.epochs, s.monitor,
                         best, best_epoch)  # fmt: skip
     run.begin()  # everything validated: from here on the run folder is written (by rank 0 alone under torchrun)
+    if s.note:
+        logger.warning("%s", s.note)
     main = is_main()
     if main and not resume and metrics_path.exists():
         metrics_path.unlink()

@@ -109,14 +109,14 @@ def conflict(
     return Conflict(Path(folder), what, finished, keys)
 
 
-def refuse_or_replace(found: Conflict | None, force: bool) -> None:
-    """Refuse ``found`` (``RerunError``, one line naming the keys and the two ways on) unless ``force``, when the
-    log says which run is being replaced."""
+def refuse_or_replace(found: Conflict | None, force: bool) -> str:
+    """Refuse ``found`` (``RerunError``, one line naming the keys and the two ways on) unless ``force``; returns
+    the line the run's log then gives (``""``: nothing is replaced), to log once the run folder's log is open."""
     if found is None:
-        return
+        return ""
     if not force:
         raise RerunError(f"{found.line()}; {FIX}")
-    logger.warning("--force: replacing what %s holds (%s)", found.folder, found.line().split(" holds ", 1)[1])
+    return f"--force: replacing what {found.folder} holds ({found.line().split(' holds ', 1)[1]})"
 
 
 def refuse_all(found: Iterable[Conflict | str], force: bool, fix: str = "choose another --root") -> None:

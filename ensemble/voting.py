@@ -125,7 +125,8 @@ def write_vote_lineage(cfg: EnsembleConfig, out: Path) -> None:
         folder = Path(d.classification_root) / backbone
         for split in (d.fit_split, d.test_split):
             consumed[f"tables:{backbone}:{split}"] = file_sha256(folder / f"probs_{split}.csv")
-        consumed[f"model:{backbone}"] = file_sha256(folder / "best.safetensors")
+        if (folder / "best.safetensors").is_file():  # tables alone (made elsewhere) name no weights here
+            consumed[f"model:{backbone}"] = file_sha256(folder / "best.safetensors")
     write_lineage(out, "vote", consumed, {"meta": file_sha256(out / META_FILE)})
 
 
@@ -175,7 +176,7 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     test_all = load_probability_tables(d.classification_root, d.backbones, d.test_split)
     check_fit_and_test_agree(fit_all, test_all)
     key, settings = vote_key(cfg, fit_all, test_all), vote_settings(cfg, fit_all, test_all)
-    refuse_or_replace(vote_conflict(run.dir, key, settings), cfg.run.force)  # before anything is written
+    note = refuse_or_replace(vote_conflict(run.dir, key, settings), cfg.run.force)  # before anything is written
     if not cfg.run.force and (done := finished_vote(run.dir, key)) is not None:
         logger.info("reused the finished vote in %s (same tables and settings; --force refits)", run.dir)
         write_vote_lineage(cfg, run.dir)
@@ -257,6 +258,8 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
 
     # --- outputs ---
     run.begin()  # everything fitted and scored: from here on the run folder is written
+    if note:
+        logger.warning("%s", note)
     out = run.dir
     paths = {
         "methods": write_methods_table(out / "methods.csv", rows, classes),

@@ -149,7 +149,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
     t = cfg.train
     manifest = Manifest.read(cfg.data.manifest)
     key, recorded = training_fingerprint(cfg), training_settings(cfg)
-    done = claim_run(run.dir, key, recorded, "U-Net", cfg.run.force, resume)  # refused before anything is written
+    done, note = claim_run(run.dir, key, recorded, "U-Net", cfg.run.force, resume)  # refused before anything is written
     train_loader, val_loader, val_manifest = _loaders(cfg, manifest, run)
     if done is not None:
         logger.info("training already finished with these settings in %s; reusing it (--force retrains)", run.dir)
@@ -163,7 +163,7 @@ def train_segmentation(cfg: SegmentationConfig, run: Run, resume: bool = False) 
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         settings = LoopSettings.from_train(
             t, cfg.run.seed, columns=METRIC_COLUMNS, monitor="val_jaccard", ema_decay=t.ema_decay, fingerprint=key,
-            stage=STAGE, settings=recorded,
+            stage=STAGE, settings=recorded, note=note,
         )  # fmt: skip
         steps = settings.steps_per_epoch(len(train_loader))
         schedule = Schedule(t.schedule, steps * t.epochs, int(t.warmup_epochs * steps))

@@ -416,7 +416,7 @@ def test_vote_end_to_end_writes_every_method(tables, tmp_path, capsys):
     assert all((float(p["top_probability"]) < summary["refer_threshold"]) == (p["refer"] == "1") for p in preds)
 
 
-def test_a_finished_vote_is_reused_and_refitted_when_asked_or_changed(tables, tmp_path, monkeypatch):
+def test_a_finished_vote_is_reused_refitted_when_asked_and_kept_when_changed_unasked(tables, tmp_path, monkeypatch):
     import dermpipe.ensemble.voting
 
     out = tmp_path / "run"
@@ -431,7 +431,8 @@ def test_a_finished_vote_is_reused_and_refitted_when_asked_or_changed(tables, tm
     assert calls == [] and (out / "summary.json").read_text() == first
     assert main([*_args(tables, out), "--force"]) == 0
     assert calls == [1]
-    assert main([*_args(tables, out), "--set", "meta.epochs=50"]) == 0
+    assert main([*_args(tables, out), "--set", "meta.epochs=50"]) == 2  # other settings: refused, the vote kept
+    assert main([*_args(tables, out), "--set", "meta.epochs=50", "--force"]) == 0
     assert calls == [1, 1]
     # new tables (two probabilities of one image swapped) are a new vote too
     path = tables / BACKBONES[0] / "probs_test.csv"
@@ -439,7 +440,8 @@ def test_a_finished_vote_is_reused_and_refitted_when_asked_or_changed(tables, tm
     cells = text[1].split(",")
     cells[3], cells[4] = cells[4], cells[3]
     path.write_text("\n".join([text[0], ",".join(cells), *text[2:]]) + "\n")
-    assert main([*_args(tables, out), "--set", "meta.epochs=50"]) == 0
+    assert main([*_args(tables, out), "--set", "meta.epochs=50"]) == 2
+    assert main([*_args(tables, out), "--set", "meta.epochs=50", "--force"]) == 0
     assert calls == [1, 1, 1]
     # a summary whose files are gone is not a finished vote
     (out / "methods.csv").unlink()
