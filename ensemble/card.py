@@ -203,9 +203,9 @@ def _trust_checks(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     lines = [
         "## Referral checks",
         "",
-        "An image whose pooled classifier features lie far from the training images' (the Mahalanobis distance to "
-        "the nearest class mean, over a threshold set on held-out crops; the mean over the backbones of distance / "
-        'threshold above 1) is referred as "unlike the training images"; an image where the U-Net finds no lesion '
+        "An image whose pooled classifier features lie far from the training images' (the Mahalanobis distance to",
+        "the nearest class mean, over a threshold set on held-out crops; the mean over the backbones of distance /",
+        'threshold above 1) is referred as "unlike the training images"; an image where the U-Net finds no lesion',
         'is referred as "no lesion found".',
         "",
     ]
