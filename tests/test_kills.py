@@ -160,7 +160,7 @@ def world(tmp_path_factory):
         manifest = Manifest.read(data)
         manifest = manifest.with_column("crop_path", [r["image_path"] for r in manifest.rows])
         manifest = manifest.with_column("crop_key", [file_digest(r["image_path"]) for r in manifest.rows])
-        crops = manifest.write(root / "crops.csv")
+        crops = manifest.write(root / "crops" / "crops.csv")  # a folder of its own: the outputs beside it are not in it
         with pytest.MonkeyPatch.context() as mp:
             steps = _counting_steps(mp)
             assert train_script.main(_train_args(crops, root / "train_A")) == 0
