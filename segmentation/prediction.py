@@ -243,6 +243,10 @@ class SegmentationPredictor:
         hit = self.cache.get(key)
         if hit is not None:
             return _Hit(image_id, path, key, *hit)
+        return self._read(image_id, path, key)
+
+    def _read(self, image_id: str, path: str, key: str) -> Skipped | Pending:
+        """One input read, decoded, checked and preprocessed for the U-Net."""
         try:
             original = image_size(path)
             image = read_image(path, max_side=decode_size(self.predict_cfg.crop_size))
@@ -261,12 +265,21 @@ class SegmentationPredictor:
                 results[i] = self._result(p.image_id, p.path, p.key, p.arrays, p.meta)
             else:
                 todo.append((i, p))
+        if todo and len(todo) < sum(not isinstance(p, Skipped) for p in prepared):
+            # the hits beside a miss run again too, so the U-Net sees the batch a run with nothing cached saw: a
+            # forward pass's last bits depend on the batch's size and on an image's place in it, and a recomputed
+            # entry must equal the first computation; their results are dropped, their entries stay as they are
+            again = [(i, self._read(p.image_id, p.path, p.key)) for i, p in enumerate(prepared) if isinstance(p, _Hit)]
+            todo = sorted(todo + [(i, t) for i, t in again if not isinstance(t, Skipped)], key=lambda it: it[0])
         if todo:
-            for (i, _), result in zip(todo, self._run_batch([t for _, t in todo])):
-                results[i] = result
+            missed = [results[i] is None for i, _ in todo]
+            for (i, _), result in zip(todo, self._run_batch([t for _, t in todo], missed)):
+                if result is not None:
+                    results[i] = result
         return results  # type: ignore[return-value]
 
-    def _run_batch(self, batch: list[Pending]) -> Iterator[CropResult]:
+    def _run_batch(self, batch: list[Pending], keep: Sequence[bool] | None = None) -> Iterator[CropResult | None]:
+        """The U-Net over ``batch``: each image's crop, stored in the cache, or ``None`` where ``keep`` says not."""
         p = self.predict_cfg
         probs = predict_probabilities(
             self.model,
@@ -277,7 +290,10 @@ class SegmentationPredictor:
             p.tta,
             p.tta_rotations,
         )
-        for (image_id, path, key, image, (height, width), quality), prob in zip(batch, probs):
+        for n, ((image_id, path, key, image, (height, width), quality), prob) in enumerate(zip(batch, probs)):
+            if keep is not None and not keep[n]:
+                yield None
+                continue
             h, w = image.shape[:2]
             mask = clean_mask(cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR) > p.threshold)
             box = lesion_box(mask, p.margin, p.min_area)

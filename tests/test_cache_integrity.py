@@ -231,3 +231,34 @@ def test_recomputed_probabilities_are_bit_identical(tmp_path, one_thread):
     assert again(keys, lambda i: crops[i]).tobytes() == probs.tobytes()
     assert (again.cache.reused, again.cache.computed) == (5, 3)
     assert all(again.cache.path(again.key(k)).read_bytes() == stored[i] for i, k in enumerate(keys))
+
+
+def test_recomputed_crops_see_the_batch_the_first_run_saw(stages, tmp_path, monkeypatch, one_thread):
+    """The U-Net computes a lost crop beside the rest of its batch (cached or not), so the recomputed entry comes
+    from the same forward pass a run with nothing cached made, and equals the first entry byte for byte."""
+    import torch
+
+    from dermpipe.configs.loader import load_config
+    from dermpipe.segmentation import prediction as module
+    from dermpipe.segmentation.config import SegmentationConfig
+
+    photos = write_photos(tmp_path / "photos", 6, seed=5, classes=CLASSES)
+    items = [(p.stem, str(p)) for p in sorted(photos.iterdir())]
+    cfg = load_config(SegmentationConfig, stages / "seg" / "config.yaml")
+    seen, real = [], module.predict_probabilities
+    monkeypatch.setattr(
+        module, "predict_probabilities", lambda model, images, *a: seen.append(len(images)) or real(model, images, *a)
+    )
+
+    def predictor():
+        return module.SegmentationPredictor(stages / "seg" / "best.safetensors", cfg, torch.device("cpu"), tmp_path)
+
+    first = predictor()
+    crops = [r.crop_key for r in first.crop(items)]
+    stored = {k: first.cache.path(k).read_bytes() for k in crops}
+    for k in crops[1:3]:
+        first.cache.path(k).unlink()
+    again = predictor()
+    assert [r.crop_key for r in again.crop(items)] == crops and (again.cache.reused, again.cache.computed) == (4, 2)
+    assert seen == [4, 2, 4]  # batches of 4: the lost crops' batch ran whole again, the other one not at all
+    assert all(again.cache.path(k).read_bytes() == stored[k] for k in crops)
