@@ -11,9 +11,11 @@ What makes a folder finished, by the files in it:
 - a bundle: ``bundle.json`` and ``SHA256SUMS``;
 - a training run (U-Net, backbone, vote): ``best.safetensors``, ``last.safetensors``, ``meta.safetensors``,
   ``last_state.pt`` or ``summary.json``;
-- a crops folder: ``crops.csv`` (the crops the classifiers train on);
-- a run root: ``summary.md``, or a stage folder of the root's layout that is one of the above. A run root is refused
-  only as the output folder itself; the folders a command makes inside it (``ROOT/predict``) are its outputs.
+- a crops folder: ``crops.csv`` (the crops the classifiers train on).
+
+A run root (``summary.md``, or a stage folder of the root's layout that is one of the above) holds outputs of its
+own beside its stage folders (``ROOT/predict``, the demo's ``predictions.csv`` and report): only its summary table is
+refused as an output file.
 
 A command may write into a finished folder of its own kind where that is its rerun (``segment --out ROOT/crops``).
 """
@@ -58,12 +60,12 @@ def finished_folder(path: str | os.PathLike, *, is_file: bool = False, own: str 
     itself makes (``crops`` for ``segment``), allowed as the output folder itself."""
     target = Path(path).resolve()
     start = target.parent if is_file else target
+    if is_file and target.name == ROOT_MARKER and _is_run_root(start):
+        return f"{target} is the summary of the run root {start}"
     for folder in (start, *start.parents):
         kind = _finished_kind(folder)
         if kind is not None and not (folder == start and kind == own):
             return f"{folder} is {_WHAT[kind]}"
-        if folder == start and _is_run_root(folder):
-            return f"{folder} is a run root (its stage folders and summary sit there)"
     return None
 
 

@@ -108,7 +108,8 @@ def test_serve_upload_dir_inside_a_bundle_is_refused(bundle, capsys):
 
 def test_what_counts_as_finished(bundle, root, tmp_path):
     assert finished_folder(root / "predict") is None  # a run root's own output folder
-    assert "run root" in finished_folder(root)  # but not the root itself
+    assert finished_folder(root) is None  # the demo writes its predictions and report beside the stage folders
+    assert "run root" in finished_folder(root / "summary.md", is_file=True)  # but never over its summary table
     assert finished_folder(root / "crops", own="crops") is None  # segment's rerun into its own crops folder
     assert "crops folder" in finished_folder(root / "crops")
     assert "training run" in finished_folder(root / "classification" / BACKBONES[0] / "sub")
