@@ -37,9 +37,10 @@ for row in Manifest.read("runs/ham.csv").select("test").rows[:40]:
         os.symlink(Path(row["image_path"]).resolve(), link)
 PYEOF
 timed "$PY" "$REPO/ensemble/predict.py" --input photos/ --root runs/ham --output predictions.csv
-rm -rf ham-v1 ham-v1.tar.gz from-bundle
+rm -rf ham-v1 ham-v1.tar.gz from-bundle from-bundle-cache
 timed "$REPO/.venv/bin/dermpipe" bundle --root runs/ham --out ham-v1
-timed "$REPO/.venv/bin/dermpipe" predict --model ham-v1 --input photos/ --out from-bundle
+# a cold cache of its own (without run.cache_dir, prediction from a bundle caches in the user's cache folder)
+timed "$REPO/.venv/bin/dermpipe" predict --model ham-v1 --input photos/ --out from-bundle --set run.cache_dir=from-bundle-cache
 timed "$REPO/.venv/bin/dermpipe" run --manifest runs/ham.csv --root runs/ham \
   $(for x in $SEG; do case $x in --set) printf -- '--set ';; --epochs) printf -- '--set segmentation.train.epochs=';; [0-9]*) printf '%s ' "$x";; *) printf 'segmentation.%s ' "$x";; esac; done) \
   $(for x in $CLS; do case $x in --set) printf -- '--set ';; --epochs) printf -- '--set classification.train.epochs=';; [0-9]*) printf '%s ' "$x";; *) printf 'classification.%s ' "$x";; esac; done)
