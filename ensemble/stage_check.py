@@ -60,16 +60,20 @@ def _state(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _crops_remade(seg: SegmentationConfig, crops: Path, unet_trains: bool, stale: Sequence[str]) -> str:
+def _crops_remade(seg: SegmentationConfig, sets: Sequence[str], unet_trains: bool, stale: Sequence[str]) -> str:
     """Why the crops will be remade unlike the ones the classifiers trained on ("": they will be the same)."""
     if unet_trains:
         return "trained on crops of a U-Net that this run trains anew"
     if "crops" in stale:
         return "trained on crops of an earlier U-Net, which this run remakes"
     try:
-        made = Manifest.read(crops).info.get("crops") or {}
+        made = Manifest.read(Path(seg.run.root) / ROOT_LAYOUT["crops"] / "crops.csv").info.get("crops") or {}
     except (ManifestError, OSError):
         return "trained on crops that are missing or unreadable, which this run remakes"
+    # segmentation/predict.py crops with the U-Net run's own config.yaml and the --set items, as here
+    trained = Path(seg.run.out_dir) / "config.yaml"
+    if trained.is_file():
+        seg = load_config(SegmentationConfig, trained, sets, {"run.root": seg.run.root})
     now = json.loads(json.dumps({k: getattr(seg.predict, k) for k in CROP_SETTINGS}))
     changed = [
         f"segmentation.predict.{k} {made[k]} -> {now[k]}" for k in CROP_SETTINGS if k in made and made[k] != now[k]
@@ -97,7 +101,7 @@ def planned_conflicts(
     stale = {name: text for name, text, _ in stale_entries(root, manifest, missing=False)}
     found += training_conflicts(seg, Path(seg.run.out_dir))
     unet_trains = finished_state(Path(seg.run.out_dir), unet_fingerprint(seg), warn=False) is None
-    remade = _crops_remade(seg, root / ROOT_LAYOUT["crops"] / "crops.csv", unet_trains, list(stale))
+    remade = _crops_remade(seg, sets["segmentation"], unet_trains, list(stale))
     retrained = []
     for cfg in classifiers:
         backbone_dir = Path(cfg.run.out_dir) / cfg.model.backbone

@@ -242,6 +242,16 @@ def test_dermpipe_run_names_every_conflict_before_anything_trains(crops, manifes
     assert lines[2].startswith("error: the 2 stage folders above hold runs made with other settings or data")
     assert snapshot(root) == before
 
+    # the U-Net as it was, but crops of another margin: the classifier trained on the crops now there is named
+    segmentation = {**UNET, "train": {**UNET["train"], "epochs": 1}, "predict": {**UNET["predict"], "margin": 0.3}}
+    config.write_text(yaml.safe_dump({"backbones": ["test_resnet"], "segmentation": segmentation,
+                                      "classification": classifier}))  # fmt: skip
+    assert pipeline.main(argv) == 2
+    line = _error(capsys)
+    assert line.startswith(f"error: {root / 'classification' / 'test_resnet'} holds a finished test_resnet classifier")
+    assert "trained on crops of other settings (segmentation.predict.margin 0.1 -> 0.3)" in line
+    assert snapshot(root) == before
+
 
 def test_a_stage_whose_input_changed_is_stale(tmp_path):
     root = tmp_path / "root"
