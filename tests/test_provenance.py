@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import write_untrained_pipeline
 
@@ -115,6 +116,22 @@ def test_an_unfinished_run_with_other_settings_is_refused_unless_force(manifest,
     assert "holds an unfinished U-Net training started with other settings: train.lr 0.001 -> 0.5" in line
     assert snapshot(run) == before
     assert seg_script.main(_seg_args(manifest, run, "--epochs", "1", "--set", "train.lr=0.5", "--force")) == 0
+
+
+def test_an_older_run_folder_that_records_no_settings_is_refused_without_naming_keys(manifest, tmp_path, capsys):
+    run = tmp_path / "segmentation"
+    assert seg_script.main(_seg_args(manifest, run, "--epochs", "1")) == 0
+    state = torch.load(run / "last_state.pt", weights_only=True)
+    del state["settings"]  # as runs made before settings were recorded, with other settings than these
+    torch.save({**state, "fingerprint": "0123456789abcdef"}, run / "last_state.pt")
+    before = snapshot(run)
+    capsys.readouterr()
+    assert seg_script.main(_seg_args(manifest, run, "--epochs", "1")) == 2
+    assert _error(capsys) == (
+        f"error: {run} holds a finished U-Net made with other settings (this older run folder does not record "
+        "which); pass --force to replace it, or choose another --out/--root"
+    )
+    assert snapshot(run) == before
 
 
 @pytest.fixture(scope="module")
