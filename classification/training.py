@@ -215,6 +215,9 @@ class ClassificationStage:
         save_checkpoint(path, model, meta)
 
 
+GRADCAM_WEIGHTS = "weights.sha256"  # in gradcam/: the digest of the checkpoint its overlays were drawn from
+
+
 def _what(cfg: ClassificationConfig, fold: int | None) -> str:
     return f"{cfg.model.backbone} classifier" + (f" (fold {fold})" if fold is not None else "")
 
@@ -486,18 +489,25 @@ def _after_training(
     fit_after_training(predictor, run.dir, rows, dataset, column, cfg.train.ood_percentile)
     cache.log_summary()
     plot_learning_curves(history, run.dir / "learning_curves.png")
+    gradcam, digest = run.dir / "gradcam", file_sha256(best_path)
+    marker = gradcam / GRADCAM_WEIGHTS
+    if marker.is_file() and marker.read_text().strip() != digest:  # another model's overlays: never beside these
+        for old in gradcam.glob("*.png"):
+            old.unlink()
+        marker.unlink()
     if cfg.train.gradcam_images and len(rows.monitor):
         chosen = rows.monitor.rows[: cfg.train.gradcam_images]
         save_gradcam_images(
             model,
             [read_image(r[column], max_side=1024) for r in chosen],  # whole images (--no-crop) can be huge
             [r["image_id"] for r in chosen],
-            run.dir / "gradcam",
+            gradcam,
             classes,
             [r.get("label", "") for r in chosen],
             cfg.data.preprocess,
         )
-    _write_lineage(cfg, run.dir, best_path, column)
+        write_text_atomic(marker, digest + "\n")
+    _write_lineage(cfg, run.dir, digest, column)
     monitor_name = "oof" if "oof" in rows.tables else "val"
     return {
         "backbone": cfg.model.backbone,
@@ -512,7 +522,7 @@ def _after_training(
     }
 
 
-def _write_lineage(cfg: ClassificationConfig, run_dir: Path, best_path: Path, column: str) -> None:
+def _write_lineage(cfg: ClassificationConfig, run_dir: Path, weights: str, column: str) -> None:
     """``run_dir/lineage.json``: the crops manifest it trained on (with the manifest the crops came from, as the
     crops folder's lineage records it), or the manifest of whole images, and its weights."""
     trained_on = file_sha256(cfg.data.manifest)
@@ -522,7 +532,7 @@ def _write_lineage(cfg: ClassificationConfig, run_dir: Path, best_path: Path, co
         consumed = {"crops_manifest": trained_on}
         if "manifest" in crops["consumed"]:
             consumed["manifest"] = crops["consumed"]["manifest"]
-    write_lineage(run_dir, "classification", consumed, {"weights": file_sha256(best_path)})
+    write_lineage(run_dir, "classification", consumed, {"weights": weights})
 
 
 def run_classification(cfg: ClassificationConfig, resume: bool = False) -> dict[str, Any]:

@@ -176,13 +176,17 @@ def test_a_classifier_refuses_other_settings_and_force_replaces_its_grad_cam_ove
     assert snapshot(folder) == before
 
     stale = folder / "gradcam" / "zz_pred-mel.png"  # an overlay of the model being replaced
-    stale.write_bytes((folder / "gradcam" / sorted(p.name for p in (folder / "gradcam").iterdir())[0]).read_bytes())
+    stale.write_bytes(sorted((folder / "gradcam").glob("*.png"))[0].read_bytes())
     assert classify_script.main([*classify, "--set", "train.lr=0.01", "--force"]) == 0
     assert "--force: replacing what" in (folder / "train.log").read_text()
     assert not stale.exists() and len(list((folder / "gradcam").glob("*.png"))) == 2
     assert read_lineage(folder)["produced"]["weights"] == file_digest(folder / "best.safetensors")
     assert classify_script.main(classify) == 2  # the first settings are now the other ones
     capsys.readouterr()
+    # replaced again, drawing no overlays: the last model's go, none is left beside a model it does not show
+    no_overlays = ["--set", "train.lr=0.02", "--set", "train.gradcam_images=0", "--force"]
+    assert classify_script.main([*classify, *no_overlays]) == 0
+    assert list((folder / "gradcam").glob("*.png")) == []
 
 
 def _write_tables(folder: Path, backbones, seed: int) -> None:
