@@ -44,7 +44,7 @@ CLASSIFICATION = ["--set", "model.pretrained=false", "--set", "model.drop_rate=0
 
 def _step(name: str, main: Callable[[list[str]], int], argv: list[str], times: dict[str, float]) -> None:
     start = time.time()
-    print(f"{name} {' '.join(argv)}", flush=True)
+    print(f"{name.split()[0]} {' '.join(argv)}", flush=True)
     code = main(argv)
     if code:
         raise SystemExit(f"{name} failed with exit status {code}")
