@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from dermpipe.configs.loader import default_config_path, load_yaml
-from dermpipe.configs.loader import default_config_path, load_yaml
 from dermpipe.data.manifest import Manifest, read_inputs
 from dermpipe.engine.cache import user_cache_dir
 from dermpipe.engine.cli import MissingInputError, add_follow_links, resolve_config, run_cli, stage_parser
@@ -56,19 +55,6 @@ def check_trained_stages(cfg: PredictConfig) -> None:
                 f"{what} is not trained: {path} not found; make it with `{command}`, or pass {flag} FOLDER "
                 "(or --root, or --model BUNDLE)"
             )
-
-
-def bundle_cache_dir(args: argparse.Namespace) -> str | None:
-    """Where prediction from a bundle caches when the user named neither a cache nor a run root (``--root``, or
-    ``run.cache_dir`` / ``run.root`` by ``--set`` or ``--config``): the user's cache folder (``user_cache_dir``),
-    never ``./runs/cache`` in whatever folder the command runs from. ``None`` where the user chose."""
-    if args.root or any(o.strip().startswith(("run.cache_dir=", "run.root=")) for o in args.overrides):
-        return None
-    if str(args.config) != str(default_config_path("predict")):
-        run = load_yaml(args.config).get("run")
-        if isinstance(run, dict) and (run.get("cache_dir") or run.get("root")):
-            return None
-    return str(user_cache_dir())
 
 
 def bundle_cache_dir(args: argparse.Namespace) -> str | None:
@@ -185,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise BundleError(f"--model {args.model} holds every trained stage: drop {flag}")
             bundle = open_bundle(args.model)  # verified against its sha256 manifest before anything is read
             flags.update(bundle.stage_paths())
-            flags["run.cache_dir"] = bundle_cache_dir(args)  # None: the user's --root or run.cache_dir
             flags["run.cache_dir"] = bundle_cache_dir(args)  # None: the user's --root or run.cache_dir
         cfg = resolve_config(PredictConfig, args, flags)
         out = check_output_folder(cfg.run.out_dir, "--out", [args.input] if args.input else [])
