@@ -254,3 +254,25 @@ def test_a_whole_image_fallback_without_a_lesion_like_region_is_referred_no_lesi
     assert refer_reason(crop(""), confident, 0.5) == ""
     judged = crop("", cls=JudgedCrop, unlike=f"{OOD_REASON} (feature distance 3.00 x the threshold)")
     assert refer_reason(judged, confident, 0.5) == f"{OOD_REASON} (feature distance 3.00 x the threshold)"
+
+
+def test_a_vote_whose_refer_threshold_can_never_refer_says_so_at_vote_time(tmp_path, caplog):
+    import json
+
+    from test_ensemble import _args, synthetic_probs, write_tables
+
+    from dermpipe.ensemble import vote
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "classification"
+    for split, n in (("val", 240), ("test", 120)):  # backbones that are nearly always right: the argmax is enough
+        labels, probs = synthetic_probs(n, rng, quality=(6.0, 6.0), noise=False)
+        write_tables(root, split, labels, probs, backbones=("good_a", "good_b"))
+    argv = _args(root, tmp_path / "vote", "--set", "evaluation.bootstrap=0")
+    argv[argv.index("--backbones") + 1] = "good_a,good_b"
+    with caplog.at_level(logging.WARNING), contextlib.redirect_stdout(io.StringIO()):
+        assert vote.main(argv) == 0
+    summary = json.loads((tmp_path / "vote" / "summary.json").read_text())
+    assert summary["refer_threshold"] == 0.0  # the argmax alone reaches the target sensitivity: nothing is referred
+    assert "no image is ever referred for low confidence" in summary["never_refers"]
+    assert "calibration: the refer threshold 0 is at most 1/4" in caplog.text
