@@ -114,6 +114,7 @@ class Classifier:
             return probs, None
         if features is None:  # an ONNX export made before it had the features output
             self.ood, self.ood_off = None, f"its ONNX export gives no features: export it again ({EXPORT_COMMAND})"
+            self.predictor.features = False  # its cache entries, kept without features, are then reused
             logger.warning("out-of-distribution check off for %s: %s", self.name, self.ood_off)
             return probs, None
         return probs, self.ood.ratio(features)

@@ -276,3 +276,27 @@ def test_a_vote_whose_refer_threshold_can_never_refer_says_so_at_vote_time(tmp_p
     assert summary["refer_threshold"] == 0.0  # the argmax alone reaches the target sensitivity: nothing is referred
     assert "no image is ever referred for low confidence" in summary["never_refers"]
     assert "calibration: the refer threshold 0 is at most 1/4" in caplog.text
+
+
+def test_an_onnx_export_without_the_features_output_predicts_with_the_check_off_for_it(trained, tmp_path, caplog):
+    import dataclasses
+    import shutil
+    from types import SimpleNamespace
+
+    from dermpipe.ensemble.onnx_export import export_network, load_network
+
+    root = tmp_path / "root"
+    shutil.copytree(trained["root"], root, ignore=shutil.ignore_patterns("cache"))
+    weights = "classification/test_resnet/best.safetensors"
+    net = load_network(SimpleNamespace(path=root), "classification", weights, weights_digest(root / weights))
+    export_network(dataclasses.replace(net, features=False), (root / weights).with_suffix(".onnx"))  # as before
+    items = list(_junk(tmp_path / "junk").items())
+    with caplog.at_level(logging.WARNING):
+        predictor = _predictor(_root_stages(root), tmp_path / "cache", "onnxruntime")
+        first = _reasons(predictor, items)
+    assert "out-of-distribution check off for test_resnet: its ONNX export gives no features" in caplog.text
+    resnet = predictor.classifiers[0]
+    assert resnet.name == "test_resnet" and resnet.ood is None and predictor.classifiers[1].ood is not None
+    computed = resnet.cache.computed
+    assert _reasons(predictor, items) == first  # the other backbone's check still judges, the same way
+    assert resnet.cache.computed == computed  # its entries, kept without features, are reused, not computed again
