@@ -39,6 +39,7 @@ from dermpipe.data.generator import make_sample
 from dermpipe.data.manifest import manifest_from_folder
 from dermpipe.engine.checkpoint import save_checkpoint
 from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.lineage import record_hand_made
 from dermpipe.engine.onnx_runtime import OnnxModule, onnx_file, session_options
 from dermpipe.ensemble.bundle import bundle_checksums, open_bundle, write_bundle
 from dermpipe.ensemble.config import PredictConfig, PredictOutputs
@@ -68,6 +69,7 @@ def make_bundle(root: Path, encoder: str, seg_size: int, backbones: list[str], s
         save_checkpoint(path, model, checkpoint_metadata(model, CLASSES))
     vote = LocallyConnectedVote(len(backbones), len(CLASSES), 20)
     save_meta(stages / "ensemble" / "meta.safetensors", vote, CLASSES, backbones, {"temperature": 1.0})
+    record_hand_made(stages, backbones)
     bundle = write_bundle(stages, root / "bundle")
     export_onnx(bundle.path)
     return bundle.path

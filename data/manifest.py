@@ -384,7 +384,9 @@ def list_folder(
     taken: list[tuple[str, Path]] = []
     excluded: list[dict[str, str]] = []
     root_real = os.path.realpath(root)
-    outputs_real = tuple(os.path.realpath(out) for out in outputs)
+    # an output folder that holds the input folder itself (``--output predictions.csv`` run beside ``photos/``) says
+    # nothing about which inputs are outputs: only outputs inside the listing, or reached through its links, count
+    outputs_real = tuple(real for real in map(os.path.realpath, outputs) if not within(root_real, real))
     for path, reason in _walk(root, follow_links, outputs_real):
         rel = path.relative_to(root).as_posix()
         reason = reason or _name_problem(rel) or skip_reason(path, mask_names)

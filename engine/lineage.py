@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +185,17 @@ def stale_entries(
                 out.append((name, f"{name}/{file} is {short(new)}, not the {short(old)} its lineage records "
                             "(replaced by hand?)", force))  # fmt: skip
     return out
+
+
+def record_hand_made(root: Path, backbones: Sequence[str]) -> Path:
+    """Each stage's ``lineage.json`` for stage folders written by hand under ``root`` (``segmentation``,
+    ``classification/<backbone>``, ``ensemble``: untrained models for benchmarks and tests), as the stages record it
+    when they finish: the U-Net's and each classifier's weights, and the vote's models and its own weights."""
+    root = Path(root)
+    seg, cls, ens = root / "segmentation", root / "classification", root / "ensemble"
+    write_lineage(seg, "segmentation", {}, {"weights": file_sha256(seg / "best.safetensors")})
+    models = {f"model:{b}": file_sha256(cls / b / "best.safetensors") for b in backbones}
+    for b in backbones:
+        write_lineage(cls / b, "classification", {}, {"weights": models[f"model:{b}"]})
+    write_lineage(ens, "vote", models, {"meta": file_sha256(ens / "meta.safetensors")})
+    return root

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         check_run_folder(Path(cfg.segmentation_run), "segmentation")
         check_run_folder(Path(cfg.ensemble_run), "ensemble")
         check_trained_stages(cfg)
-        inputs = read_inputs(args.manifest, args.input, args.follow_links, outputs=[out, output.parent])
+        inputs = read_inputs(args.manifest, args.input, args.follow_links, outputs=[out, output])
         manifest, excluded = inputs.manifest, inputs.excluded
         device = local_device(cfg.run.device) if shard is not None else cfg.run.device  # torchrun: cuda:LOCAL_RANK
         predictor = EnsemblePredictor(cfg, choose_device(device))

@@ -92,17 +92,10 @@ def write_untrained_bundle(folder, backbones, classes, name="bundle", input_size
 
 
 def write_lineages(root, backbones):
-    """Each stage's lineage.json in an untrained pipeline under ``root`` (the run root's layout), as the stages
-    record it when they finish: the U-Net's and each classifier's weights, the vote's models and its own weights."""
-    from dermpipe.engine.lineage import file_sha256, write_lineage
+    """Each stage's lineage.json in an untrained pipeline under ``root`` (the run root's layout)."""
+    from dermpipe.engine.lineage import record_hand_made
 
-    seg, cls, ens = root / "segmentation", root / "classification", root / "ensemble"
-    write_lineage(seg, "segmentation", {}, {"weights": file_sha256(seg / "best.safetensors")})
-    models = {f"model:{b}": file_sha256(cls / b / "best.safetensors") for b in backbones}
-    for b in backbones:
-        write_lineage(cls / b, "classification", {}, {"weights": models[f"model:{b}"]})
-    write_lineage(ens, "vote", models, {"meta": file_sha256(ens / "meta.safetensors")})
-    return root
+    return record_hand_made(root, backbones)
 
 
 @contextlib.contextmanager
@@ -112,9 +105,12 @@ def served(*args):
     command = [sys.executable, "-m", "dermpipe.serve.main", *map(str, args), "--port", "0"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = server.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert match, line + server.stdout.read() if server.poll() is not None else line
+        seen, match = "", None
+        for line in iter(server.stdout.readline, ""):  # warnings (a check that is off) may come before the address
+            seen += line
+            if match := re.search(r"http://127\.0\.0\.1:(\d+)/", line):
+                break
+        assert match, seen + server.stdout.read() if server.poll() is not None else seen
         yield f"http://127.0.0.1:{match.group(1)}", server
     finally:
         server.send_signal(signal.SIGINT)

@@ -59,7 +59,7 @@ raise SystemExit(importlib.import_module(entry).main(args))
 
 PREDICT_KILLS = {
     "loading the second backbone": ("dermpipe.ensemble.prediction:load_classifier", 2),
-    "voting on the second batch": ("dermpipe.ensemble.prediction:EnsemblePredictor.vote", 2),
+    "voting on the second batch": ("dermpipe.ensemble.prediction:EnsemblePredictor.judge", 2),
     "between the tables and the report": ("dermpipe.ensemble.prediction:write_report", 1),
 }
 TRAIN_KILLS = {  # n None: the optimiser step inside epoch 2 that leaves steps still to come
