@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from dermpipe.classification.backbones import DEFAULT_BACKBONES, build_classifier, checkpoint_metadata
+from dermpipe.classification.ood import OOD_FILE, fit_ood
 from dermpipe.configs.schema import RunConfig
 from dermpipe.data.generator import make_sample
 from dermpipe.data.manifest import manifest_from_folder
 from dermpipe.engine.checkpoint import save_checkpoint
-from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.files import file_digest, write_text_atomic
 from dermpipe.engine.run import save_config
 from dermpipe.ensemble.config import PredictConfig, PredictOutputs
 from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
@@ -57,6 +58,18 @@ def _bare_seconds(model: torch.nn.Module, size: int, n: int, batch: int, device:
     return seconds
 
 
+@torch.inference_mode()
+def _write_ood(model: torch.nn.Module, folder: Path) -> None:
+    """Out-of-distribution statistics beside a random-weight classifier, fitted on its features of random inputs:
+    prediction then pays for the check as it does with a trained backbone."""
+    model.eval()
+    size = model.input_size
+    _, features = model.forward_with_features(torch.randn(2 * len(CLASSES), 3, size, size))
+    labels = np.arange(len(features)) % len(CLASSES)
+    stats = fit_ood(features.numpy(), labels, weights_digest=file_digest(folder / "best.safetensors"))
+    stats.save(folder / OOD_FILE)
+
+
 def _decode_seconds(photos: Path) -> float:
     """Decoding every photo once in one process: the part of the pipeline's time the networks cannot hide."""
     from dermpipe.data.reading import read_image
@@ -82,6 +95,7 @@ def run(
         for name in backbones:
             model = build_classifier(name, len(CLASSES), False)
             save_checkpoint(root / "cls" / name / "best.safetensors", model, checkpoint_metadata(model, CLASSES))
+            _write_ood(model, root / "cls" / name)
             bare += _bare_seconds(model, model.input_size, n_images, batch, device)
         save_meta(
             root / "ens" / "meta.safetensors",
