@@ -251,7 +251,8 @@ class StageCache:
         its ``ab/`` folder belongs is removed (a folder only when it lies inside this stage's folder). A file, or a
         link, at ``path`` is left for the atomic rename to replace."""
         with contextlib.suppress(FileNotFoundError):
-            if not path.parent.is_dir():
+            # exists() first: another process (a torchrun rank) may make the folder between the two looks
+            if path.parent.exists() and not path.parent.is_dir():
                 path.parent.unlink()
             if stat.S_ISDIR(path.lstat().st_mode):
                 if self.root.resolve() not in path.resolve().parents:
