@@ -421,3 +421,16 @@ def read_inputs(
     if manifest:
         return FolderListing(Manifest.read(manifest), ())
     return list_folder(folder, follow_links=follow_links, outputs=outputs)  # type: ignore[arg-type]
+
+
+class NothingReadableError(ManifestError):
+    """A folder or manifest of which not one image could be read: one line saying how many entries were skipped
+    and where their reasons are (prediction and cropping end with it, status 2)."""
+
+    def __init__(self, source: str | os.PathLike, skipped: int, out: str | os.PathLike) -> None:
+        if not skipped:
+            message = f"{source} holds no image: point --input to a folder of JPEG, PNG, BMP or TIFF photos"
+        else:
+            message = (f"no image in {source} could be read: all {skipped} entries were skipped, each with its "
+                       f"reason in {Path(out) / 'skipped.csv'}")  # fmt: skip
+        super().__init__(message)

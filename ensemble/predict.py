@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dermpipe.configs.loader import default_config_path, load_yaml
-from dermpipe.data.manifest import Manifest, read_inputs
+from dermpipe.data.manifest import Manifest, NothingReadableError, read_inputs
 from dermpipe.engine.cache import user_cache_dir
 from dermpipe.engine.cli import MissingInputError, add_follow_links, resolve_config, run_cli, stage_parser
 from dermpipe.engine.confine import confine_output
@@ -37,7 +37,6 @@ from dermpipe.ensemble.shards import (
     settings_digest,
     wait_for_parts,
 )
-from dermpipe.errors import DermpipeError
 
 
 def check_trained_stages(cfg: PredictConfig) -> None:
@@ -193,23 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(out)  # everything validated: from here on the output folder is written
         s = predict_folder(manifest, predictor, output, out, excluded, model_id=model_id)
         if not s["images"]:
-            raise NothingReadableError(nothing_readable(args.input or args.manifest, s["skipped"], out))
+            raise NothingReadableError(args.input or args.manifest, s["skipped"], out)
         print(f"predict: {summary_line(s)}; wrote {output}")
         return 0
 
     return run_cli(body)
-
-
-class NothingReadableError(DermpipeError):
-    """A folder or manifest of which not one image could be predicted."""
-
-
-def nothing_readable(source: str, skipped: int, out: Path) -> str:
-    """The one line for an input of which no image could be read: how many entries and where their reasons are."""
-    if not skipped:
-        return f"{source} holds no image: point --input to a folder of JPEG, PNG, BMP or TIFF photos"
-    return (f"no image in {source} could be read: all {skipped} entries were skipped, each with its reason in "
-            f"{out / 'skipped.csv'}")  # fmt: skip
 
 
 def predict_shard(

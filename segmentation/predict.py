@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dermpipe.configs.loader import default_config_path
 from dermpipe.configs.schema import ROOT_LAYOUT
-from dermpipe.data.manifest import read_inputs
+from dermpipe.data.manifest import NothingReadableError, read_inputs
 from dermpipe.engine.cli import MissingInputError, add_follow_links, resolve_config, run_cli, stage_parser
 from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_folder
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         setup_logging(Path(args.out))  # everything validated: from here on the output folder is written
         s = write_crops(manifest, predictor, args.out, cfg.predict.write_masks, cfg.predict.write_crops, excluded)
+        if not s["cropped"]:
+            raise NothingReadableError(args.input or args.manifest, s["skipped"], args.out)
         consumed = {"unet": file_sha256(checkpoint)}
         if args.manifest:
             consumed["manifest"] = file_sha256(args.manifest)

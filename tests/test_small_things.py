@@ -309,6 +309,13 @@ def test_a_folder_with_nothing_readable_exits_non_zero_with_one_line(stages, tmp
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert f"{empty} holds no image" in line
 
+    crops = tmp_path / "crops"  # cropping a folder with nothing readable ends the same way
+    argv = ["--input", str(photos), "--run", str(stages / "seg"), "--out", str(crops), "--device", "cpu",
+            "--set", f"run.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert segmentation_predict.main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"no image in {photos} could be read: all 2 entries were skipped" in line and str(crops) in line
+
 
 # --- report.html depends on the inputs and models alone ---------------------------------------------------------------
 
