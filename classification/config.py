@@ -52,6 +52,14 @@ class ClsTrainConfig:
     # pretrained weights (true or a local file), 0 from scratch (effective_freeze_epochs below)
     freeze_epochs: int | None = None
     unfreeze_lr_scale: float = 0.1  # once unfrozen, the whole network learns at lr x this (fine-tuning)
+    # the backbone's BatchNorm statistics while the whole network learns: "frozen" keeps the running statistics it
+    # started with (its BatchNorm layers stay in eval mode; their scale and shift still learn), "batch" normalises by
+    # each training batch and moves the running statistics slowly (PyTorch's default), "reestimate" is "batch" with the
+    # statistics recomputed on training batches before each evaluation; auto = frozen with pretrained weights, batch
+    # from scratch (BENCHMARKS.md, "Fine-tuning ImageNet weights", chose it on the validation split)
+    batchnorm: Literal["auto", "frozen", "batch", "reestimate"] = "auto"
+    bn_momentum: float = 0.0  # > 0: every backbone BatchNorm layer's momentum (TF-ported layers carry 0.01); 0 = theirs
+    bn_reestimate_batches: int = 20  # batchnorm reestimate: training batches the statistics are recomputed on
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     patience: int = 8  # early stopping on validation balanced accuracy; 0 = off
     max_steps_per_epoch: int = 0  # 0 = whole epoch
@@ -100,6 +108,15 @@ class ClassificationConfig:
         "run.out_dir": "classification",
         "run.cache_dir": "cache",
     }
+
+
+def effective_batchnorm(cfg: ClassificationConfig) -> str:
+    """``train.batchnorm`` with auto resolved: frozen statistics on pretrained weights (the ImageNet statistics fit the
+    features the new head learned in its head-only epochs; batch statistics at the unfreeze shift them), batch
+    statistics from scratch (random weights have no statistics worth keeping)."""
+    if cfg.train.batchnorm != "auto":
+        return cfg.train.batchnorm
+    return "frozen" if cfg.model.pretrained else "batch"
 
 
 def effective_freeze_epochs(cfg: ClassificationConfig) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -20,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
 from dermpipe.classification.backbones import (
@@ -31,7 +33,7 @@ from dermpipe.classification.backbones import (
     resolve_backbone,
     save_fold_mean,
 )
-from dermpipe.classification.config import ClassificationConfig, effective_freeze_epochs
+from dermpipe.classification.config import ClassificationConfig, effective_batchnorm, effective_freeze_epochs
 from dermpipe.classification.evaluation import ProbabilityScorer, TrainScorer, save_report
 from dermpipe.classification.folds import (
     SplitRows,
@@ -173,6 +175,8 @@ class ClassificationStage:
     ) -> None:
         self.cfg, self.run, self.model, self.train_ds = cfg, run, model, train_ds
         self.classes, self.meta_extra = list(classes), dict(meta_extra)
+        self.batchnorm = effective_batchnorm(cfg)
+        self.epoch, self.frozen = 0, False
         balance = cfg.data.balance
         self.labels = train_ds.labels
         self.features = _thumbnails(train_ds) if balance.sampler == "hybrid" and balance.undersample_target else None
@@ -191,6 +195,8 @@ class ClassificationStage:
     def start_epoch(self, epoch: int) -> dict[str, Any]:
         frozen = epoch < effective_freeze_epochs(self.cfg)
         self.model.set_backbone_trainable(not frozen)
+        self.model.hold_batchnorm(self.batchnorm == "frozen")
+        self.epoch, self.frozen = epoch, frozen
         return {"phase": "head" if frozen else "all"}
 
     def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -202,7 +208,18 @@ class ClassificationStage:
         return TrainScorer()
 
     def validate(self, model: nn.Module) -> dict[str, Any]:
+        if self.batchnorm == "reestimate" and not self.frozen:
+            self.reestimate_batchnorm(model)
         return evaluate(model, self.monitor, self.run, ProbabilityScorer(self.classes))
+
+    def reestimate_batchnorm(self, model: nn.Module) -> None:
+        """Recompute the BatchNorm running statistics as plain means over ``train.bn_reestimate_batches`` training
+        batches of this epoch (torch's ``update_bn``, as for SWA), so evaluation sees the statistics of the weights it
+        evaluates rather than a slow moving average over the weights of the whole epoch."""
+        batches = _epoch_batches(self.train_ds, self.labels, self.cfg, self.epoch, self.features, self.pin)
+        images = (self.run.batch(x, y)[0] for x, y in itertools.islice(batches, self.cfg.train.bn_reestimate_batches))
+        with torch.no_grad():
+            update_bn(images, model)
 
     def save(self, path: Path, model: nn.Module, row: Mapping[str, Any]) -> None:
         meta = checkpoint_metadata(
@@ -411,6 +428,11 @@ def _fit(
         "crops": rows.fit.info.get("crops") if image_column(cfg) == "crop_path" else None,
     }
     stage = ClassificationStage(cfg, run, model, train_ds, monitor_ds, classes, meta_extra)
+    logger.info("train.batchnorm %s: %s", t.batchnorm, stage.batchnorm)
+    if t.bn_momentum:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = t.bn_momentum
     model.to(run.device)
     if run.channels_last:
         model.to(memory_format=torch.channels_last)

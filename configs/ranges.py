@@ -94,6 +94,8 @@ RANGES: Mapping[str, Range] = {
     "min_area": Range(0, 1, "a fraction of the image"),
     "target_sensitivity": Range(0, 1),
     "ood_percentile": Range(0, 100),
+    "bn_momentum": Range(0, 1, "0 = each layer's own"),
+    "bn_reestimate_batches": AT_LEAST_ONE,
     # the commands' numeric flags
     "port": Range(0, 65535, "0 = any free port"),
     "merge_timeout": Range(0, note="in seconds"),

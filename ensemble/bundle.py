@@ -167,8 +167,11 @@ def _class_counts(manifest_path: str | None) -> dict[str, dict[str, int]] | None
 
 UNET = "segmentation/best.safetensors"
 META = "ensemble/meta.safetensors"
-CLASSIFIER_KEYS = ("backbone", "input_size", "mean", "std", "se_reduction", "preprocess", "drop_rate", "fold_models")
-SEGMENTATION_KEYS = ("architecture", "encoder", "input_size", "decoder_channels", "preprocess", "mean", "std")
+# weights_source: where training started (which ImageNet weights, or from scratch), as the checkpoint recorded it
+CLASSIFIER_KEYS = ("backbone", "input_size", "mean", "std", "se_reduction", "preprocess", "drop_rate", "fold_models",
+                   "weights_source")  # fmt: skip
+SEGMENTATION_KEYS = ("architecture", "encoder", "input_size", "decoder_channels", "preprocess", "mean", "std",
+                     "weights_source")  # fmt: skip
 CALIBRATION_KEYS = ("temperature", "refer", "refer_class", "refer_threshold", "target_sensitivity")
 CLASSIFIER_SCORES = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "n_images")
 # the methods of the vote's comparison scored by the learned vote itself (its weights and the backbones under it)

@@ -118,7 +118,7 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any], seg_metrics:
     data = info.get("training_data") or {}
     backbones = "\n".join(
         f"  - `{name}`: input {c.get('input_size')} px, SE reduction {c.get('se_reduction')}, mean {c.get('mean')}, "
-        f"std {c.get('std')}"
+        f"std {c.get('std')}; started from {c.get('weights_source') or 'not recorded'}"
         + (f"; the mean probability of {c['fold_models']} fold models" if c.get("fold_models") else "")
         + (
             f"; test balanced accuracy {_number(tested[name].get('balanced_accuracy'))} (weights "
@@ -148,8 +148,8 @@ Manifest `{data.get("manifest")}`; images per split and class (splits grouped by
 {_data_table(data.get("images"), classes)}
 ## Pipeline
 
-- Segmentation: {seg.get("architecture")} with encoder `{seg.get("encoder")}` at {seg.get("input_size")} px;
-  {seg_line}.
+- Segmentation: {seg.get("architecture")} with encoder `{seg.get("encoder")}` at {seg.get("input_size")} px, started
+  from {seg.get("weights_source") or "not recorded"}; {seg_line}.
 - Crops: the lesion's box with a margin of {crops.get("margin")} of its side, square, resized to
   {crops.get("crop_size")} px (mask threshold {crops.get("threshold")}, flip TTA {crops.get("tta")}).
 - Classifiers (each with a Squeeze-and-Excitation block before pooling):

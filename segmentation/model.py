@@ -12,6 +12,8 @@ import torch
 
 from dermpipe.engine import hub
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from dermpipe.engine.files import file_digest
+from dermpipe.engine.packaged_weights import INSTALL_HINT, PACKAGES, PackagedWeightsError, packaged_weights
 from dermpipe.errors import DermpipeError, did_you_mean
 from dermpipe.segmentation.config import SegModelConfig
 
@@ -45,6 +47,7 @@ def build_unet(cfg: SegModelConfig) -> torch.nn.Module:
             "'tu-<timm name>'"
         )
     weights = cfg.encoder_weights
+    source = "random initialisation (from scratch)"
     local = weights is not None and (os.sep in weights or weights.endswith(WEIGHT_FILE_SUFFIXES))
     timm_encoder = cfg.encoder.startswith("tu-")
     kwargs: dict[str, Any] = {}
@@ -61,16 +64,11 @@ def build_unet(cfg: SegModelConfig) -> torch.nn.Module:
         timm_file = _weights_file(Path(weights))
         encoder_weights = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(timm_file)}
+        source = f"the local file {timm_file.name} (sha256 {file_digest(timm_file)[:12]})"
     elif weights is not None and not local:
         if timm_encoder:
             encoder_weights = True  # smp warns about a name for a tu- encoder: the tag is part of the encoder name
-        download = _encoder_download(cfg.encoder, weights)
-        # offline (HF_HUB_OFFLINE, or no answer from the weights' host) and not cached: fail now, not after retries
-        why = hub.unreachable(download)
-        if why:
-            raise ModelBuildError(_download_advice(weights, cfg.encoder, why))
-        if timm_encoder and (overlay := hub.timm_cache_overlay(download)):
-            kwargs["pretrained_cfg_overlay"] = overlay  # the cached copy as a local file: no network at all
+        source = _hub_source(cfg.encoder, weights, kwargs)
     try:
         model = archs[cfg.architecture.lower()](
             encoder_name=cfg.encoder, encoder_weights=encoder_weights, classes=1, activation=None, **kwargs
@@ -94,7 +92,57 @@ def build_unet(cfg: SegModelConfig) -> torch.nn.Module:
         )
     if local and timm_file is None:
         _load_encoder_file(model, Path(weights))
+        source = f"the local file {Path(weights).name} (sha256 {file_digest(_weights_file(Path(weights)))[:12]})"
+    if weights is not None:
+        logger.info("U-Net encoder %s: pretrained weights: %s", cfg.encoder, source)
+    model.weights_source = source  # kept in the checkpoint (save_unet) and the model card
     return model
+
+
+def _hub_source(encoder: str, weights: str, kwargs: dict[str, Any]) -> str:
+    """Where a named encoder's weights come from (``kwargs`` set to match): the hub's cached copy or a download when
+    its host answers; else, for a tu- encoder, an installed weights package (engine/packaged_weights.py); else one
+    error naming the way forward."""
+    download = _encoder_download(encoder, weights)
+    # offline (HF_HUB_OFFLINE, or no answer from the weights' host) and not cached: fail now, not after retries
+    why = hub.unreachable(download)
+    timm_name = encoder.removeprefix("tu-")
+    if not why:
+        if encoder.startswith("tu-") and (overlay := hub.timm_cache_overlay(download)):
+            kwargs["pretrained_cfg_overlay"] = overlay  # the cached copy as a local file: no network at all
+            return f"{weights} weights ({timm_name}) from the local cache ({overlay['file']})"
+        return f"{weights} weights ({timm_name}) from the hub"
+    packaged = None
+    if encoder.startswith("tu-") and weights == "imagenet":
+        try:
+            packaged = packaged_weights(timm_name)
+        except PackagedWeightsError as e:
+            raise ModelBuildError(_download_advice(weights, encoder, str(e))) from None
+    if packaged is None:
+        hint = f"; `{INSTALL_HINT}` brings them with no hub" if timm_name in PACKAGES else ""
+        raise ModelBuildError(_download_advice(weights, encoder, why + hint))
+    kwargs["pretrained_cfg_overlay"] = {"file": str(packaged.path)}
+    return packaged.describe()
+
+
+def encoder_normalisation(cfg: SegModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std the encoder's pretrained config asks for (a tu- encoder: timm's config, e.g. 0.5 for
+    the TF-ported EfficientNet-Lites; an smp encoder: its weights' settings), ImageNet's when it names none."""
+    if cfg.encoder.startswith("tu-"):
+        import timm
+
+        try:
+            pretrained = timm.get_pretrained_cfg(cfg.encoder[3:])
+        except RuntimeError:
+            pretrained = None
+        if pretrained is not None and pretrained.mean and pretrained.std:
+            return tuple(map(float, pretrained.mean)), tuple(map(float, pretrained.std))
+        return IMAGENET_MEAN, IMAGENET_STD
+    settings = smp.encoders.encoders.get(cfg.encoder, {}).get("pretrained_settings", {})
+    chosen = settings.get(cfg.encoder_weights or "imagenet") or next(iter(settings.values()), {})
+    if chosen.get("mean") and chosen.get("std"):
+        return tuple(map(float, chosen["mean"])), tuple(map(float, chosen["std"]))
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _download_advice(weights: str, encoder: str, why: str) -> str:
@@ -186,6 +234,7 @@ def save_unet(
     config_hash: str,
     extra: dict[str, Any] | None = None,
 ) -> Path:
+    mean, std = encoder_normalisation(cfg)
     meta = {
         "stage": STAGE,
         "architecture": cfg.architecture,
@@ -193,8 +242,9 @@ def save_unet(
         "decoder_attention": cfg.decoder_attention or "",
         "decoder_channels": list(cfg.decoder_channels),
         "input_size": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(mean),
+        "std": list(std),
+        "weights_source": getattr(model, "weights_source", None),  # where training started
         "config_hash": config_hash,
         **(extra or {}),
     }

@@ -25,7 +25,7 @@ from dermpipe.engine.schedules import Schedule
 from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.segmentation.losses import DiceBCELoss
 from dermpipe.segmentation.metrics import batch_scores_torch
-from dermpipe.segmentation.model import IMAGENET_MEAN, IMAGENET_STD, STAGE, build_unet, load_unet, save_unet
+from dermpipe.segmentation.model import STAGE, build_unet, encoder_normalisation, load_unet, save_unet
 from dermpipe.segmentation.prediction import validation_panel
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,9 @@ def _loaders(cfg: SegmentationConfig, manifest: Manifest, run: Run) -> tuple[Dat
             "both are needed (split it with `python data/convert.py`)"
         )
     cache = Path(cfg.run.cache_dir)
-    train_tf = build_transform(cfg.data.augment, size, train=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    eval_tf = build_transform(cfg.data.augment, size, train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    mean, std = encoder_normalisation(cfg.model)  # what the encoder's pretrained config asks for
+    train_tf = build_transform(cfg.data.augment, size, train=True, mean=mean, std=std)
+    eval_tf = build_transform(cfg.data.augment, size, train=False, mean=mean, std=std)
     train_ds = SegmentationDataset(train, size, cache, train_tf, cfg.data.preprocess, force=cfg.run.force)
     val_ds = SegmentationDataset(val, size, cache, eval_tf, cfg.data.preprocess, force=cfg.run.force)
     generator = torch.Generator().manual_seed(cfg.run.seed)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from dermpipe.classification.backbones import build_classifier
-from dermpipe.classification.config import ClassificationConfig, ClsModelConfig, ClsTrainConfig
+from dermpipe.classification.config import ClassificationConfig, ClsModelConfig, ClsTrainConfig, effective_batchnorm
 from dermpipe.classification.training import ClassificationStage, effective_freeze_epochs
 from dermpipe.configs.loader import default_config_path, load_config
 from dermpipe.engine import hub
@@ -251,5 +251,6 @@ def test_freeze_epochs_auto_is_one_with_pretrained_weights_and_zero_from_scratch
 def test_the_training_stage_freezes_the_backbone_for_the_auto_epochs(pretrained, phases):
     stage = object.__new__(ClassificationStage)  # start_epoch needs only the config and the model
     stage.cfg, stage.model = _cls(pretrained), build_classifier(TINY, 2, pretrained=False)
+    stage.batchnorm = effective_batchnorm(stage.cfg)
     assert [stage.start_epoch(epoch)["phase"] for epoch in range(2)] == phases
     assert not stage.model.backbone_frozen
