@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--manifest", required=True)
     sc.add_argument("--pred", required=True, help="folder of <image_id>_segmentation.png")
     sc.add_argument("--split", default="test")
+    sc.add_argument("--json", help="also write the means to this JSON file")
     v = sub.add_parser("variants", help="scores of prediction-time variants (input sizes, thresholds, mask shapes)")
     v.add_argument("--run", required=True, help="trained segmentation run folder (its best.safetensors)")
     v.add_argument("--manifest", required=True)
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         means = mean_scores(per_image)
         print(f"{args.split} ({len(rows)} images): " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"split": args.split, "images": len(rows), **means}, indent=1))
     else:
         path = real_sample_manifest(Path(args.root), Path(args.out), args.train_images, args.val_images, args.seed)
         manifest = Manifest.read(path)

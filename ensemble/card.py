@@ -148,8 +148,8 @@ Manifest `{data.get("manifest")}`; images per split and class (splits grouped by
 {_data_table(data.get("images"), classes)}
 ## Pipeline
 
-- Segmentation: {seg.get("architecture")} with encoder `{seg.get("encoder")}` at {seg.get("input_size")} px, started
-  from {seg.get("weights_source") or "not recorded"}; {seg_line}.
+- Segmentation: {seg.get("architecture")} with encoder `{seg.get("encoder")}` at {seg.get("input_size")} px;
+  started from {seg.get("weights_source") or "not recorded"}; {seg_line}.
 - Crops: the lesion's box with a margin of {crops.get("margin")} of its side, square, resized to
   {crops.get("crop_size")} px (mask threshold {crops.get("threshold")}, flip TTA {crops.get("tta")}).
 - Classifiers (each with a Squeeze-and-Excitation block before pooling):

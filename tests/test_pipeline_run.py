@@ -151,7 +151,10 @@ def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
     # bundled, exported to ONNX (one graph per backbone holds its fold models) and run on new photos by both engines
     bundle = tmp_path / "bundle"
     assert make_bundle.main(["--root", str(root), "--out", str(bundle)]) == 0
-    assert "the mean probability of 2 fold models" in (bundle / "MODEL_CARD.md").read_text()
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "the mean probability of 2 fold models" in card
+    # where each network's training started, as its checkpoint recorded it (here: random weights)
+    assert card.count("started from random initialisation (from scratch)") == 1 + len(EXPERIMENT["backbones"])
     assert export.main(["--model", str(bundle), "--format", "onnx"]) == 0
     onnx_file = bundle / "classification" / "test_resnet" / "best.onnx"
     assert {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["fold_models"] == "2"
