@@ -274,3 +274,41 @@ def test_vote_quality_compares_both_fit_sets_and_both_starts_on_one_test_split(t
     assert "| `segmentation/train.py` | 42 |" in text
     assert "| `classification/train.py --backbone a --folds 3 --fold-models mean` | 7 |" in text
     assert "`ensemble/vote.py --fit-split oof --set meta.init=random` (fold means)" in text
+
+
+def _recipe_run(folder, labels, predicted, val, classes=("nv", "mel", "bcc")):
+    """A finished classification run folder as the recipe report reads it: metrics.csv, probs_test.csv and .json."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text(f"epoch,val_balanced_accuracy\n1,{val / 2}\n2,{val}\n")
+    (folder / "probs_test.json").write_text(json.dumps({"classes": list(classes)}))
+    lines = ["image_id,crop_key,label," + ",".join(classes)]
+    for i, (label, guess) in enumerate(zip(labels, predicted)):
+        probs = [0.8 if c == guess else 0.1 for c in range(len(classes))]
+        lines.append(f"img{i},k{i},{classes[label]}," + ",".join(map(str, probs)))
+    (folder / "probs_test.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_pretrained_recipe_report_chooses_on_val_and_pairs_the_test_differences(tmp_path):
+    recipe = load("pretrained_recipe")
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    out = tmp_path / "recipe"
+    folder = out / "tf_efficientnet_lite0_64"
+
+    def guesses(share):  # right on about this share of the images, else the next class
+        right = rng.random(labels.size) < share
+        return np.where(right, labels, (labels + 1) % 3)
+
+    made = {("head", 0.60, 0.5), ("frozen", 0.70, 0.9), ("batch", 0.75, 0.6), ("scratch", 0.50, 0.4)}
+    for name, val, share in made:
+        for seed in (0, 1):
+            _recipe_run(folder / f"{name}_s{seed}" / "tf_efficientnet_lite0", labels, guesses(share), val + seed / 100)
+    assert recipe.main(["report", "--out", str(out), "--seeds", "0", "1", "--samples", "300"]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["chosen"] == "batch"  # the highest validation mean wins, whatever the test split says
+    tests = {name: report["recipes"][name]["test"] for name in ("frozen", "head", "batch")}
+    frozen_vs_head = report["differences"]["frozen - head"]
+    assert frozen_vs_head["point"] == pytest.approx(np.mean(tests["frozen"]) - np.mean(tests["head"]))
+    assert 0 < frozen_vs_head["low"] < frozen_vs_head["point"] < frozen_vs_head["high"]
+    batch_vs_frozen = report["differences"]["batch - frozen"]  # the chosen recipe against the other candidates
+    assert batch_vs_frozen["high"] < 0 and batch_vs_frozen["seeds"] == [0, 1]

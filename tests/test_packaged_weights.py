@@ -170,3 +170,18 @@ def test_the_batchnorm_recipe_after_the_unfreeze(crops_manifest, tmp_path, mode)
         assert tracked == {1}
     elif mode == "batch":  # moved along every training step of the whole-network epoch
         assert min(tracked) >= 2
+
+
+@installed
+def test_the_hub_stays_first_when_it_answers(blocked, monkeypatch, tmp_path):
+    from dermpipe.engine import hub
+
+    converted = pw.packaged_weights("tf_efficientnet_lite0")  # stands in for the hub's cached copy
+    cached = tmp_path / "hub_copy.safetensors"
+    cached.write_bytes(converted.path.read_bytes())
+    monkeypatch.setattr(hub, "timm_download", lambda name: hub.Download("https://hub.invalid/w", str(cached), hf=True))
+    from dermpipe.classification import backbones
+
+    monkeypatch.setattr(backbones, "packaged_weights", lambda name: pytest.fail("used the package, the hub answers"))
+    model = build_classifier("tf_efficientnet_lite0", 3, pretrained=True)
+    assert "from the local cache" in model.weights_source and str(cached) in model.weights_source
