@@ -11,6 +11,8 @@ python benchmarks/pretrained_recipe.py report                                   
 - ``batch``, ``frozen``, ``reestimate``: the ImageNet weights (``model.pretrained: true``), one head-only epoch, then
   the whole network at lr x ``train.unfreeze_lr_scale`` with that ``train.batchnorm``;
 - ``momentum``: ``batch`` with every backbone BatchNorm layer's momentum at 0.1 (the TF-ported layers carry 0.01);
+- ``flips``: ``frozen`` with flips as the only augmentation (the config's rotation, scale and shift, colour, blur and
+  sharpening off), to check the augmentation strength on a pretrained start;
 - ``head``: the head-only epoch alone (``train.epochs 1``): the same data order and learning rates as the first
   epoch of the others (the warm-up lasts one epoch), so it is the model each fine-tuning run had after that epoch;
 - ``scratch``: random weights, batch statistics, no head-only epoch, everything else equal.
@@ -34,13 +36,15 @@ from typing import Any
 
 import numpy as np
 
-RECIPES = ("head", "batch", "frozen", "reestimate", "momentum", "scratch")
+RECIPES = ("head", "batch", "frozen", "reestimate", "momentum", "flips", "scratch")
+FLIPS_ONLY = [f"data.augment.{k}=0" for k in ("rotate_p", "affine_p", "colour_p", "blur_p", "sharpen_p")]
 PRETRAINED = {
     "head": ["train.epochs=1", "train.freeze_epochs=1"],
     "batch": ["train.batchnorm=batch"],
     "frozen": ["train.batchnorm=frozen"],
     "reestimate": ["train.batchnorm=reestimate"],
     "momentum": ["train.batchnorm=batch", "train.bn_momentum=0.1"],
+    "flips": ["train.batchnorm=frozen", *FLIPS_ONLY],
 }
 
 
@@ -131,7 +135,7 @@ def report(args: argparse.Namespace) -> int:
             }  # fmt: skip
     if labels is None:
         raise SystemExit(f"no finished run under {folder}")
-    tuned = [r for r in runs if r not in ("head", "scratch")]
+    tuned = [r for r in runs if r not in ("head", "scratch", "flips")]  # the BatchNorm candidates
     chosen = max(tuned, key=lambda r: np.mean([v["val"] for v in runs[r].values()]))
     draws = _stratified_draws(labels, args.samples, 0)
     out: dict[str, Any] = {"backbone": args.backbone, "size": args.size, "epochs": args.epochs, "chosen": chosen,
@@ -152,8 +156,9 @@ def report(args: argparse.Namespace) -> int:
                      f"{np.mean(test):.3f} | {auc:.3f} |")  # fmt: skip
     lines += ["", "| difference on the test split (mean over the seeds both have) | point | 95% interval |",
               "|---|---|---|"]  # fmt: skip
-    for recipe in tuned:
-        for reference in ("head", "scratch", *(r for r in tuned if r != recipe and recipe == chosen)):
+    for recipe in [*tuned, *(["flips"] if "flips" in runs else [])]:
+        others = (r for r in tuned if r != recipe and recipe == chosen)  # the chosen one against the other candidates
+        for reference in ("frozen",) if recipe == "flips" else ("head", "scratch", *others):
             if reference not in runs:
                 continue
             seeds = sorted(set(runs[recipe]) & set(runs[reference]))
