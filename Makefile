@@ -32,8 +32,14 @@ test: $(STAMP)
 # the same fold models, then eight votes (about 30 minutes), into runs/bench/cpufast and runs/bench/vote_quality, and
 # writes its tables into BENCHMARKS.md.
 DATA ?= ../shared/data/isic_real
+# `make bench QUALITY=pretrained` runs configs/presets/cpu-pretrained.yaml end to end on the real sample three times
+# (ImageNet weights, the same from scratch, trained on the HAM10000-source images only; about two hours each, each
+# stage reused once finished) into runs/bench/pretrained, and writes its tables into BENCHMARKS.md.
 bench: $(STAMP)
-ifdef QUALITY
+ifeq ($(QUALITY),pretrained)
+	for v in pretrained scratch cross; do $(BIN)/python benchmarks/pretrained_quality.py run --variant $$v --data $(DATA) || exit 1; done
+	$(BIN)/python benchmarks/pretrained_quality.py tables --tables BENCHMARKS.md
+else ifdef QUALITY
 	$(BIN)/python benchmarks/vote_quality.py --data $(DATA) --tables BENCHMARKS.md
 else
 	$(BIN)/python benchmarks/quick_synthetic.py --out runs/bench/quick --tables BENCHMARKS.md

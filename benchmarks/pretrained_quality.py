@@ -17,6 +17,16 @@ Each variant is one ``dermpipe run --config configs/presets/cpu-pretrained.yaml`
   trains or selects on), so one set of models is scored in source and across sources.
 
 Each stage's seconds are added to ``ROOT/times.json`` as it finishes (a resumed stage adds its remaining part).
+
+python benchmarks/pretrained_quality.py tables --tables BENCHMARKS.md
+
+``tables`` scores every finished variant from its files: the U-Net's test Jaccard and thresholded Jaccard; for each
+classifier, the mean vote and the learned vote, the test balanced accuracy, macro AUC and melanoma sensitivity at the
+refer threshold (the share of melanomas predicted as melanoma or referred; a classifier's and the mean vote's
+threshold is set on the validation split for the ensemble config's target sensitivity, as the vote's own is), each
+with a 95% interval from a class-stratified bootstrap of the test images, and the seconds of each stage. The cross
+variant is scored on its HAM10000-source test rows (in source) and on its ISIC 2018 Task 1-source rows (across
+sources). ``--tables FILE`` writes them between the ``make bench QUALITY=pretrained`` markers of FILE.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import csv
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -95,6 +107,111 @@ def run(args: argparse.Namespace) -> int:
                                  str(masks / "masks"), "--json", str(root / "seg_test.json")])  # fmt: skip
 
 
+BEGIN, END = "<!-- make bench QUALITY=pretrained: begin -->", "<!-- make bench QUALITY=pretrained: end -->"
+VARIANTS = {"pretrained": "ImageNet weights (the preset)", "scratch": "from scratch (the same preset)",
+            "cross": "ImageNet weights, trained on HAM10000-source images only"}  # fmt: skip
+
+
+def _interval(values: np.ndarray) -> str:
+    low, high = np.quantile(values, [0.025, 0.975])
+    return f"{low:.3f}-{high:.3f}"
+
+
+def score_methods(methods: dict[str, tuple[np.ndarray, float]], labels: np.ndarray, classes: list[str],
+                  samples: int = 1000) -> list[list[str]]:  # fmt: skip
+    """One row per method (test probabilities, refer threshold): balanced accuracy, macro AUC and melanoma sensitivity
+    at the refer threshold, each with its 95% interval over the same class-stratified resamples of the test images."""
+    from dermpipe.ensemble.calibration import referral_outcome
+    from dermpipe.ensemble.evaluation import method_metrics
+
+    mel = classes.index("mel")
+    rng = np.random.default_rng(0)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    draws = [np.concatenate([rng.choice(m, size=m.size) for m in members]) for _ in range(samples)]
+    rows = []
+    for name, (probs, threshold) in methods.items():
+        point = method_metrics(labels, probs, classes)
+        sens = referral_outcome(probs, labels, mel, threshold)
+        boot = np.array([(m["balanced_accuracy"], m["macro_auc"], referral_outcome(probs[d], labels[d], mel,
+                          threshold)["sensitivity_with_referral"]) for d in draws
+                         for m in [method_metrics(labels[d], probs[d], classes)]])  # fmt: skip
+        rows.append([name, f"{point['balanced_accuracy']:.3f} ({_interval(boot[:, 0])})",
+                     f"{point['macro_auc']:.3f} ({_interval(boot[:, 1])})",
+                     f"{sens['sensitivity_with_referral']:.3f} ({_interval(boot[:, 2])})",
+                     f"{sens['referred_fraction']:.1%}"])  # fmt: skip
+    return rows
+
+
+def variant_methods(root: Path, rows: set[str] | None = None) -> tuple[dict, np.ndarray, list[str]]:
+    """Every classifier's, the mean vote's and the learned vote's test probabilities and refer thresholds
+    (``rows``: only these test image ids)."""
+    from dermpipe.configs.loader import load_yaml
+    from dermpipe.ensemble.calibration import refer_threshold
+    from dermpipe.ensemble.stacked_tables import load_probability_tables
+
+    summary = json.loads((root / "ensemble" / "summary.json").read_text())
+    backbones = list(summary["backbones"])
+    target = float(load_yaml(str(PRESET)).get("ensemble", {}).get("calibration", {}).get("target_sensitivity", 0.95))
+    val = load_probability_tables(root / "classification", backbones, "val").labelled()
+    test = load_probability_tables(root / "classification", backbones, "test").labelled()
+    keep = np.array([rows is None or i in rows for i in test.ids])
+    classes, labels = list(test.classes), test.labels[keep]
+    mel = classes.index("mel")
+    methods = {}
+    for b, name in enumerate(backbones):
+        methods[name] = (test.probs[keep, b], refer_threshold(val.probs[:, b], val.labels, mel, target))
+    methods["mean vote"] = (test.probs[keep].mean(axis=1), refer_threshold(val.probs.mean(axis=1), val.labels, mel,
+                                                                           target))  # fmt: skip
+    with open(root / "ensemble" / "test_predictions.csv", newline="") as f:
+        by_id = {r["image_id"]: [float(r[c]) for c in classes] for r in csv.DictReader(f)}
+    vote = np.array([by_id[i] for i, k in zip(test.ids, keep) if k])
+    methods["learned vote (meta-network, calibrated)"] = (vote, float(summary["refer_threshold"]))
+    return methods, labels, classes
+
+
+def tables(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    lines = ["`python benchmarks/pretrained_quality.py run --variant VARIANT` for each variant, then `python "
+             "benchmarks/pretrained_quality.py tables --tables BENCHMARKS.md`; intervals: 95%, class-stratified "
+             "bootstrap of the test images (1,000 resamples); melanoma sensitivity: melanomas predicted as melanoma "
+             "or referred at the refer threshold (set on the validation split), with the share of test images "
+             "referred.", ""]  # fmt: skip
+    header = ["| model | balanced accuracy | macro AUC | melanoma sensitivity at the refer threshold | referred |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for variant, title in VARIANTS.items():
+        root = out / variant
+        if not (root / "ensemble" / "summary.json").is_file():
+            continue
+        seg = json.loads((root / "seg_test.json").read_text()) if (root / "seg_test.json").is_file() else {}
+        times = json.loads((root / "times.json").read_text()) if (root / "times.json").is_file() else {}
+        parts = {"": None}
+        if variant == "cross":
+            with open(root.parent.parent / "isic_cross.csv", newline="") as f:
+                source = {r["image_id"]: r["dataset"] for r in csv.DictReader(f) if r["split"] == "test"}
+            parts = {f" on {name} test images": {i for i, d in source.items() if (d == CROSS_TEST_SOURCE) == cross}
+                     for name, cross in (("HAM10000-source", False), ("ISIC 2018 Task 1-source", True))}  # fmt: skip
+        for part, rows in parts.items():
+            methods, labels, classes = variant_methods(root, rows)
+            lines += [f"**{title}{part}** ({len(labels)} test images)", "", *header]
+            lines += [f"| {' | '.join(r)} |" for r in score_methods(methods, labels, classes, args.samples)]
+            lines.append("")
+        if seg:
+            lines.append(f"U-Net test Jaccard {seg['jaccard']:.4f}, thresholded Jaccard "
+                         f"{seg['thresholded_jaccard']:.4f} ({seg['images']} images).")  # fmt: skip
+        if times:
+            total = sum(times.values())
+            lines.append(f"Minutes per stage: {'; '.join(f'`{k}` {v / 60:.1f}' for k, v in times.items())}; "
+                         f"all {total / 60:.0f}.")  # fmt: skip
+        lines.append("")
+    table = f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}"
+    print(table)
+    if args.tables:
+        from quick_synthetic import write_tables
+
+        write_tables(Path(args.tables), table, BEGIN, END, "## The pretrained preset on the real sample")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data", default="../shared/data/isic_real")
     r.add_argument("--manifest", default="runs/bench/isic_all.csv", help="the real sample manifest (made if missing)")
     r.add_argument("--out", default="runs/bench/pretrained")
+    t = sub.add_parser("tables", help="the tables of every finished variant")
+    t.add_argument("--out", default="runs/bench/pretrained")
+    t.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    t.add_argument("--tables", help="write them into this Markdown file (BENCHMARKS.md) between the markers")
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return run(args) if args.command == "run" else tables(args)
     except DermpipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
