@@ -109,6 +109,20 @@ def mask_variants(run: Path, manifest: Path, split: str, sizes: Sequence[int]) -
     return {name: mean_scores(scores) for name, scores in per_image.items()}
 
 
+def paired_differences(a: Sequence[dict[str, float]], b: Sequence[dict[str, float]], samples: int = 2000,
+                       seed: int = 0) -> dict[str, list[float]]:  # fmt: skip
+    """Per metric, the mean per-image difference ``a - b`` on the same images and its 95% bootstrap interval
+    (images resampled with replacement, both masks of an image together)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(a), size=(samples, len(a)))
+    out = {}
+    for metric in a[0]:
+        diff = np.array([x[metric] - y[metric] for x, y in zip(a, b)])
+        low, high = np.quantile(diff[draws].mean(axis=1), [0.025, 0.975])
+        out[f"{metric}_difference"] = [float(diff.mean()), float(low), float(high)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--pred", required=True, help="folder of <image_id>_segmentation.png")
     sc.add_argument("--split", default="test")
     sc.add_argument("--json", help="also write the means to this JSON file")
+    sc.add_argument("--against", help="a second folder of masks: the paired difference (--pred minus it) per metric")
     v = sub.add_parser("variants", help="scores of prediction-time variants (input sizes, thresholds, mask shapes)")
     v.add_argument("--run", required=True, help="trained segmentation run folder (its best.safetensors)")
     v.add_argument("--manifest", required=True)
@@ -140,14 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         from dermpipe.segmentation.metrics import image_scores, mean_scores, read_mask
 
         rows = Manifest.read(args.manifest).select(args.split).rows
-        per_image = [
-            image_scores(
-                read_mask(Path(args.pred) / f"{r['image_id']}_segmentation.png"), read_mask(Path(r["mask_path"]))
-            )
-            for r in rows
-        ]
+
+        def scores(folder: str) -> list[dict[str, float]]:
+            return [image_scores(read_mask(Path(folder) / f"{r['image_id']}_segmentation.png"),
+                                 read_mask(Path(r["mask_path"]))) for r in rows]  # fmt: skip
+
+        per_image = scores(args.pred)
         means = mean_scores(per_image)
         print(f"{args.split} ({len(rows)} images): " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if args.against:
+            out = means | paired_differences(per_image, scores(args.against))
+            for metric in ("jaccard", "thresholded_jaccard"):
+                d = out[f"{metric}_difference"]
+                print(f"{metric} minus {args.against}'s: {d[0]:+.4f} (95% interval {d[1]:+.4f} to {d[2]:+.4f})")
+            means = out
         if args.json:
             Path(args.json).write_text(json.dumps({"split": args.split, "images": len(rows), **means}, indent=1))
     else:

@@ -312,3 +312,13 @@ def test_pretrained_recipe_report_chooses_on_val_and_pairs_the_test_differences(
     assert 0 < frozen_vs_head["low"] < frozen_vs_head["point"] < frozen_vs_head["high"]
     batch_vs_frozen = report["differences"]["batch - frozen"]  # the chosen recipe against the other candidates
     assert batch_vs_frozen["high"] < 0 and batch_vs_frozen["seeds"] == [0, 1]
+
+
+def test_segmentation_paired_differences_pair_each_image_with_itself():
+    quality = load("segmentation_quality")
+    a = [{"jaccard": j} for j in (0.9, 0.5, 0.7, 0.8)]
+    shifted = quality.paired_differences(a, [{"jaccard": x["jaccard"] - 0.05} for x in a], samples=200)
+    assert shifted["jaccard_difference"] == pytest.approx([0.05, 0.05, 0.05])  # the images' own spread cancels
+    mixed = quality.paired_differences(a, [{"jaccard": j} for j in (0.8, 0.6, 0.7, 0.8)], samples=500)
+    point, low, high = mixed["jaccard_difference"]
+    assert point == pytest.approx(0.0) and -0.1 <= low < 0 < high <= 0.1
