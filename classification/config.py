@@ -58,7 +58,7 @@ class ClsTrainConfig:
     # statistics recomputed on training batches before each evaluation; auto = frozen with pretrained weights, batch
     # from scratch (BENCHMARKS.md, "Fine-tuning ImageNet weights", chose it on the validation split)
     batchnorm: Literal["auto", "frozen", "batch", "reestimate"] = "auto"
-    bn_momentum: float = 0.0  # > 0: every backbone BatchNorm layer's momentum (TF-ported layers carry 0.01); 0 = theirs
+    bn_momentum: float = 0.0  # > 0: every backbone BatchNorm layer's momentum (timm's carry 0.1); 0 = theirs
     bn_reestimate_batches: int = 20  # batchnorm reestimate: training batches the statistics are recomputed on
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     patience: int = 8  # early stopping on validation balanced accuracy; 0 = off
