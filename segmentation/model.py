@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +234,10 @@ def save_unet(
     image_size: int,
     config_hash: str,
     extra: dict[str, Any] | None = None,
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Path:
-    mean, std = encoder_normalisation(cfg)
+    """``normalisation``: the (mean, std) the model was trained with; default: what its encoder's config asks for."""
+    mean, std = normalisation or encoder_normalisation(cfg)
     meta = {
         "stage": STAGE,
         "architecture": cfg.architecture,

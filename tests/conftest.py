@@ -68,7 +68,9 @@ def write_untrained_pipeline(root, backbones, classes, folders=("seg", "cls", "e
         predict=SegPredictConfig(crop_size=32, tta=False, batch_size=4),
     )
     seg, cls, ens = (root / f for f in folders)
-    save_unet(seg / "best.safetensors", build_unet(seg_model), seg_model, 32, "test")
+    # ImageNet normalisation, as these untrained stages have always had (their masks depend on it)
+    save_unet(seg / "best.safetensors", build_unet(seg_model), seg_model, 32, "test",
+              normalisation=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))  # fmt: skip
     save_config(seg_cfg, seg / "config.yaml")
     for name in backbones:
         model = build_classifier(name, len(classes), False)

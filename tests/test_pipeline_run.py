@@ -76,7 +76,7 @@ def test_a_mistyped_experiment_is_refused_before_anything_runs(
     root = tmp_path / "exp"
     cases = [
         (experiment(tmp_path, "a", classification={"train": {"epoch": 3}}), [], "did you mean 'epochs'"),
-        (experiment(tmp_path, "b", backbone=["x"]), [], "unknown key 'backbone' (did you mean 'backbones'?)"),
+        (experiment(tmp_path, "b", backbone=["x"]), [], "unknown key 'backbone' (did you mean 'backbones'"),
         (experiment(tmp_path), ["--set", "train.epochs=2"], "name the stage first"),
     ]
     for config, extra, message in cases:
