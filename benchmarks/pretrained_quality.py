@@ -173,9 +173,9 @@ def tables(args: argparse.Namespace) -> int:
     out = Path(args.out)
     lines = ["`python benchmarks/pretrained_quality.py run --variant VARIANT` for each variant, then `python "
              "benchmarks/pretrained_quality.py tables --tables BENCHMARKS.md`; intervals: 95%, class-stratified "
-             "bootstrap of the test images (1,000 resamples); melanoma sensitivity: melanomas predicted as melanoma "
-             "or referred at the refer threshold (set on the validation split), with the share of test images "
-             "referred.", ""]  # fmt: skip
+             f"bootstrap of the test images ({args.samples:,} resamples); melanoma sensitivity: melanomas predicted "
+             "as melanoma or referred at the refer threshold (set on the validation split), with the share of test "
+             "images referred.", ""]  # fmt: skip
     header = ["| model | balanced accuracy | macro AUC | melanoma sensitivity at the refer threshold | referred |",
               "|---|---|---|---|---|"]  # fmt: skip
     for variant, title in VARIANTS.items():
