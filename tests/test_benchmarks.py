@@ -322,3 +322,17 @@ def test_segmentation_paired_differences_pair_each_image_with_itself():
     mixed = quality.paired_differences(a, [{"jaccard": j} for j in (0.8, 0.6, 0.7, 0.8)], samples=500)
     point, low, high = mixed["jaccard_difference"]
     assert point == pytest.approx(0.0) and -0.1 <= low < 0 < high <= 0.1
+
+
+def test_the_cross_source_manifest_moves_every_other_source_row_to_test(tmp_path):
+    quality = load("pretrained_quality")
+    whole = tmp_path / "whole.csv"
+    rows = [("a", "train", "HAM10000"), ("b", "val", "HAM10000"), ("c", "test", "HAM10000"),
+            ("d", "train", quality.CROSS_TEST_SOURCE), ("e", "val", quality.CROSS_TEST_SOURCE)]  # fmt: skip
+    whole.write_text("image_id,split,dataset,label\n" + "".join(f"{i},{s},{d},nv\n" for i, s, d in rows))
+    out = quality.cross_manifest(whole, tmp_path / "cross.csv")
+    import csv
+
+    with open(out, newline="") as f:
+        split = {r["image_id"]: r["split"] for r in csv.DictReader(f)}
+    assert split == {"a": "train", "b": "val", "c": "test", "d": "test", "e": "test"}  # nothing of it trains or selects
