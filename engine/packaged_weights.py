@@ -146,6 +146,18 @@ def cache_folder() -> Path:
     return user_cache_dir() / "weights"
 
 
+def _converted_from(path: Path) -> tuple[str, str] | None:
+    """(source sha256, timm name) a converted file records in its header; None for a file that is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not safetensors at all (a truncated or foreign file): made again
+        return None
+    return meta.get("source_sha256", ""), meta.get("timm_name", "")
+
+
 def packaged_weights(timm_name: str) -> PackagedWeights | None:
     """The installed package's ImageNet weights for ``timm_name`` as a safetensors file in timm's key names (made on
     the first call, reused after); None when no installed package covers the model."""
@@ -157,7 +169,7 @@ def packaged_weights(timm_name: str) -> PackagedWeights | None:
     version = importlib.metadata.version(package.distribution)
     info = PackagedWeights(cache_folder() / f"{timm_name}-{sha[:16]}.safetensors", source, package.distribution,
                            version, sha)  # fmt: skip
-    if info.path.is_file():
+    if info.path.is_file() and _converted_from(info.path) == (sha, timm_name):
         return info
     import timm
     from safetensors.torch import save_file

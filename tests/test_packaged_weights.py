@@ -185,3 +185,11 @@ def test_the_hub_stays_first_when_it_answers(blocked, monkeypatch, tmp_path):
     monkeypatch.setattr(backbones, "packaged_weights", lambda name: pytest.fail("used the package, the hub answers"))
     model = build_classifier("tf_efficientnet_lite0", 3, pretrained=True)
     assert "from the local cache" in model.weights_source and str(cached) in model.weights_source
+
+
+@installed
+def test_a_cached_file_that_is_not_the_conversion_is_made_again(blocked):
+    first = pw.packaged_weights("tf_efficientnet_lite0")
+    first.path.write_bytes(b"not safetensors")
+    again = pw.packaged_weights("tf_efficientnet_lite0")
+    assert again.path == first.path and len(load_file(again.path)) == len(_source("tf_efficientnet_lite0"))
