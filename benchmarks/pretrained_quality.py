@@ -10,8 +10,11 @@ Each variant is one ``dermpipe run --config configs/presets/cpu-pretrained.yaml`
 (``segmentation/predict.py --split test --masks``) scored as ISIC scores them (``segmentation_quality.py score``).
 
 - ``pretrained``: the preset as shipped, on ``runs/bench/isic_all.csv`` (the real sample with its grouped split).
-- ``scratch``: the same with ``segmentation.model.encoder_weights=null`` and ``classification.model.pretrained=false``
-  (then no head-only epoch and batch statistics: the settings' auto values for random weights).
+- ``scratch``: the same classifiers with ``classification.model.pretrained=false`` (then no head-only epoch and batch
+  statistics: the settings' auto values for random weights), on the pretrained variant's crops: its finished U-Net
+  and crops are copied into the scratch root (and the classifiers the preset trains from scratch anyway, when they
+  have finished there), so the two votes differ only in the classifiers' starting weights. The U-Net from scratch
+  against a pretrained encoder is compared on its own (BENCHMARKS.md, "Fine-tuning ImageNet weights").
 - ``cross``: ``runs/bench/isic_cross.csv``: training and validation rows of the HAM10000-source images only; test rows
   of both sources (the HAM10000-source test split, and every ISIC 2018 Task 1-source image, none of which any stage
   trains or selects on), so one set of models is scored in source and across sources.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,7 +53,7 @@ from dermpipe.errors import DermpipeError  # noqa: E402
 from dermpipe.segmentation import predict as segmentation_predict  # noqa: E402
 
 PRESET = HERE.parent / "configs" / "presets" / "cpu-pretrained.yaml"
-SCRATCH = ["segmentation.model.encoder_weights=null", "classification.model.pretrained=false"]
+SCRATCH = ["classification.model.pretrained=false"]
 CROSS_TEST_SOURCE = "ISIC2018_Task1_train"
 
 
@@ -67,6 +71,32 @@ def cross_manifest(whole: Path, out: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return out
+
+
+def share_pretrained_stages(pretrained: Path, root: Path) -> None:
+    """Copy the pretrained variant's finished U-Net and crops into the scratch root (once, before its first run), and
+    each classifier the preset trains from scratch in both variants that has finished there; ``dermpipe run`` reuses
+    them when their settings and data match (and refuses, naming them, when they do not)."""
+    from dermpipe.configs.loader import load_yaml
+    from dermpipe.configs.schema import ROOT_LAYOUT
+
+    if root.exists():
+        return
+    crops = pretrained / ROOT_LAYOUT["crops"] / "crops.csv"
+    if not crops.is_file():
+        raise DermpipeError(f"{crops} is missing: the scratch variant classifies the pretrained variant's crops; run "
+                            "`python benchmarks/pretrained_quality.py run --variant pretrained` first")  # fmt: skip
+    settings = load_yaml(str(PRESET)).get("backbone_settings") or {}
+    scratch_anyway = [b for b, s in settings.items() if (s.get("model") or {}).get("pretrained") is False]
+    folders = [ROOT_LAYOUT["segmentation"], ROOT_LAYOUT["crops"]]
+    folders += [f"{ROOT_LAYOUT['classification']}/{b}" for b in scratch_anyway
+                if (pretrained / ROOT_LAYOUT["classification"] / b / "best.safetensors").is_file()]  # fmt: skip
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for folder in folders:
+        shutil.copytree(pretrained / folder, partial / folder)
+    partial.rename(root)
+    print(f"scratch: copied {', '.join(folders)} from {pretrained}")
 
 
 class TimedSteps(pipeline.Steps):
@@ -89,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         real_sample_manifest(Path(args.data), whole)
     manifest = cross_manifest(whole, whole.with_name("isic_cross.csv")) if args.variant == "cross" else whole
     root = Path(args.out) / args.variant
+    if args.variant == "scratch":
+        share_pretrained_stages(Path(args.out) / "pretrained", root)
     root.mkdir(parents=True, exist_ok=True)
     TimedSteps.path = root / "times.json"
     pipeline.Steps = TimedSteps  # type: ignore[misc]
@@ -112,9 +144,9 @@ VARIANTS = {"pretrained": "ImageNet weights (the preset)", "scratch": "from scra
             "cross": "ImageNet weights, trained on HAM10000-source images only"}  # fmt: skip
 
 
-def _interval(values: np.ndarray) -> str:
+def _interval(values: np.ndarray, signed: bool = False) -> str:
     low, high = np.quantile(values, [0.025, 0.975])
-    return f"{low:.3f}-{high:.3f}"
+    return f"{low:+.3f} to {high:+.3f}" if signed else f"{low:.3f}-{high:.3f}"
 
 
 def score_methods(methods: dict[str, tuple[np.ndarray, float]], labels: np.ndarray, classes: list[str],
@@ -125,9 +157,7 @@ def score_methods(methods: dict[str, tuple[np.ndarray, float]], labels: np.ndarr
     from dermpipe.ensemble.evaluation import method_metrics
 
     mel = classes.index("mel")
-    rng = np.random.default_rng(0)
-    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    draws = [np.concatenate([rng.choice(m, size=m.size) for m in members]) for _ in range(samples)]
+    draws = _draws(labels, samples)
     rows = []
     for name, (probs, threshold) in methods.items():
         point = method_metrics(labels, probs, classes)
@@ -169,46 +199,121 @@ def variant_methods(root: Path, rows: set[str] | None = None) -> tuple[dict, np.
     return methods, labels, classes
 
 
+def _draws(labels: np.ndarray, samples: int) -> list[np.ndarray]:
+    """The class-stratified resamples of the test images every interval uses (seed 0, so tables are repeatable)."""
+    rng = np.random.default_rng(0)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    return [np.concatenate([rng.choice(m, size=m.size) for m in members]) for _ in range(samples)]
+
+
+def _balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.mean([(predicted[labels == c] == c).mean() for c in np.unique(labels)]))
+
+
+def paired_rows(first: dict[str, tuple[np.ndarray, float]], second: dict[str, tuple[np.ndarray, float]],
+                labels: np.ndarray, samples: int = 1000) -> list[list[str]]:  # fmt: skip
+    """For each method in both (same test images, same order): balanced accuracy of ``first``, of ``second`` and their
+    difference with its 95% interval over paired class-stratified resamples; then the best single classifier of each
+    (not a vote) against the other's best."""
+    draws = _draws(labels, samples)
+
+    def row(name: str, a: np.ndarray, b: np.ndarray) -> list[str]:
+        pa, pb = a.argmax(axis=1), b.argmax(axis=1)
+        diff = [_balanced_accuracy(labels[d], pa[d]) - _balanced_accuracy(labels[d], pb[d]) for d in draws]
+        ba, bb = _balanced_accuracy(labels, pa), _balanced_accuracy(labels, pb)
+        return [name, f"{ba:.3f}", f"{bb:.3f}", f"{ba - bb:+.3f} ({_interval(np.array(diff), signed=True)})"]
+
+    rows = [row(name, first[name][0], second[name][0]) for name in first if name in second]
+    singles = [n for n in first if n in second and "vote" not in n]
+    if singles:
+        best_a = max(singles, key=lambda n: _balanced_accuracy(labels, first[n][0].argmax(axis=1)))
+        best_b = max(singles, key=lambda n: _balanced_accuracy(labels, second[n][0].argmax(axis=1)))
+        rows.append(row(f"best single: {best_a} against {best_b}", first[best_a][0], second[best_b][0]))
+    return rows
+
+
+VARIANT_BLOCK = "<!-- {}: {} -->"
+
+
+def previous_blocks(text: str) -> dict[str, str]:
+    """The blocks an earlier ``tables`` wrote, by name: a variant whose run root is gone keeps its figures."""
+    found = {}
+    for name in [*VARIANTS, "comparison"]:
+        begin, end = VARIANT_BLOCK.format(name, "begin"), VARIANT_BLOCK.format(name, "end")
+        if begin in text and end in text:
+            found[name] = text[text.index(begin) : text.index(end) + len(end)]
+    return found
+
+
+def variant_block(root: Path, variant: str, samples: int) -> str:
+    """One variant's tables: classifiers and votes (the cross variant: in source and across), U-Net, minutes."""
+    header = ["| model | balanced accuracy | macro AUC | melanoma sensitivity at the refer threshold | referred |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    seg = json.loads((root / "seg_test.json").read_text()) if (root / "seg_test.json").is_file() else {}
+    times = json.loads((root / "times.json").read_text()) if (root / "times.json").is_file() else {}
+    parts: dict[str, set[str] | None] = {"": None}
+    if variant == "cross":
+        with open(root.parent.parent / "isic_cross.csv", newline="") as f:
+            source = {r["image_id"]: r["dataset"] for r in csv.DictReader(f) if r["split"] == "test"}
+        parts = {f" on {name} test images": {i for i, d in source.items() if (d == CROSS_TEST_SOURCE) == cross}
+                 for name, cross in (("HAM10000-source", False), ("ISIC 2018 Task 1-source", True))}  # fmt: skip
+    lines = [VARIANT_BLOCK.format(variant, "begin")]
+    for part, rows in parts.items():
+        methods, labels, classes = variant_methods(root, rows)
+        lines += [f"**{VARIANTS[variant]}{part}** ({len(labels)} test images)", "", *header]
+        lines += [f"| {' | '.join(r)} |" for r in score_methods(methods, labels, classes, samples)]
+        lines.append("")
+    if seg:
+        lines.append(f"U-Net test Jaccard {seg['jaccard']:.4f}, thresholded Jaccard "
+                     f"{seg['thresholded_jaccard']:.4f} ({seg['images']} images).")  # fmt: skip
+    elif variant == "scratch":
+        lines.append("U-Net and crops: the pretrained variant's (copied, not retrained).")
+    if times:
+        total = sum(times.values())
+        lines.append(f"Minutes per stage: {'; '.join(f'`{k}` {v / 60:.1f}' for k, v in times.items())}; "
+                     f"all {total / 60:.0f}.")  # fmt: skip
+    return "\n".join([*lines, VARIANT_BLOCK.format(variant, "end")])
+
+
+def comparison_block(out: Path, samples: int) -> str:
+    """The pretrained variant against the scratch one, network by network and vote by vote, paired."""
+    first, labels, _ = variant_methods(out / "pretrained")
+    second, other, _ = variant_methods(out / "scratch")
+    if not np.array_equal(labels, other):
+        raise DermpipeError("the pretrained and scratch variants were scored on different test images")
+    rows = paired_rows(first, second, labels, samples)
+    return "\n".join([VARIANT_BLOCK.format("comparison", "begin"),
+                      f"**ImageNet weights against scratch, paired** ({len(labels)} test images; test balanced "
+                      "accuracy; difference with its 95% interval over paired resamples)", "",
+                      "| model | pretrained | scratch | difference |", "|---|---|---|---|",
+                      *(f"| {' | '.join(r)} |" for r in rows), VARIANT_BLOCK.format("comparison", "end")])  # fmt: skip
+
+
 def tables(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    path = Path(args.tables) if args.tables else None
+    before = previous_blocks(path.read_text() if path and path.is_file() else "")
     lines = ["`python benchmarks/pretrained_quality.py run --variant VARIANT` for each variant, then `python "
              "benchmarks/pretrained_quality.py tables --tables BENCHMARKS.md`; intervals: 95%, class-stratified "
              f"bootstrap of the test images ({args.samples:,} resamples); melanoma sensitivity: melanomas predicted "
              "as melanoma or referred at the refer threshold (set on the validation split), with the share of test "
-             "images referred.", ""]  # fmt: skip
-    header = ["| model | balanced accuracy | macro AUC | melanoma sensitivity at the refer threshold | referred |",
-              "|---|---|---|---|---|"]  # fmt: skip
-    for variant, title in VARIANTS.items():
-        root = out / variant
-        if not (root / "ensemble" / "summary.json").is_file():
-            continue
-        seg = json.loads((root / "seg_test.json").read_text()) if (root / "seg_test.json").is_file() else {}
-        times = json.loads((root / "times.json").read_text()) if (root / "times.json").is_file() else {}
-        parts = {"": None}
-        if variant == "cross":
-            with open(root.parent.parent / "isic_cross.csv", newline="") as f:
-                source = {r["image_id"]: r["dataset"] for r in csv.DictReader(f) if r["split"] == "test"}
-            parts = {f" on {name} test images": {i for i, d in source.items() if (d == CROSS_TEST_SOURCE) == cross}
-                     for name, cross in (("HAM10000-source", False), ("ISIC 2018 Task 1-source", True))}  # fmt: skip
-        for part, rows in parts.items():
-            methods, labels, classes = variant_methods(root, rows)
-            lines += [f"**{title}{part}** ({len(labels)} test images)", "", *header]
-            lines += [f"| {' | '.join(r)} |" for r in score_methods(methods, labels, classes, args.samples)]
-            lines.append("")
-        if seg:
-            lines.append(f"U-Net test Jaccard {seg['jaccard']:.4f}, thresholded Jaccard "
-                         f"{seg['thresholded_jaccard']:.4f} ({seg['images']} images).")  # fmt: skip
-        if times:
-            total = sum(times.values())
-            lines.append(f"Minutes per stage: {'; '.join(f'`{k}` {v / 60:.1f}' for k, v in times.items())}; "
-                         f"all {total / 60:.0f}.")  # fmt: skip
-        lines.append("")
+             "images referred. A variant whose run root is absent keeps the figures an earlier run wrote.",
+             ""]  # fmt: skip
+    finished = {v for v in VARIANTS if (out / v / "ensemble" / "summary.json").is_file()}
+    for name in [*VARIANTS, "comparison"]:
+        if name == "comparison":
+            block = comparison_block(out, args.samples) if {"pretrained", "scratch"} <= finished else None
+        else:
+            block = variant_block(out / name, name, args.samples) if name in finished else None
+        block = block or before.get(name)
+        if block:
+            lines += [block, ""]
     table = f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}"
     print(table)
-    if args.tables:
+    if path:
         from quick_synthetic import write_tables
 
-        write_tables(Path(args.tables), table, BEGIN, END, "## The pretrained preset on the real sample")
+        write_tables(path, table, BEGIN, END, "## The pretrained preset on the real sample")
     return 0
 
 

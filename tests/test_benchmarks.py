@@ -336,3 +336,76 @@ def test_the_cross_source_manifest_moves_every_other_source_row_to_test(tmp_path
     with open(out, newline="") as f:
         split = {r["image_id"]: r["split"] for r in csv.DictReader(f)}
     assert split == {"a": "train", "b": "val", "c": "test", "d": "test", "e": "test"}  # nothing of it trains or selects
+
+
+def _finished_variant(root, labels, probs, vote, threshold=0.5):
+    """A variant's run root as ``tables`` reads it: probability tables, the vote's summary and test predictions."""
+    from test_ensemble import BACKBONES, CLASSES, write_tables
+
+    for split in ("val", "test"):
+        write_tables(root / "classification", split, labels, probs)
+    (root / "ensemble").mkdir(parents=True)
+    (root / "ensemble" / "summary.json").write_text(
+        json.dumps({"backbones": list(BACKBONES), "refer_threshold": threshold})
+    )
+    lines = ["image_id," + ",".join(CLASSES)]
+    lines += [f"test_{i:04d}," + ",".join(f"{p:.6f}" for p in row) for i, row in enumerate(vote)]
+    (root / "ensemble" / "test_predictions.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_pretrained_tables_score_each_variant_pair_them_and_keep_a_variant_whose_root_is_gone(tmp_path):
+    """The tables of ``make bench QUALITY=pretrained``: every figure is the one the scores give, the pretrained
+    variant is paired with the scratch one image by image, and a variant run in an earlier session keeps its block."""
+    from test_ensemble import BACKBONES, CLASSES, synthetic_probs
+
+    from dermpipe.ensemble.evaluation import method_metrics
+
+    quality = load("pretrained_quality")
+    rng = np.random.default_rng(7)
+    labels, good = synthetic_probs(300, rng, quality=(2.5, 2.0))
+    # the scratch variant: the same images and labels, weaker probabilities of its own
+    z = rng.normal(size=good.shape)
+    z[np.arange(300), :, labels] += 0.4
+    weak = np.exp(z) / np.exp(z).sum(axis=2, keepdims=True)
+    out = tmp_path / "pretrained"
+    _finished_variant(out / "pretrained", labels, good, good.mean(axis=1))
+    _finished_variant(out / "scratch", labels, weak, weak.mean(axis=1))
+    (out / "pretrained" / "times.json").write_text(json.dumps({"segmentation/train.py": 600.0, "ensemble/vote.py": 60}))
+    (out / "pretrained" / "seg_test.json").write_text(
+        json.dumps({"jaccard": 0.8123, "thresholded_jaccard": 0.7456, "images": 300})
+    )
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nkept\n")
+    assert quality.main(["tables", "--out", str(out), "--samples", "200", "--tables", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n\n## The pretrained preset on the real sample\n")
+    for variant, probs in (("pretrained", good), ("scratch", weak)):
+        block = quality.previous_blocks(text)[variant]
+        for b, name in enumerate(BACKBONES):
+            point = method_metrics(labels, probs[:, b], CLASSES)
+            row = next(line for line in block.splitlines() if line.startswith(f"| {name} |"))
+            assert row.startswith(f"| {name} | {point['balanced_accuracy']:.3f} (")
+            assert f"| {point['macro_auc']:.3f} (" in row
+    assert "U-Net test Jaccard 0.8123, thresholded Jaccard 0.7456 (300 images)." in text
+    assert "`segmentation/train.py` 10.0; `ensemble/vote.py` 1.0; all 11." in text
+    assert "U-Net and crops: the pretrained variant's" in quality.previous_blocks(text)["scratch"]
+    comparison = quality.previous_blocks(text)["comparison"]
+    for b, name in enumerate(BACKBONES):
+        first = method_metrics(labels, good[:, b], CLASSES)["balanced_accuracy"]
+        second = method_metrics(labels, weak[:, b], CLASSES)["balanced_accuracy"]
+        row = next(line for line in comparison.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:3] == [f"{first:.3f}", f"{second:.3f}"]
+        assert cells[3].startswith(f"{first - second:+.3f} (")
+    low = float(next(line for line in comparison.splitlines() if "good_a |" in line).split("(")[1].split(" to ")[0])
+    assert low > 0  # the informative backbone is far better than its weak twin: the whole interval is above zero
+    assert "| best single: good_a against good_b |" in comparison  # each variant's own best
+    # a later run with only the scratch root left rewrites that one and keeps the pretrained figures as they were
+    kept = quality.previous_blocks(text)["pretrained"]
+    import shutil
+
+    shutil.rmtree(out / "pretrained")
+    assert quality.main(["tables", "--out", str(out), "--samples", "200", "--tables", str(doc)]) == 0
+    again = quality.previous_blocks(doc.read_text())
+    assert again["pretrained"] == kept and again["comparison"] == comparison
+    assert doc.read_text().count("## The pretrained preset on the real sample") == 1
