@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     TimedSteps.path = root / "times.json"
     pipeline.Steps = TimedSteps  # type: ignore[misc]
     argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(PRESET), "--device", "cpu"]
-    for item in SCRATCH if args.variant == "scratch" else []:
+    for item in [*(SCRATCH if args.variant == "scratch" else []), *args.sets]:
         argv += ["--set", item]
     if pipeline.main(argv) != 0:
         return 1
@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data", default="../shared/data/isic_real")
     r.add_argument("--manifest", default="runs/bench/isic_all.csv", help="the real sample manifest (made if missing)")
     r.add_argument("--out", default="runs/bench/pretrained")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="more settings for `dermpipe run` (e.g. classification.run.threads=1 when two variants share "
+                        "two cores)")  # fmt: skip
     t = sub.add_parser("tables", help="the tables of every finished variant")
     t.add_argument("--out", default="runs/bench/pretrained")
     t.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
