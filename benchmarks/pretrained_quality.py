@@ -11,10 +11,11 @@ Each variant is one ``dermpipe run --config configs/presets/cpu-pretrained.yaml`
 
 - ``pretrained``: the preset as shipped, on ``runs/bench/isic_all.csv`` (the real sample with its grouped split).
 - ``scratch``: the same classifiers with ``classification.model.pretrained=false`` (then no head-only epoch and batch
-  statistics: the settings' auto values for random weights), on the pretrained variant's crops: its finished U-Net
-  and crops are copied into the scratch root (and the classifiers the preset trains from scratch anyway, when they
-  have finished there), so the two votes differ only in the classifiers' starting weights. The U-Net from scratch
-  against a pretrained encoder is compared on its own (BENCHMARKS.md, "Fine-tuning ImageNet weights").
+  statistics: the settings' auto values for random weights), on the pretrained variant's crops (its ``crops.csv``):
+  its finished U-Net and crops are copied into the scratch root (and the classifiers the preset trains from scratch
+  anyway, when they have finished there), so the two votes differ only in the classifiers' starting weights. The
+  U-Net from scratch against a pretrained encoder is compared on its own (BENCHMARKS.md, "Fine-tuning ImageNet
+  weights").
 - ``cross``: ``runs/bench/isic_cross.csv``: training and validation rows of the HAM10000-source images only; test rows
   of both sources (the HAM10000-source test split, and every ISIC 2018 Task 1-source image, none of which any stage
   trains or selects on), so one set of models is scored in source and across sources.
@@ -48,6 +49,7 @@ sys.path.insert(0, str(HERE))
 from segmentation_quality import main as segmentation_quality  # noqa: E402
 from segmentation_quality import real_sample_manifest  # noqa: E402
 
+from dermpipe.configs.schema import ROOT_LAYOUT  # noqa: E402
 from dermpipe.ensemble import pipeline  # noqa: E402
 from dermpipe.errors import DermpipeError  # noqa: E402
 from dermpipe.segmentation import predict as segmentation_predict  # noqa: E402
@@ -78,7 +80,6 @@ def share_pretrained_stages(pretrained: Path, root: Path) -> None:
     each classifier the preset trains from scratch in both variants that has finished there; ``dermpipe run`` reuses
     them when their settings and data match (and refuses, naming them, when they do not)."""
     from dermpipe.configs.loader import load_yaml
-    from dermpipe.configs.schema import ROOT_LAYOUT
 
     if root.exists():
         return
@@ -125,7 +126,11 @@ def run(args: argparse.Namespace) -> int:
     TimedSteps.path = root / "times.json"
     pipeline.Steps = TimedSteps  # type: ignore[misc]
     argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(PRESET), "--device", "cpu"]
-    for item in [*(SCRATCH if args.variant == "scratch" else []), *args.sets]:
+    # the scratch classifiers read the pretrained variant's crops by the very path its classifiers recorded, so the
+    # copied ones match their settings
+    crops = Path(args.out) / "pretrained" / ROOT_LAYOUT["crops"] / "crops.csv"
+    scratch = [*SCRATCH, f"classification.data.manifest={crops}"] if args.variant == "scratch" else []
+    for item in [*scratch, *args.sets]:
         argv += ["--set", item]
     if pipeline.main(argv) != 0:
         return 1
