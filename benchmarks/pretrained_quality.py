@@ -12,8 +12,8 @@ Each variant is one ``dermpipe run --config configs/presets/cpu-pretrained.yaml`
 - ``pretrained``: the preset as shipped, on ``runs/bench/isic_all.csv`` (the real sample with its grouped split).
 - ``scratch``: the same classifiers with ``classification.model.pretrained=false`` (then no head-only epoch and batch
   statistics: the settings' auto values for random weights), on the pretrained variant's crops (its ``crops.csv``):
-  its finished U-Net and crops are copied into the scratch root (and the classifiers the preset trains from scratch
-  anyway, when they have finished there), so the two votes differ only in the classifiers' starting weights. The
+  its finished U-Net and crops are copied into the scratch root, so the two votes differ only in the classifiers'
+  starting weights (ResNet-18 and MobileNetV3-Small train again there, with the same settings and seed). The
   U-Net from scratch against a pretrained encoder is compared on its own (BENCHMARKS.md, "Fine-tuning ImageNet
   weights").
 - ``cross``: ``runs/bench/isic_cross.csv``: training and validation rows of the HAM10000-source images only; test rows
@@ -76,22 +76,16 @@ def cross_manifest(whole: Path, out: Path) -> Path:
 
 
 def share_pretrained_stages(pretrained: Path, root: Path) -> None:
-    """Copy the pretrained variant's finished U-Net and crops into the scratch root (once, before its first run), and
-    each classifier the preset trains from scratch in both variants that has finished there; ``dermpipe run`` reuses
-    them when their settings and data match (and refuses, naming them, when they do not)."""
-    from dermpipe.configs.loader import load_yaml
-
+    """Copy the pretrained variant's finished U-Net and crops into the scratch root (once, before its first run);
+    ``dermpipe run`` reuses them when their settings and data match (and refuses, naming them, when they do not). Its
+    classifiers are not copied: each records the crops of its own root, so all five train in the scratch root."""
     if root.exists():
         return
     crops = pretrained / ROOT_LAYOUT["crops"] / "crops.csv"
     if not crops.is_file():
         raise DermpipeError(f"{crops} is missing: the scratch variant classifies the pretrained variant's crops; run "
                             "`python benchmarks/pretrained_quality.py run --variant pretrained` first")  # fmt: skip
-    settings = load_yaml(str(PRESET)).get("backbone_settings") or {}
-    scratch_anyway = [b for b, s in settings.items() if (s.get("model") or {}).get("pretrained") is False]
     folders = [ROOT_LAYOUT["segmentation"], ROOT_LAYOUT["crops"]]
-    folders += [f"{ROOT_LAYOUT['classification']}/{b}" for b in scratch_anyway
-                if (pretrained / ROOT_LAYOUT["classification"] / b / "best.safetensors").is_file()]  # fmt: skip
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     for folder in folders:
@@ -126,11 +120,7 @@ def run(args: argparse.Namespace) -> int:
     TimedSteps.path = root / "times.json"
     pipeline.Steps = TimedSteps  # type: ignore[misc]
     argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(PRESET), "--device", "cpu"]
-    # the scratch classifiers read the pretrained variant's crops by the very path its classifiers recorded, so the
-    # copied ones match their settings
-    crops = Path(args.out) / "pretrained" / ROOT_LAYOUT["crops"] / "crops.csv"
-    scratch = [*SCRATCH, f"classification.data.manifest={crops}"] if args.variant == "scratch" else []
-    for item in [*scratch, *args.sets]:
+    for item in [*(SCRATCH if args.variant == "scratch" else []), *args.sets]:
         argv += ["--set", item]
     if pipeline.main(argv) != 0:
         return 1
