@@ -33,8 +33,9 @@ test: $(STAMP)
 # writes its tables into BENCHMARKS.md.
 DATA ?= ../shared/data/isic_real
 # `make bench QUALITY=pretrained` runs configs/presets/cpu-pretrained.yaml end to end on the real sample three times
-# (ImageNet weights, the same from scratch, trained on the HAM10000-source images only; about two hours each, each
-# stage reused once finished) into runs/bench/pretrained, and writes its tables into BENCHMARKS.md.
+# (ImageNet weights, about an hour on two cores; the same classifiers from scratch on its crops, about 45 minutes;
+# trained on the HAM10000-source images only, about an hour; each stage reused once finished) into
+# runs/bench/pretrained, and writes its tables into BENCHMARKS.md.
 bench: $(STAMP)
 ifeq ($(QUALITY),pretrained)
 	for v in pretrained scratch cross; do $(BIN)/python benchmarks/pretrained_quality.py run --variant $$v --data $(DATA) || exit 1; done

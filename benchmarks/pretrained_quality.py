@@ -1,7 +1,7 @@
 """The pretrained preset on the real sample, end to end (BENCHMARKS.md, "The pretrained preset on the real sample";
 ``make bench QUALITY=pretrained``).
 
-python benchmarks/pretrained_quality.py run --variant pretrained    # about 2 hours on two cores
+python benchmarks/pretrained_quality.py run --variant pretrained    # about an hour on two cores
 python benchmarks/pretrained_quality.py run --variant scratch       # the same preset from random weights
 python benchmarks/pretrained_quality.py run --variant cross         # trained on HAM10000-source images only
 
