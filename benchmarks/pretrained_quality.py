@@ -296,7 +296,9 @@ def tables(args: argparse.Namespace) -> int:
              ""]  # fmt: skip
     finished = {v for v in VARIANTS if (out / v / "ensemble" / "summary.json").is_file()}
     for name in [*VARIANTS, "comparison"]:
-        if name == "comparison":
+        if args.only and name not in args.only and name in before:
+            block = before[name]
+        elif name == "comparison":
             block = comparison_block(out, args.samples) if {"pretrained", "scratch"} <= finished else None
         else:
             block = variant_block(out / name, name, args.samples) if name in finished else None
@@ -327,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", default="runs/bench/pretrained")
     t.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
     t.add_argument("--tables", help="write them into this Markdown file (BENCHMARKS.md) between the markers")
+    t.add_argument("--only", nargs="+", choices=[*VARIANTS, "comparison"],
+                   help="score only these blocks; the others keep what the file holds (default: every finished "
+                        "one)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         return run(args) if args.command == "run" else tables(args)

@@ -400,6 +400,13 @@ def test_pretrained_tables_score_each_variant_pair_them_and_keep_a_variant_whose
     low = float(next(line for line in comparison.splitlines() if "good_a |" in line).split("(")[1].split(" to ")[0])
     assert low > 0  # the informative backbone is far better than its weak twin: the whole interval is above zero
     assert "| best single: good_a against good_b |" in comparison  # each variant's own best
+    # --only: the named blocks are scored again, the others keep what the file holds
+    marked = text.replace("<!-- pretrained: begin -->", "<!-- pretrained: begin -->\nMARK")
+    doc.write_text(marked.replace("U-Net and crops: the pretrained", "STALE and crops: the pretrained"))
+    args = ["tables", "--out", str(out), "--samples", "200", "--tables", str(doc)]
+    assert quality.main([*args, "--only", "scratch"]) == 0
+    assert "MARK" in doc.read_text() and "STALE" not in doc.read_text()
+    doc.write_text(text)
     # a later run with only the scratch root left rewrites that one and keeps the pretrained figures as they were
     kept = quality.previous_blocks(text)["pretrained"]
     import shutil
