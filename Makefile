@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install demo test bench lint format clean-demo
+.PHONY: install demo test docs bench lint format clean-demo
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: any warning (a broken link, a page missing from
+# the nav, an API name the reference cannot resolve) fails the build.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 # A quick offline measurement set on synthetic data, on the CPU, in a few minutes: JSON under runs/bench/quick
 # (benchmarks/README.md; the full-size commands are in BENCHMARKS.md).
