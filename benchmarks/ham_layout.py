@@ -1,4 +1,4 @@
-"""A HAM10000-layout sample of the real ISIC data (symbolic links, nothing copied), for the README's quick start:
+"""A HAM10000-layout sample of the real ISIC data (symbolic links, nothing copied), for docs/quickstart.md:
 
 python benchmarks/ham_layout.py --root ../shared/data/isic_real --out runs/bench/HAM10000 --n 500
 

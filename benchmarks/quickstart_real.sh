@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The README's `Use` sequence on a real HAM10000-layout sample, each command timed (BENCHMARKS.md, "Quick start").
+# The quick start sequence (docs/quickstart.md, README.md) on a real HAM10000-layout sample, each command timed
+# (BENCHMARKS.md, "Quick start").
 #
 #   python benchmarks/ham_layout.py --root ../shared/data/isic_real --out runs/bench/quickstart/HAM10000 --n 300
 #   bash benchmarks/quickstart_real.sh runs/bench/quickstart
 #
-# Runs in WORKDIR exactly the README's commands (HAM10000 from WORKDIR/HAM10000, photos/ = 40 of its test images),
+# Runs in WORKDIR exactly the quick start's commands (HAM10000 from WORKDIR/HAM10000, photos/ = 40 of its test images),
 # with the CPU-sized settings below added through --set: every network from scratch (no download), small inputs,
 # few epochs. Writes WORKDIR/times.tsv (seconds per command) and leaves the run root in WORKDIR/runs/ham.
 set -euo pipefail

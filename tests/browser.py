@@ -1,7 +1,7 @@
 """Drive the served page in a real headless Chromium (Debian's ``chromium`` and ``chromedriver``, through Selenium; no
 browser is downloaded): upload photos, wait for their rows, read what the page shows, save a screenshot.
 
-Used by tests/test_browser.py; run by path it makes the README's screenshot of a served bundle::
+Used by tests/test_browser.py; run by path it makes the screenshot of a served bundle (README.md, docs/bundles.md)::
 
     python tests/browser.py --url http://127.0.0.1:8000/ --photos runs/demo/photos --out docs/serve_page.png
 """

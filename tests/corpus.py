@@ -1,6 +1,6 @@
 """A corpus of bad inputs, generated at test time (no committed images), with the behaviour each must have.
 
-``CORPUS`` is the registry: one :class:`Kind` per kind of input, in the order of README.md's ``## Reliability`` table
+``CORPUS`` is the registry: one :class:`Kind` per kind of input, in the order of the table in docs/reliability.md
 (a test keeps the two equal). ``build(folder)`` writes the kind into an empty ``folder`` and returns what a stage is
 given: for a ``folder`` kind, its entries (each must be accounted for once by a folder run); for a ``manifest``,
 ``mask`` or ``image`` kind (a bad manifest, a bad mask or image that a good manifest names), ``[manifest CSV]``, with
@@ -42,11 +42,11 @@ SIDE = 96  # photos of the corpus: large enough (>= 64 px) not to be flagged as 
 
 @dataclass(frozen=True)
 class Kind:
-    """One kind of bad input: how to make it, what the README says happens, and what the tests assert."""
+    """One kind of bad input: how to make it, what the docs say happens, and what the tests assert."""
 
     name: str
     build: Callable[[Path], list[Path]]
-    behaviour: str  # the one-line documented behaviour, as in README.md's Reliability table
+    behaviour: str  # the one-line documented behaviour, as in docs/reliability.md's table
     outcome: Outcome
     expect: str = ""  # a fragment of the reason (skipped, excluded, refused) or of the quality cell (flagged)
     # what it is: an entry of a folder, a manifest, a mask or image a manifest row names
@@ -508,7 +508,7 @@ CORPUS: list[Kind] = [
          "refused", "symbolic link", "image"),
 ]
 
-# Failures that are not inputs: README.md's Reliability table ends with these rows (tested where they say).
+# Failures that are not inputs: docs/reliability.md's table ends with these rows (tested where they say).
 OTHER_ROWS: list[tuple[str, str]] = [
     ("a run killed outright (SIGKILL)", "rerun it: it writes what an uninterrupted run writes, no temporary left "
      "behind (tests/test_kills.py)"),

@@ -50,7 +50,7 @@ from dermpipe.segmentation import train as segmentation_train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="FIFOs, symlinks and /dev/zero are POSIX")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+RELIABILITY = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 BACKBONES = ["test_resnet"]
 SECONDS = 120  # per stage call: each takes a second or two; past this it is taken to hang
 TINY_UNET = [
@@ -180,7 +180,7 @@ def test_the_registry_has_every_kind_once_and_an_outcome_for_its_level() -> None
     for kind in CORPUS:
         assert kind.outcome in allowed[kind.level], kind.name
         assert bool(kind.expect) != (kind.outcome in ("predicted", "accepted")), kind.name  # what else it checks
-        assert kind.behaviour.startswith(kind.outcome), kind.name  # the README says the outcome first
+        assert kind.behaviour.startswith(kind.outcome), kind.name  # the docs say the outcome first
         assert "|" not in kind.name + kind.behaviour and "\n" not in kind.behaviour
 
 
@@ -383,12 +383,12 @@ def test_each_mask_kind_has_its_outcome_in_segmentation_training(tmp_path: Path,
     assert (tmp_path / "run" / "best.safetensors").is_file() and len(_rows(tmp_path / "run" / "metrics.csv")) == 1
 
 
-# --- README.md: the Reliability table is the registry --------------------------------------------------------------
+# --- docs/reliability.md: its table is the registry -----------------------------------------------------------------
 
 
 def _reliability_table() -> list[tuple[str, str]]:
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n## Reliability\n", 1)[1].split("\n## ", 1)[0]
+    text = RELIABILITY.read_text(encoding="utf-8")
+    section = text.split("\n## What each input does\n", 1)[1].split("\n## ", 1)[0]
     rows = [line.strip() for line in section.splitlines() if line.strip().startswith("|")]
     assert rows[0].replace(" ", "") == "|input|behaviour|" and set(rows[1]) <= set("|-: ")
     cells = [tuple(cell.strip() for cell in row.strip("|").split("|")) for row in rows[2:]]
@@ -396,7 +396,5 @@ def _reliability_table() -> list[tuple[str, str]]:
     return cells  # type: ignore[return-value]
 
 
-def test_the_readme_reliability_table_is_the_registry() -> None:
+def test_the_docs_reliability_table_is_the_registry() -> None:
     assert _reliability_table() == [(k.name, k.behaviour) for k in CORPUS] + OTHER_ROWS
-    text = README.read_text(encoding="utf-8")
-    assert text.index("\n## Reliability\n") < text.index("\n## Caching and checkpoints\n")

@@ -1,5 +1,6 @@
-"""The README's `Use` sequence, run verbatim by bash in a fresh folder (tiny sizes added through `--set`), then
-`dermpipe run` on the same manifest, then the bundle: predicted from another folder, and refused once tampered."""
+"""The quick start sequence (docs/quickstart.md's first code block; README.md's quick start is the same block,
+tests/test_docs.py), run verbatim by bash in a fresh folder (tiny sizes added through `--set`), then `dermpipe run` on
+the same manifest, then the bundle: predicted from another folder, and refused once tampered."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dermpipe.ensemble.demo import write_photo_folder
 REPO = Path(__file__).resolve().parents[1]
 DERMPIPE = Path(sys.executable).parent / "dermpipe"
 
-# What the test adds to each README command: tiny networks from scratch, so the sequence runs in a couple of minutes.
+# What the test adds to each quick start line: tiny networks from scratch, so the sequence runs in a couple of minutes.
 SEG = ("--epochs 1 --set model.encoder=tu-test_resnet --set model.encoder_weights=null "
        "--set model.decoder_channels=[16,8,8,8,8] --set data.image_size=32 --set train.batch_size=16 "
        "--set train.panel_images=0")  # fmt: skip
@@ -46,11 +47,12 @@ dermpipe() {{ "{DERMPIPE}" "$@"; }}
 """
 
 
-def readme_sequence() -> str:
-    """The first code block of the README's `## Use` section."""
-    text = (REPO / "README.md").read_text()
-    use = text[text.index("\n## Use\n") :]
-    return re.search(r"```\n(.*?)```", use, re.S).group(1)
+QUICKSTART = REPO / "docs" / "quickstart.md"
+
+
+def quickstart_sequence() -> str:
+    """The first code block of docs/quickstart.md."""
+    return re.search(r"```\n(.*?)```", QUICKSTART.read_text(encoding="utf-8"), re.S).group(1)
 
 
 def ham10000_layout(folder: Path, data: Path) -> None:
@@ -85,13 +87,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("quickstart")
     ham10000_layout(work / "home" / "HAM10000", work / "synthetic")
     write_photo_folder(work / "photos", 6, 96, seed=123)  # new photos (and one that is not), none seen in training
-    done = bash("PS4='+ $(date +%s) '; set -x; " + readme_sequence(), work)
+    done = bash("PS4='+ $(date +%s) '; set -x; " + quickstart_sequence(), work)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     (work / "sequence.log").write_text(done.stderr)
     return work
 
 
-def test_readme_sequence_runs_as_written_under_one_root(world: Path) -> None:
+def test_quickstart_sequence_runs_as_written_under_one_root(world: Path) -> None:
     root = world / "runs" / "ham"
     assert (world / "runs" / "ham.csv").is_file()
     for backbone in ("resnet50", "densenet169", "inception_v3", "inception_resnet_v2", "xception"):
