@@ -25,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The quick loop for development: the end-to-end tests (marked e2e) left out.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m 'not slow and not e2e'
+
 # The documentation site (mkdocs.yml, docs/) into site/. --strict: any warning (a broken link, a page missing from
 # the nav, an API name the reference cannot resolve) fails the build.
 docs: $(STAMP)

@@ -33,6 +33,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from dermpipe.bundle.onnx_export import example_input, export_onnx, load_network, weights_files
+from dermpipe.bundle.store import bundle_checksums, open_bundle
+from dermpipe.bundle.write import write_bundle
 from dermpipe.classification.backbones import DEFAULT_BACKBONES, build_classifier, checkpoint_metadata
 from dermpipe.configs.schema import RunConfig
 from dermpipe.data.generator import make_sample
@@ -41,11 +44,10 @@ from dermpipe.engine.checkpoint import save_checkpoint
 from dermpipe.engine.files import write_text_atomic
 from dermpipe.engine.lineage import record_hand_made
 from dermpipe.engine.onnx_runtime import OnnxModule, onnx_file, session_options
-from dermpipe.ensemble.bundle import bundle_checksums, open_bundle, write_bundle
-from dermpipe.ensemble.config import PredictConfig, PredictOutputs
 from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
-from dermpipe.ensemble.onnx_export import example_input, export_onnx, load_network, weights_files
-from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
+from dermpipe.predict.batch import predict_folder
+from dermpipe.predict.config import PredictConfig, PredictOutputs
+from dermpipe.predict.predictor import EnsemblePredictor
 from dermpipe.segmentation.config import SegModelConfig
 from dermpipe.segmentation.model import build_unet, save_unet
 

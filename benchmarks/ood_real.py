@@ -249,8 +249,9 @@ def measure(args: argparse.Namespace) -> int:
     from dermpipe.configs.schema import RunConfig
     from dermpipe.data.manifest import Manifest
     from dermpipe.data.reading import read_image
-    from dermpipe.ensemble.config import PredictConfig
-    from dermpipe.ensemble.prediction import EnsemblePredictor, refer_reason
+    from dermpipe.predict.config import PredictConfig
+    from dermpipe.predict.predictor import EnsemblePredictor
+    from dermpipe.predict.rows import refer_reason
     from dermpipe.segmentation.prediction import SkipLog
 
     out = Path(args.out)

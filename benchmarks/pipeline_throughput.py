@@ -29,9 +29,10 @@ from dermpipe.data.manifest import manifest_from_folder
 from dermpipe.engine.checkpoint import save_checkpoint
 from dermpipe.engine.files import file_digest, write_text_atomic
 from dermpipe.engine.run import save_config
-from dermpipe.ensemble.config import PredictConfig, PredictOutputs
 from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
-from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder
+from dermpipe.predict.batch import predict_folder
+from dermpipe.predict.config import PredictConfig, PredictOutputs
+from dermpipe.predict.predictor import EnsemblePredictor
 from dermpipe.segmentation.config import SegDataConfig, SegmentationConfig, SegModelConfig, SegPredictConfig
 from dermpipe.segmentation.model import build_unet, save_unet
 

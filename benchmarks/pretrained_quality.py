@@ -50,8 +50,8 @@ from segmentation_quality import main as segmentation_quality  # noqa: E402
 from segmentation_quality import real_sample_manifest  # noqa: E402
 
 from dermpipe.configs.schema import ROOT_LAYOUT  # noqa: E402
-from dermpipe.ensemble import pipeline  # noqa: E402
 from dermpipe.errors import DermpipeError  # noqa: E402
+from dermpipe.pipeline import run as pipeline  # noqa: E402
 from dermpipe.segmentation import predict as segmentation_predict  # noqa: E402
 
 PRESET = HERE.parent / "configs" / "presets" / "cpu-pretrained.yaml"

@@ -37,10 +37,11 @@ import numpy as np
 
 from dermpipe.classification import train as classification_train
 from dermpipe.configs.loader import load_yaml
-from dermpipe.ensemble import pipeline, vote
+from dermpipe.ensemble import vote
 from dermpipe.ensemble.baselines import majority_vote, mean_vote
 from dermpipe.ensemble.evaluation import bootstrap_balanced_accuracy
 from dermpipe.ensemble.stacked_tables import load_probability_tables
+from dermpipe.pipeline import run as pipeline
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

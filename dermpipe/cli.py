@@ -14,14 +14,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("dermpipe.segmentation.score", "score predicted masks against truth as the ISIC challenge does"),
     "train-classifier": ("dermpipe.classification.train", "train one backbone (with its SE block) on the crops"),
     "vote": ("dermpipe.ensemble.vote", "fit the meta-network vote on held-out probabilities, test it once"),
-    "run": ("dermpipe.ensemble.pipeline", "the whole pipeline from one manifest: train, crop, vote, test, summary"),
-    "bundle": ("dermpipe.ensemble.make_bundle", "a trained run root -> one portable, verified model bundle"),
-    "predict": ("dermpipe.ensemble.predict", "a folder of photos end to end: crops, classifiers, vote, report"),
+    "run": ("dermpipe.pipeline.run", "the whole pipeline from one manifest: train, crop, vote, test, summary"),
+    "bundle": ("dermpipe.bundle.make_bundle", "a trained run root -> one portable, verified model bundle"),
+    "predict": ("dermpipe.predict.cli", "a folder of photos end to end: crops, classifiers, vote, report"),
     "serve": ("dermpipe.serve.main", "a bundle as a local web page and JSON API (upload photos, see the report)"),
-    "export": ("dermpipe.ensemble.export", "a bundle's networks as ONNX files (for ONNX Runtime), added to it"),
-    "merge": ("dermpipe.ensemble.merge", "join a sharded predict's parts (OUT/shards/) into what one process writes"),
+    "export": ("dermpipe.bundle.export", "a bundle's networks as ONNX files (for ONNX Runtime), added to it"),
+    "merge": ("dermpipe.predict.merge", "join a sharded predict's parts (OUT/shards/) into what one process writes"),
     "cache": ("dermpipe.engine.cache_command", "see the stage cache per stage; prune it by stage, age or size"),
-    "demo": ("dermpipe.ensemble.demo", "the whole pipeline on synthetic data, on the CPU, in a few minutes"),
+    "demo": ("dermpipe.pipeline.demo", "the whole pipeline on synthetic data, on the CPU, in a few minutes"),
 }
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,8 @@ from dermpipe.ensemble.calibration import (
 from dermpipe.ensemble.config import EnsembleConfig
 from dermpipe.ensemble.evaluation import bootstrap_balanced_accuracy, method_metrics
 from dermpipe.ensemble.meta import fit_meta, meta_logits, save_meta, select_meta_settings, softmax
-from dermpipe.ensemble.outputs import (
-    write_confusion_matrix,
-    write_methods_plot,
-    write_methods_table,
-    write_predictions,
-)
-from dermpipe.ensemble.stacked_tables import (
-    StackedTable,
-    TableError,
-    check_fit_and_test_agree,
-    load_probability_tables,
-)
+from dermpipe.ensemble.outputs import write_confusion_matrix, write_methods_plot, write_methods_table, write_predictions
+from dermpipe.ensemble.stacked_tables import StackedTable, TableError, check_fit_and_test_agree, load_probability_tables
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +153,86 @@ def meta_network_differences(
     return out
 
 
+@dataclass
+class _Choices:
+    """Everything the vote chooses, on the fit split only."""
+
+    selection: Any  # the meta-network settings chosen by cross-validation, with their out-of-fold logits
+    meta: Any  # the meta-network fitted on the whole fit split
+    temperature: float
+    threshold: float
+    referral_fit: dict[str, Any]
+    never: str  # why the refer threshold can never refer on confidence ("" when it can)
+    best_index: int
+    single_scores: Any
+    stacking: Any
+
+
+def _choose(cfg: EnsembleConfig, fit: StackedTable, refer_index: int | None, device: Any) -> _Choices:
+    """Every choice, on the fit split only: the meta-network's settings and weights, the temperature (on the
+    out-of-fold logits: models that did not see those images), the refer threshold, the best single backbone and the
+    logistic stacking's C."""
+    selection = select_meta_settings(fit.probs, fit.labels, cfg.meta, device)
+    meta = fit_meta(fit.probs, fit.labels, cfg.meta, cfg.meta.seed, selection.settings, device)
+    temperature = fit_temperature(selection.oof_logits, fit.labels) if cfg.calibration.temperature else 1.0
+    oof_calibrated = apply_temperature(selection.oof_logits, temperature)
+    threshold, referral_fit, never = 0.0, {}, ""
+    if refer_index is not None:
+        threshold = refer_threshold(oof_calibrated, fit.labels, refer_index, cfg.calibration.target_sensitivity)
+        referral_fit = referral_outcome(oof_calibrated, fit.labels, refer_index, threshold)
+        # a refer rule that can never refer on confidence is said, at vote time, in summary.json and the card
+        never = never_refers(threshold, len(fit.classes), temperature, oof_calibrated.max(axis=1))
+    if never:
+        logger.warning("calibration: %s", never)
+    best_index, single_scores = best_single(fit.probs, fit.labels, fit.backbones)
+    stacking = logistic_stacking(fit.probs, fit.labels, cfg.baselines.logistic_c_grid, cfg.baselines.logistic_inputs,
+                                 cfg.meta.cv_folds, cfg.meta.seed)  # fmt: skip
+    return _Choices(selection, meta, temperature, threshold, referral_fit, never, best_index, single_scores, stacking)
+
+
+@dataclass
+class _TestScores:
+    """The test split, scored once every choice is fixed."""
+
+    rows: list[dict[str, Any]]  # one per method: its metrics (and interval) on the labelled test images
+    comparisons: dict[str, dict[str, float]]  # the meta-network's paired difference to each method
+    referral_test: dict[str, Any]
+    meta_raw: np.ndarray  # the meta-network's probabilities on every test image, before the temperature
+    meta: np.ndarray  # ... and after it
+    labelled: np.ndarray  # which test images carry a label
+
+
+def _score_test(cfg: EnsembleConfig, c: _Choices, test_all: StackedTable, refer_index: int | None) -> _TestScores:
+    test, classes, backbones, b = test_all.labelled(), test_all.classes, test_all.backbones, c.best_index
+    logits = meta_logits(c.meta, test_all.probs)
+    meta_raw, meta = softmax(logits), apply_temperature(logits, c.temperature)
+    labelled = test_all.labels >= 0
+    methods: list[tuple[str, np.ndarray, str]] = [
+        *((name, test.probs[:, i, :], "single backbone") for i, name in enumerate(backbones)),
+        ("best_single", test.probs[:, b, :], f"{backbones[b]} (chosen on {cfg.data.fit_split})"),
+        ("mean_vote", mean_vote(test.probs), ""),
+        ("majority_vote", majority_vote(test.probs), "ties by mean probability"),
+        ("logistic_stacking", c.stacking.predict_proba(test.probs), f"C={c.stacking.c:g} on {c.stacking.inputs}"),
+        ("meta_network", meta_raw[labelled], c.selection.settings.describe()),
+    ]
+    if cfg.calibration.temperature:
+        methods.append(("meta_network_calibrated", meta[labelled], f"temperature={c.temperature:.3f}"))
+    n_bins = cfg.calibration.ece_bins
+    rows = [{"method": m, **method_metrics(test.labels, p, classes, n_bins), "detail": det} for m, p, det in methods]
+    comparisons: dict[str, dict[str, float]] = {}
+    if cfg.evaluation.bootstrap:
+        e, predicted = cfg.evaluation, {m: p.argmax(axis=1) for m, p, _ in methods}
+        intervals = bootstrap_balanced_accuracy(test.labels, predicted, "best_single", e.bootstrap, e.confidence,
+                                                cfg.meta.seed)  # fmt: skip
+        for row in rows:
+            row.update(intervals[row["method"]])
+        comparisons = meta_network_differences(test.labels, predicted, e.bootstrap, e.confidence, cfg.meta.seed)
+    referral_test = {}
+    if refer_index is not None:
+        referral_test = referral_outcome(meta[labelled], test.labels, refer_index, c.threshold)
+    return _TestScores(rows, comparisons, referral_test, meta_raw, meta, labelled)
+
+
 def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
     """Fit the meta-network and the baselines on the held-out split, evaluate each once on the test split, write
     the comparison into ``run.dir`` and return a summary.
@@ -182,155 +253,89 @@ def run_vote(cfg: EnsembleConfig, run: Run) -> dict[str, Any]:
         write_vote_lineage(cfg, run.dir)
         return done
     fit = _fit_rows(fit_all)
-    test = test_all.labelled()
-    if len(test) == 0:
+    if len(test_all.labelled()) == 0:
         raise TableError(f"the {d.test_split} tables hold no labelled image: nothing to evaluate the vote on")
-    classes, backbones = fit.classes, fit.backbones
-    refer_index = _refer_class_index(cfg, classes, fit.labels)
-
-    # --- every choice, on the fit split only ---
-    selection = select_meta_settings(fit.probs, fit.labels, cfg.meta, run.device)
-    meta = fit_meta(fit.probs, fit.labels, cfg.meta, cfg.meta.seed, selection.settings, run.device)
-    # the out-of-fold logits come from models that did not see those images, unlike the final model's own fit
-    temperature = 1.0
-    if cfg.calibration.temperature:
-        temperature = fit_temperature(selection.oof_logits, fit.labels)
-    oof_calibrated = apply_temperature(selection.oof_logits, temperature)
-    threshold, referral_fit = 0.0, {}
-    if refer_index is not None:
-        threshold = refer_threshold(oof_calibrated, fit.labels, refer_index, cfg.calibration.target_sensitivity)
-        referral_fit = referral_outcome(oof_calibrated, fit.labels, refer_index, threshold)
-    never = ""  # a refer rule that can never refer on confidence is said, at vote time, in summary.json and the card
-    if refer_index is not None:
-        never = never_refers(threshold, len(classes), temperature, oof_calibrated.max(axis=1))
-    if never:
-        logger.warning("calibration: %s", never)
-    best_index, single_scores = best_single(fit.probs, fit.labels, backbones)
-    stacking = logistic_stacking(
-        fit.probs,
-        fit.labels,
-        cfg.baselines.logistic_c_grid,
-        cfg.baselines.logistic_inputs,
-        cfg.meta.cv_folds,
-        cfg.meta.seed,
-    )
-
-    # --- the test split, scored once ---
-    test_logits = meta_logits(meta, test_all.probs)
-    test_meta_raw = softmax(test_logits)
-    test_meta = apply_temperature(test_logits, temperature)
-    labelled = test_all.labels >= 0
-    s = selection.settings
-    methods: list[tuple[str, np.ndarray, str]] = [
-        *((name, test.probs[:, b, :], "single backbone") for b, name in enumerate(backbones)),
-        ("best_single", test.probs[:, best_index, :], f"{backbones[best_index]} (chosen on {d.fit_split})"),
-        ("mean_vote", mean_vote(test.probs), ""),
-        ("majority_vote", majority_vote(test.probs), "ties by mean probability"),
-        ("logistic_stacking", stacking.predict_proba(test.probs), f"C={stacking.c:g} on {stacking.inputs}"),
-        ("meta_network", test_meta_raw[labelled], s.describe()),
-    ]
-    if cfg.calibration.temperature:
-        methods.append(("meta_network_calibrated", test_meta[labelled], f"temperature={temperature:.3f}"))
-    n_bins = cfg.calibration.ece_bins
-    rows = [{"method": m, **method_metrics(test.labels, p, classes, n_bins), "detail": det} for m, p, det in methods]
-    comparisons: dict[str, dict[str, float]] = {}
-    if cfg.evaluation.bootstrap:
-        intervals = bootstrap_balanced_accuracy(
-            test.labels,
-            {m: p.argmax(axis=1) for m, p, _ in methods},
-            "best_single",
-            cfg.evaluation.bootstrap,
-            cfg.evaluation.confidence,
-            cfg.meta.seed,
-        )
-        for row in rows:
-            row.update(intervals[row["method"]])
-        comparisons = meta_network_differences(
-            test.labels,
-            {m: p.argmax(axis=1) for m, p, _ in methods},
-            cfg.evaluation.bootstrap,
-            cfg.evaluation.confidence,
-            cfg.meta.seed,
-        )
-    referral_test = {}
-    if refer_index is not None:
-        referral_test = referral_outcome(test_meta[labelled], test.labels, refer_index, threshold)
-
-    # --- outputs ---
+    refer_index = _refer_class_index(cfg, fit.classes, fit.labels)
+    choices = _choose(cfg, fit, refer_index, run.device)
+    scores = _score_test(cfg, choices, test_all, refer_index)
     run.begin()  # everything fitted and scored: from here on the run folder is written
     if note:
         logger.warning("%s", note)
-    out = run.dir
+    summary = _write_vote(cfg, run.dir, fit, test_all, choices, scores, refer_index)
+    summary = {"vote_key": key, "settings": settings, **summary}
+    write_text_atomic(run.dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    write_vote_lineage(cfg, run.dir)
+    logger.info("wrote %s", summary["paths"]["methods"])
+    return summary
+
+
+def _write_vote(
+    cfg: EnsembleConfig,
+    out: Path,
+    fit: StackedTable,
+    test_all: StackedTable,
+    c: _Choices,
+    t: _TestScores,
+    refer_index: int | None,
+) -> dict[str, Any]:
+    """The run folder's pictures, tables and the vote's weights; the summary (without its key and settings)."""
+    d, classes, backbones = cfg.data, fit.classes, fit.backbones
+    test, labelled, s = test_all.labelled(), t.labelled, c.selection.settings
+    reliability = {"meta-network": t.meta_raw[labelled]}
+    if cfg.calibration.temperature:
+        reliability["meta-network, temperature-scaled"] = t.meta[labelled]
+    interval = cfg.evaluation.confidence if cfg.evaluation.bootstrap else None
     paths = {
-        "methods": write_methods_table(out / "methods.csv", rows, classes),
-        "methods_plot": write_methods_plot(
-            out / "methods.png",
-            rows,
-            backbones[best_index],
-            cfg.evaluation.confidence if cfg.evaluation.bootstrap else None,
-        ),
+        "methods": write_methods_table(out / "methods.csv", t.rows, classes),
+        "methods_plot": write_methods_plot(out / "methods.png", t.rows, backbones[c.best_index], interval),
         "confusion": write_confusion_matrix(
-            test.labels, test_meta[labelled].argmax(1), classes, out / "confusion_meta", "meta-network, test split"
+            test.labels, t.meta[labelled].argmax(1), classes, out / "confusion_meta", "meta-network, test split"
         ),
         "reliability": reliability_diagram(
-            {"meta-network": test_meta_raw[labelled], "meta-network, temperature-scaled": test_meta[labelled]}
-            if cfg.calibration.temperature
-            else {"meta-network": test_meta_raw[labelled]},
+            reliability,
             test.labels,
             out / "reliability_meta.png",
-            n_bins,
+            cfg.calibration.ece_bins,
             "Meta-network on the test split",
-        ),
-        "predictions": write_predictions(out / "test_predictions.csv", test_all, test_meta, threshold),
+        ),  # fmt: skip
+        "predictions": write_predictions(out / "test_predictions.csv", test_all, t.meta, c.threshold),
     }
-    paths["meta"] = save_meta(
-        out / META_FILE,
-        meta,
-        classes,
-        backbones,
-        {
-            **s.record(),
-            "fit_split": d.fit_split,
-            "temperature": temperature,
-            "refer": refer_index is not None,
-            "refer_class": cfg.calibration.refer_class if refer_index is not None else "",
-            "refer_threshold": threshold,
-            "target_sensitivity": cfg.calibration.target_sensitivity,
-            "tables": {b: src.get("table_key", "") for b, src in zip(backbones, fit.sources)},
-            "weights_digests": {b: src.get("weights_digest", "") for b, src in zip(backbones, test.sources)},
-            "config_hash": config_hash(cfg),
-        },
-    )
-    summary = {
-        "vote_key": key,
-        "settings": settings,
+    refer = refer_index is not None
+    paths["meta"] = save_meta(out / META_FILE, c.meta, classes, backbones, {
+        **s.record(),
+        "fit_split": d.fit_split,
+        "temperature": c.temperature,
+        "refer": refer,
+        "refer_class": cfg.calibration.refer_class if refer else "",
+        "refer_threshold": c.threshold,
+        "target_sensitivity": cfg.calibration.target_sensitivity,
+        "tables": {b: src.get("table_key", "") for b, src in zip(backbones, fit.sources)},
+        "weights_digests": {b: src.get("weights_digest", "") for b, src in zip(backbones, test.sources)},
+        "config_hash": config_hash(cfg),
+    })  # fmt: skip
+    target = cfg.calibration.target_sensitivity
+    return {
         "fit_split": d.fit_split,
         "n_fit": len(fit),
         "n_test": len(test),
         "n_test_unlabelled": len(test_all) - len(test),
         "backbones": list(backbones),
         "classes": list(classes),
-        "meta_settings": {**s.record(), "cv_folds": selection.folds},
-        "meta_cv": list(selection.scores),
-        "logistic_c": stacking.c,
-        "logistic_cv": list(stacking.cv_scores),
-        "best_single": backbones[best_index],
-        "single_fit_scores": list(single_scores),
-        "temperature": temperature,
-        "refer_threshold": threshold,
-        "referral_fit": referral_fit,
-        "referral_test": referral_test,
-        "never_refers": never,  # why the refer threshold never refers on confidence ("" when it can)
+        "meta_settings": {**s.record(), "cv_folds": c.selection.folds},
+        "meta_cv": list(c.selection.scores),
+        "logistic_c": c.stacking.c,
+        "logistic_cv": list(c.stacking.cv_scores),
+        "best_single": backbones[c.best_index],
+        "single_fit_scores": list(c.single_scores),
+        "temperature": c.temperature,
+        "refer_threshold": c.threshold,
+        "referral_fit": c.referral_fit,
+        "referral_test": t.referral_test,
+        "never_refers": c.never,  # why the refer threshold never refers on confidence ("" when it can)
         # the sensitivity the refer threshold was set for, and whether the test split reached it (flagged, not hidden)
-        "target_sensitivity": cfg.calibration.target_sensitivity if referral_test else None,
-        "target_missed": bool(
-            referral_test and referral_test["sensitivity_with_referral"] < cfg.calibration.target_sensitivity
-        ),
-        "methods": rows,
-        "meta_network_vs": comparisons,
+        "target_sensitivity": target if t.referral_test else None,
+        "target_missed": bool(t.referral_test and t.referral_test["sensitivity_with_referral"] < target),
+        "methods": t.rows,
+        "meta_network_vs": t.comparisons,
         "paths": {k: str(v) for k, v in paths.items()},
     }
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
-    write_vote_lineage(cfg, out)
-    logger.info("wrote %s", paths["methods"])
-    return summary

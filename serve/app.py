@@ -16,12 +16,12 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from dermpipe import __version__
 from dermpipe.engine import csvsafe
-from dermpipe.ensemble.report import render_rows
+from dermpipe.predict.report import render_rows
 from dermpipe.serve.page import page_html
 from dermpipe.serve.service import Answer, Job, Service
 from dermpipe.serve.uploads import FIELD, MultipartUploads, UploadError, check_upload
+from dermpipe.version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dermpipe.bundle.store import Bundle, open_bundle
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 from dermpipe.engine.confine import confine_output
-from dermpipe.engine.run import check_run_folder, choose_device
-from dermpipe.ensemble.bundle import Bundle, open_bundle
-from dermpipe.ensemble.config import PredictConfig
-from dermpipe.ensemble.predict import bundle_cache_dir, check_trained_stages
-from dermpipe.ensemble.prediction import EnsemblePredictor
 from dermpipe.errors import DermpipeError
+from dermpipe.predict.api import Model
+from dermpipe.predict.cli import bundle_cache_dir
+from dermpipe.predict.config import PredictConfig
 from dermpipe.serve.app import Limits, create_app
 from dermpipe.serve.service import Service
 
@@ -116,14 +115,10 @@ def open_service(args: argparse.Namespace) -> tuple[Service, Limits]:
     if args.engine:
         flags["engine"] = args.engine
     cfg = resolve_config(PredictConfig, args, flags)
-    check_run_folder(Path(cfg.segmentation_run), "segmentation")
-    check_run_folder(Path(cfg.ensemble_run), "ensemble")
-    check_trained_stages(cfg)
-    predictor = EnsemblePredictor(cfg, choose_device(cfg.run.device))
+    model = Model.from_config(cfg, bundle)
     engine = cfg.engine
     service = Service(
-        predictor,
-        bundle.identity,
+        model,
         model_card(bundle, engine),
         gradcam=args.gradcam,
         max_batch_images=cfg.batch_size,

@@ -1,5 +1,5 @@
 """The served page: drop photos, see each one as the batch report shows it (the same rows, from
-``dermpipe.ensemble.report``), download the rows as CSV."""
+``dermpipe.predict.report``), download the rows as CSV."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dermpipe.ensemble.report import SCRIPT, STYLE, table_head
+from dermpipe.predict.report import SCRIPT, STYLE, table_head
 
 _PAGE_STYLE = """
 #drop{border:2px dashed #4a7fb5;border-radius:8px;padding:1.5em;text-align:center;margin:1em 0;background:#f7fafd}

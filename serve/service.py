@@ -1,5 +1,5 @@
-"""The served model: one ``EnsemblePredictor`` (loaded once at start-up, with batch prediction's cache) behind a queue
-that gathers the photos of concurrent requests into batches for the networks.
+"""The served model: one ``Model`` (what ``dermpipe.load`` gives, loaded once at start-up, with batch prediction's
+cache) behind a queue that gathers the photos of concurrent requests into batches for the networks.
 
 One worker thread owns the networks: every forward pass, Grad-CAM and picture of the page runs there, so requests
 never share a model concurrently. Requests wait on a future; when more than ``max_pending`` photos wait, a request is
@@ -14,7 +14,7 @@ import mimetypes
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,14 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from dermpipe.ensemble.prediction import (
-    EnsemblePredictor,
-    prediction_columns,
-    prediction_row,
-    refer_reason,
-    report_row_of,
-)
-from dermpipe.ensemble.report import ReportRow
+from dermpipe.predict.api import Model
+from dermpipe.predict.report import ReportRow
+from dermpipe.predict.rows import Prediction, prediction_columns, report_row_of
 from dermpipe.segmentation.prediction import CropResult, SkipLog
 from dermpipe.serve.uploads import Upload, UploadError, upload_reason
 
@@ -110,26 +105,6 @@ class Batcher:
                     self.pending -= photos
 
 
-def box_list(crop: CropResult) -> list[int]:
-    return [int(crop.box.x0), int(crop.box.y0), int(crop.box.x1), int(crop.box.y1)]
-
-
-def api_prediction(row: dict[str, Any], crop: CropResult, classes: Sequence[str], reason: str) -> dict[str, Any]:
-    """A predictions.csv row as JSON: numbers as numbers, the refer flag as a boolean with its reason, the box as
-    ``[x0, y0, x1, y1]`` in the photo's pixels, the quality warnings as a list."""
-    return {
-        **row,
-        **{c: float(row[c]) for c in classes},
-        "confidence": float(row["confidence"]),
-        "refer": bool(row["refer"]),
-        "refer_reason": reason,
-        "box": box_list(crop),
-        "quality": list(crop.quality),
-        "truth": row["truth"] or None,
-        "correct": None if row["correct"] == "" else bool(row["correct"]),
-    }
-
-
 def data_uri(path: Path) -> str:
     kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
@@ -140,8 +115,7 @@ class Service:
 
     def __init__(
         self,
-        predictor: EnsemblePredictor,
-        model_id: str,
+        model: Model,
         card: dict[str, Any],
         *,
         gradcam: bool = True,
@@ -149,11 +123,12 @@ class Service:
         wait_s: float = 0.01,
         max_pending: int = 256,
     ) -> None:
-        self.predictor, self.model_id, self.card = predictor, model_id, card
-        self.classes = list(predictor.classes)
+        self.model, self.card = model, card
+        self.predictor, self.model_id = model.predictor, model.model_id
+        self.classes = list(model.classes)
         self.columns = prediction_columns(self.classes)
         # Grad-CAM runs on the PyTorch network whichever engine predicts (ONNX Runtime has no gradients)
-        self.gradcam_model = predictor.classifiers[0] if gradcam else None
+        self.gradcam_model = model.predictor.classifiers[0] if gradcam else None
         self.batcher = Batcher(self._run, max_batch_images, wait_s, max_pending)
 
     def submit(self, job: Job) -> Future:
@@ -189,9 +164,9 @@ class Service:
                 continue
             crop, probs = results[key]
             named = replace(crop, image_id=upload.image_id, path=upload.name)
-            row = prediction_row(named, probs, self.classes, threshold, self.model_id)
-            answer.rows.append(row)
-            answer.predictions.append(api_prediction(row, named, self.classes, refer_reason(crop, probs, threshold)))
+            record = Prediction.of(named, probs, self.classes, threshold, self.model_id)
+            answer.rows.append(record.csv_row())
+            answer.predictions.append(record.as_json())
             if job.page:
                 answer.report_rows.append(self._page_row(crop, probs, job.folder, upload))
         return answer

@@ -85,7 +85,7 @@ def write_untrained_pipeline(root, backbones, classes, folders=("seg", "cls", "e
 def write_untrained_bundle(folder, backbones, classes, name="bundle", input_size=32):
     """A verified bundle (``folder/name``, as ``dermpipe bundle`` writes it) of an untrained pipeline (classifiers
     at ``input_size``, as ``write_untrained_pipeline``)."""
-    from dermpipe.ensemble.bundle import write_bundle
+    from dermpipe.bundle.write import write_bundle
 
     layout = ("segmentation", "classification", "ensemble")
     root = write_untrained_pipeline(folder / "root", backbones, classes, layout, input_size)

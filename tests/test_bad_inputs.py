@@ -44,7 +44,7 @@ from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.data.quality import QUALITY_NO_LESION, QUALITY_SEPARATOR
 from dermpipe.data.reading import ImageReadError, image_size, read_image, read_mask
 from dermpipe.engine import csvsafe
-from dermpipe.ensemble import predict as ensemble_predict
+from dermpipe.predict import cli as ensemble_predict
 from dermpipe.segmentation import predict as segmentation_predict
 from dermpipe.segmentation import train as segmentation_train
 

@@ -82,6 +82,7 @@ def test_bare_reference_flips_each_image_one_of_four_ways():
     assert seen == {0, 1, 2, 3}
 
 
+@pytest.mark.e2e
 def test_bare_classification_reference_run_by_path_trains_and_scores_the_test_rows(tmp_path):
     manifest = generate_dataset(tmp_path / "syn", n_images=40, size=32, seed=0, classes=("nv", "mel"), imbalance=1.0)
     options = f"--model {TEST_BACKBONE} --size 32 --epochs 4 --batch-size 8 --threads 1".split()
@@ -100,6 +101,7 @@ def test_bare_classification_reference_run_by_path_trains_and_scores_the_test_ro
     assert 0.0 <= result["balanced_accuracy"] <= 1.0 and 0.0 <= result["macro_auc"] <= 1.0
 
 
+@pytest.mark.e2e
 def test_bare_segmentation_reference_trains_and_scores_every_test_image_at_its_size(tmp_path, capsys):
     bare = load("segmentation_bare")
 
@@ -115,6 +117,7 @@ def test_bare_segmentation_reference_trains_and_scores_every_test_image_at_its_s
     assert masks.shape == (len(test), 1, 32, 32) and set(masks.unique().tolist()) == {0.0, 1.0}
 
 
+@pytest.mark.e2e
 def test_mask_variants_score_the_pipelines_own_masks_at_the_trained_size(trained, tmp_path):
     from dermpipe.segmentation.metrics import image_scores, mean_scores, read_mask
 
@@ -202,6 +205,7 @@ def test_make_bench_writes_its_machine_table_between_the_markers_and_nowhere_els
     assert second.split(quick.BEGIN)[0] == first.split(quick.BEGIN)[0]  # what lies outside the markers is kept
 
 
+@pytest.mark.e2e
 def test_vote_quality_compares_both_fit_sets_and_both_starts_on_one_test_split(tmp_path, capsys, monkeypatch):
     """The table of ``make bench QUALITY=1`` on synthetic tables: eight votes (refit models / fold means x val /
     out-of-fold fit x mean-vote / random start), every figure the one its vote wrote, paired differences that match
@@ -353,6 +357,7 @@ def _finished_variant(root, labels, probs, vote, threshold=0.5):
     (root / "ensemble" / "test_predictions.csv").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.e2e
 def test_pretrained_tables_score_each_variant_pair_them_and_keep_a_variant_whose_root_is_gone(tmp_path):
     """The tables of ``make bench QUALITY=pretrained``: every figure is the one the scores give, the pretrained
     variant is paired with the scratch one image by image, and a variant run in an earlier session keeps its block."""

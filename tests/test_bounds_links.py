@@ -24,8 +24,8 @@ from dermpipe.data.formats.class_folders import read_folder
 from dermpipe.data.manifest import list_folder
 from dermpipe.data.reading import ImageTooLargeError, image_size, list_images, read_image, read_mask, walk_files
 from dermpipe.engine.files import OutputPathError, check_output_folder
-from dermpipe.ensemble import predict
-from dermpipe.ensemble.demo import write_photo_folder
+from dermpipe.pipeline.demo import write_photo_folder
+from dermpipe.predict import cli as predict
 from dermpipe.serve.uploads import Upload, check_upload
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="symlinks, /proc and prctl are POSIX/Linux")
@@ -197,7 +197,7 @@ def test_a_link_to_the_output_inside_the_input_never_makes_its_outputs_inputs(st
 # The prediction's workers mark themselves (a file named by their pid) and then work for ten minutes.
 SLOW_WORKERS = """
 import os, sys, time
-from dermpipe.ensemble import predict
+from dermpipe.predict import cli as predict
 from dermpipe.segmentation import prediction
 marks = sys.argv[1]
 def slow(self, index):
@@ -217,6 +217,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_dataloader_workers_end_with_their_parent(stages, tmp_path, how):

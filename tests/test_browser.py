@@ -36,6 +36,7 @@ def browser():
     driver.quit()
 
 
+@pytest.mark.e2e
 def test_page_shows_the_apis_probabilities(browser, tmp_path):
     bundle = write_untrained_bundle(tmp_path, ["test_resnet", "test_efficientnet"], CLASSES)
     rng = np.random.default_rng(3)

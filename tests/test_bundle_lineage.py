@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import write_lineages, write_untrained_pipeline
 
+from dermpipe.bundle import make_bundle
+from dermpipe.bundle.store import BundleError, open_bundle
+from dermpipe.bundle.write import write_bundle
 from dermpipe.engine.lineage import file_sha256, short, write_lineage
-from dermpipe.ensemble import make_bundle
-from dermpipe.ensemble.bundle import BundleError, open_bundle, write_bundle
 
 BACKBONES = ["test_resnet", "test_efficientnet"]
 CLASSES = ["mel", "nv", "bkl"]
@@ -213,7 +214,7 @@ def test_an_edited_bundle_json_value_is_refused_not_ignored(tmp_path, edit, key)
 
 
 def test_an_edited_bundle_is_refused_by_dermpipe_predict_in_one_line(tmp_path, capsys):
-    from dermpipe.ensemble import predict
+    from dermpipe.predict import cli as predict
 
     bundle = _bundle(tmp_path, crops=False).path
     _edit_info(bundle, lambda info: info["calibration"].update(refer_threshold=0.0))

@@ -166,7 +166,7 @@ def stages(tmp_path_factory):
 
 
 def _predict(stages, photos, out, cache):
-    from dermpipe.ensemble import predict as predict_script
+    from dermpipe.predict import cli as predict_script
 
     args = ["--input", str(photos), "--out", str(out), "--device", "cpu", "--no-report",
             "--segmentation-run", str(stages / "seg"), "--classification-root", str(stages / "cls"),

@@ -415,6 +415,7 @@ def _probs(path):
     return np.array([[float(r["nv"]), float(r["mel"])] for r in _rows(path)])
 
 
+@pytest.mark.e2e
 def test_folds_write_one_out_of_fold_table_and_the_mean_of_the_fold_models(crops_manifest, tmp_path, caplog):
     from dermpipe.classification.backbones import FoldMeanClassifier, load_classifier
     from dermpipe.engine.checkpoint import read_metadata, weights_digest

@@ -7,8 +7,8 @@ import pytest
 from conftest import write_photos, write_untrained_bundle, write_untrained_pipeline
 
 from dermpipe.engine.confine import finished_folder
-from dermpipe.ensemble import merge as merge_script
-from dermpipe.ensemble import predict as predict_script
+from dermpipe.predict import cli as predict_script
+from dermpipe.predict import merge as merge_script
 from dermpipe.segmentation import predict as segment_script
 from dermpipe.serve import main as serve_script
 

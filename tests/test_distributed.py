@@ -53,6 +53,7 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(stage, manifest, tmp_path):
     one, two = train(stage, manifest, tmp_path / "one", 1), train(stage, manifest, tmp_path / "two", 2)

@@ -416,6 +416,7 @@ def test_vote_end_to_end_writes_every_method(tables, tmp_path, capsys):
     assert all((float(p["top_probability"]) < summary["refer_threshold"]) == (p["refer"] == "1") for p in preds)
 
 
+@pytest.mark.e2e
 def test_a_finished_vote_is_reused_refitted_when_asked_and_kept_when_changed_unasked(tables, tmp_path, monkeypatch):
     import dermpipe.ensemble.voting
 
@@ -465,6 +466,7 @@ def test_a_finished_vote_is_found_from_another_working_directory(tables, tmp_pat
     assert calls == []
 
 
+@pytest.mark.e2e
 def test_test_labels_never_influence_any_choice(tables, tmp_path):
     assert main(_args(tables, tmp_path / "a")) == 0
     path = tables / "good_a" / "probs_test.csv"

@@ -27,7 +27,7 @@ from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.manifest import Manifest
 from dermpipe.engine import loop
 from dermpipe.engine.files import file_digest
-from dermpipe.ensemble import predict as predict_script
+from dermpipe.predict import cli as predict_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,9 +58,9 @@ raise SystemExit(importlib.import_module(entry).main(args))
 """
 
 PREDICT_KILLS = {
-    "loading the second backbone": ("dermpipe.ensemble.prediction:load_classifier", 2),
-    "voting on the second batch": ("dermpipe.ensemble.prediction:EnsemblePredictor.judge", 2),
-    "between the tables and the report": ("dermpipe.ensemble.prediction:write_report", 1),
+    "loading the second backbone": ("dermpipe.predict.predictor:load_classifier", 2),
+    "voting on the second batch": ("dermpipe.predict.predictor:EnsemblePredictor.judge", 2),
+    "between the tables and the report": ("dermpipe.predict.batch:write_report", 1),
 }
 TRAIN_KILLS = {  # n None: the optimiser step inside epoch 2 that leaves steps still to come
     "training in epoch 2": ("dermpipe.engine.loop:optimiser_step", None),
@@ -154,7 +154,7 @@ def world(tmp_path_factory):
                 out.mkdir()
                 (out / "report.html").write_text("<html>a report of an earlier run</html>")
             args = _predict_args(stages, photos, out, root / f"cache_B{i}")
-            killed[point] = _start_killed(target, n, "dermpipe.ensemble.predict", args, root / f"B{i}.log")
+            killed[point] = _start_killed(target, n, "dermpipe.predict.cli", args, root / f"B{i}.log")
 
         data = generate_dataset(root / "syn", n_images=36, size=48, seed=0, classes=("nv", "mel"), imbalance=1.5)
         manifest = Manifest.read(data)
@@ -201,6 +201,7 @@ def _folder(args: list[str], flag: str) -> Path:
 # --- batch prediction -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("point", list(PREDICT_KILLS))
 def test_prediction_killed_and_rerun_writes_what_an_uninterrupted_run_writes(world, point):
     killed, out_a = world.killed[point], world.predicted

@@ -82,7 +82,8 @@ def test_the_check_sees_imports_between_stages(tmp_path):
     config = configparser.ConfigParser()
     config.read(ROOT / ".importlinter")
     section = next(s for s in config.sections() if config[s].get("type") == "layers")
-    upside_down = list(reversed(config[section]["layers"].split()))
+    layers = [line.strip() for line in config[section]["layers"].splitlines() if line.strip()]
+    upside_down = list(reversed(layers))  # a line may hold independent siblings: "a | b"
     config[section]["layers"] = "\n" + "\n".join(upside_down)
     stage_layout(tmp_path)
     with open(tmp_path / ".importlinter", "w") as f:

@@ -25,20 +25,20 @@ import torch
 from conftest import write_untrained_bundle
 
 from dermpipe import __version__
+from dermpipe.bundle import export as export_script
+from dermpipe.bundle import onnx_export
+from dermpipe.bundle.store import CHECKSUMS, open_bundle
 from dermpipe.classification.backbones import load_classifier
 from dermpipe.configs.schema import RunConfig
 from dermpipe.data.loaders import resize_square
 from dermpipe.data.reading import read_image
 from dermpipe.engine.checkpoint import read_metadata
 from dermpipe.engine.onnx_runtime import OnnxModelError, OnnxModule, open_onnx
-from dermpipe.ensemble import export as export_script
-from dermpipe.ensemble import onnx_export
-from dermpipe.ensemble import predict as predict_script
-from dermpipe.ensemble.bundle import CHECKSUMS, open_bundle
-from dermpipe.ensemble.config import PredictConfig
-from dermpipe.ensemble.demo import write_photo_folder
 from dermpipe.ensemble.meta import load_meta
-from dermpipe.ensemble.prediction import EnsemblePredictor
+from dermpipe.pipeline.demo import write_photo_folder
+from dermpipe.predict import cli as predict_script
+from dermpipe.predict.config import PredictConfig
+from dermpipe.predict.predictor import EnsemblePredictor
 from dermpipe.segmentation.model import load_unet
 from dermpipe.segmentation.prediction import predict_probabilities
 

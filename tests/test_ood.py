@@ -91,9 +91,9 @@ def trained(tmp_path_factory):
     import yaml
     from test_pipeline_run import EXPERIMENT
 
+    from dermpipe.bundle.onnx_export import export_network, load_network
     from dermpipe.data.generator import generate_dataset
-    from dermpipe.ensemble.onnx_export import export_network, load_network
-    from dermpipe.ensemble.pipeline import main
+    from dermpipe.pipeline.run import main
 
     folder = tmp_path_factory.mktemp("ood")
     manifest = generate_dataset(folder / "data", n_images=80, size=64, seed=0)
@@ -118,8 +118,8 @@ def trained(tmp_path_factory):
 
 def _predictor(stages: dict, cache: Path, engine: str = "pytorch"):
     from dermpipe.configs.schema import RunConfig
-    from dermpipe.ensemble.config import PredictConfig
-    from dermpipe.ensemble.prediction import EnsemblePredictor
+    from dermpipe.predict.config import PredictConfig
+    from dermpipe.predict.predictor import EnsemblePredictor
 
     cfg = PredictConfig(**stages, engine=engine, run=RunConfig(cache_dir=str(cache), threads=1))
     return EnsemblePredictor(cfg, torch.device("cpu"))
@@ -134,7 +134,7 @@ def _root_stages(root: Path) -> dict:
 
 
 def _reasons(predictor, items) -> dict[str, str]:
-    from dermpipe.ensemble.prediction import refer_reason
+    from dermpipe.predict.rows import refer_reason
     from dermpipe.segmentation.prediction import SkipLog
 
     return {
@@ -152,6 +152,7 @@ def test_each_trained_backbone_fits_its_check_beside_its_weights(trained):
         assert stats.info["fit_images"] > stats.info["threshold_images"] > 0
 
 
+@pytest.mark.e2e
 def test_junk_is_referred_unlike_the_training_images_and_synthetic_lesions_mostly_are_not(trained, tmp_path):
     from dermpipe.data.manifest import Manifest
 
@@ -179,7 +180,8 @@ def test_pytorch_and_onnxruntime_refer_the_same_images_for_the_same_reasons(trai
 def test_the_bundle_packs_the_statistics_and_its_card_states_the_thresholds_or_the_check_off(tmp_path, caplog):
     from conftest import write_lineages, write_untrained_pipeline
 
-    from dermpipe.ensemble.bundle import open_bundle, write_bundle
+    from dermpipe.bundle.store import open_bundle
+    from dermpipe.bundle.write import write_bundle
 
     backbones = ["test_resnet", "test_efficientnet"]
     root = write_untrained_pipeline(tmp_path / "root", backbones, ["nv", "mel", "bcc"],
@@ -203,8 +205,8 @@ def test_the_bundle_packs_the_statistics_and_its_card_states_the_thresholds_or_t
 
 
 def test_a_calibration_that_can_never_refer_is_warned_about_in_the_card():
+    from dermpipe.bundle.card import card_warnings
     from dermpipe.ensemble.calibration import never_refers
-    from dermpipe.ensemble.card import card_warnings
 
     assert "at most 1/3" in never_refers(0.0, 3)
     assert "at most 1/4" in never_refers(0.25, 4)
@@ -223,7 +225,7 @@ def test_a_calibration_that_can_never_refer_is_warned_about_in_the_card():
 def test_a_root_without_statistics_still_predicts_with_the_check_off_in_the_log(tmp_path, caplog):
     from conftest import write_untrained_pipeline
 
-    from dermpipe.ensemble.demo import write_photo_folder
+    from dermpipe.pipeline.demo import write_photo_folder
 
     root = write_untrained_pipeline(tmp_path / "old", ["test_resnet"], ["nv", "mel", "bcc"])
     write_photo_folder(tmp_path / "photos", 2, 64, seed=0)
@@ -238,7 +240,8 @@ def test_a_root_without_statistics_still_predicts_with_the_check_off_in_the_log(
 
 def test_a_whole_image_fallback_without_a_lesion_like_region_is_referred_no_lesion_found():
     from dermpipe.data.quality import QUALITY_NO_LESION
-    from dermpipe.ensemble.prediction import JudgedCrop, refer_reason
+    from dermpipe.predict.predictor import JudgedCrop
+    from dermpipe.predict.rows import refer_reason
     from dermpipe.segmentation.lesion import FALLBACK_ALL_BORDERS, FALLBACK_NO_LESION, FALLBACK_TOO_SMALL, LesionBox
     from dermpipe.segmentation.prediction import CropResult
 
@@ -283,7 +286,7 @@ def test_an_onnx_export_without_the_features_output_predicts_with_the_check_off_
     import shutil
     from types import SimpleNamespace
 
-    from dermpipe.ensemble.onnx_export import export_network, load_network
+    from dermpipe.bundle.onnx_export import export_network, load_network
 
     root = tmp_path / "root"
     shutil.copytree(trained["root"], root, ignore=shutil.ignore_patterns("cache"))

@@ -195,6 +195,7 @@ def test_a_cached_file_that_is_not_the_conversion_is_made_again(blocked):
     assert again.path == first.path and len(load_file(again.path)) == len(_source("tf_efficientnet_lite0"))
 
 
+@pytest.mark.e2e
 @installed
 def test_the_pretrained_preset_runs_end_to_end_with_the_network_blocked(blocked, tmp_path, capsys):
     """`dermpipe run --config configs/presets/cpu-pretrained.yaml` (at tiny sizes through --set) with no hub and no
@@ -203,7 +204,7 @@ def test_the_pretrained_preset_runs_end_to_end_with_the_network_blocked(blocked,
     from pathlib import Path
 
     from dermpipe.data.generator import generate_dataset
-    from dermpipe.ensemble.pipeline import main as run
+    from dermpipe.pipeline.run import main as run
 
     manifest = generate_dataset(tmp_path / "data", n_images=48, size=64, seed=0)
     preset = Path(__file__).resolve().parents[1] / "configs" / "presets" / "cpu-pretrained.yaml"

@@ -247,6 +247,7 @@ def predictions(pipeline, tmp_path_factory) -> dict[str, tuple[Path, subprocess.
             process.communicate()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", list(PREDICT))
 def test_predict_in_the_users_folder(how, predictions):
     out, process = predictions[how]

@@ -9,7 +9,7 @@ import yaml
 
 from dermpipe.data.generator import generate_dataset
 from dermpipe.engine.loop import read_metrics
-from dermpipe.ensemble.pipeline import main
+from dermpipe.pipeline.run import main
 
 EXPERIMENT = {
     "backbones": ["test_resnet", "test_efficientnet"],
@@ -44,6 +44,7 @@ def experiment(tmp_path: Path, name: str = "experiment", **changes) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_interrupted_run_resumes_the_cut_training_and_reuses_the_rest(
     manifest: Path, tmp_path: Path, interrupt_epoch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -88,7 +89,8 @@ def test_a_mistyped_experiment_is_refused_before_anything_runs(
 
 def test_missing_inputs_name_the_command_and_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from dermpipe.classification import train as classification_train
-    from dermpipe.ensemble import predict, vote
+    from dermpipe.ensemble import vote
+    from dermpipe.predict import cli as predict
     from dermpipe.segmentation import predict as segment
 
     root = str(tmp_path / "empty")
@@ -109,6 +111,7 @@ def test_missing_inputs_name_the_command_and_the_flag(tmp_path: Path, capsys: py
         assert err.startswith("error: ") and command in err and flag in err and root in err, err
 
 
+@pytest.mark.e2e
 def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
     manifest: Path, tmp_path: Path, interrupt_epoch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -117,10 +120,11 @@ def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
 
     import onnx
 
+    from dermpipe.bundle import export, make_bundle
     from dermpipe.data.manifest import Manifest
     from dermpipe.engine.checkpoint import read_metadata
-    from dermpipe.ensemble import export, make_bundle, predict
-    from dermpipe.ensemble.demo import write_photo_folder
+    from dermpipe.pipeline.demo import write_photo_folder
+    from dermpipe.predict import cli as predict
 
     root, config = tmp_path / "exp", experiment(tmp_path, folds=2)
     argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(config), "--device", "cpu"]
@@ -177,7 +181,7 @@ def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
 def test_the_cpu_preset_is_a_valid_experiment_of_five_families_with_folds() -> None:
     import timm
 
-    from dermpipe.ensemble.pipeline import experiment_settings
+    from dermpipe.pipeline.run import experiment_settings
 
     preset = Path(__file__).resolve().parents[1] / "configs" / "presets" / "cpu-fast.yaml"
     data, sets = experiment_settings(str(preset), [])  # every stage section validated against its config
@@ -187,8 +191,8 @@ def test_the_cpu_preset_is_a_valid_experiment_of_five_families_with_folds() -> N
 
 
 def test_the_pretrained_preset_gives_each_backbone_its_own_settings(tmp_path) -> None:
-    from dermpipe.ensemble.pipeline import experiment_settings
-    from dermpipe.ensemble.stage_check import stage_configs
+    from dermpipe.pipeline.run import experiment_settings
+    from dermpipe.pipeline.stage_check import stage_configs
 
     preset = Path(__file__).resolve().parents[1] / "configs" / "presets" / "cpu-pretrained.yaml"
     data, sets = experiment_settings(str(preset), ["classification.train.epochs=2"])
@@ -208,7 +212,7 @@ def test_the_pretrained_preset_gives_each_backbone_its_own_settings(tmp_path) ->
 
 def test_backbone_settings_are_checked_before_anything_runs(tmp_path) -> None:
     from dermpipe.configs.loader import ConfigError
-    from dermpipe.ensemble.pipeline import experiment_settings
+    from dermpipe.pipeline.run import experiment_settings
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("backbone_settings: {resnet18: {train: {epochz: 3}}}\n")

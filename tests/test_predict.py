@@ -9,7 +9,7 @@ import pytest
 from conftest import write_untrained_pipeline
 
 from dermpipe.data.generator import make_sample
-from dermpipe.ensemble import predict as predict_script
+from dermpipe.predict import cli as predict_script
 
 CLASSES = ["nv", "mel", "bcc"]
 BACKBONES = ["test_resnet", "test_efficientnet"]

@@ -19,10 +19,12 @@ from dermpipe.configs.schema import RunConfig
 from dermpipe.data.generator import generate_dataset
 from dermpipe.data.manifest import Manifest
 from dermpipe.engine.files import output_stem
-from dermpipe.ensemble import predict as predict_script
-from dermpipe.ensemble.config import PredictConfig, PredictOutputs
-from dermpipe.ensemble.prediction import EnsemblePredictor, predict_folder, prediction_columns
-from dermpipe.ensemble.report import ReportRow, ReviewSelection, review_order, review_rank
+from dermpipe.predict import cli as predict_script
+from dermpipe.predict.batch import predict_folder
+from dermpipe.predict.config import PredictConfig, PredictOutputs
+from dermpipe.predict.predictor import EnsemblePredictor
+from dermpipe.predict.report import ReportRow, ReviewSelection, review_order, review_rank
+from dermpipe.predict.rows import prediction_columns
 from dermpipe.segmentation.metrics import METRICS, image_scores, read_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,13 +173,13 @@ def test_every_group_in_review_order_and_a_capped_report_keeps_its_top(world, tm
     ids, correct = _report_order(tmp_path / "a" / "report.html")
     assert ids == _expected_order(rows) and ids != [r["image_id"] for r in rows]
     assert correct == [r["correct"] for r in sorted(rows, key=lambda r: ids.index(r["image_id"]))]
-    assert summary["model"] == "m@x" and {r["model"] for r in rows} == {"m@x"}
-    assert summary["scored"] == len(rows) and probe["scored"] == len(rows)
-    assert summary["balanced accuracy"] == pytest.approx(balanced_accuracy_score(
+    assert summary.model == "m@x" and {r["model"] for r in rows} == {"m@x"}
+    assert summary.scored == len(rows) and probe.scored == len(rows)
+    assert summary.balanced_accuracy == pytest.approx(balanced_accuracy_score(
         [r["truth"] for r in rows], [r["predicted"] for r in rows]))  # fmt: skip
-    assert summary["masks scored"] == len(rows) and 0.0 <= summary["mask jaccard"] <= 1.0
+    assert summary.masks_scored == len(rows) and 0.0 <= summary.mask_jaccard <= 1.0
     report = (tmp_path / "a" / "report.html").read_text()
-    assert f"<td>balanced accuracy</td><td>{summary['balanced accuracy']:.4f}</td>" in report
+    assert f"<td>balanced accuracy</td><td>{summary.balanced_accuracy:.4f}</td>" in report
 
     # a report capped at 5 images shows the first 5 of that order; the pictures of the others are not left behind
     predictor.cfg = replace(predictor.cfg, outputs=PredictOutputs(report_max_images=5))
@@ -246,7 +248,7 @@ def test_unreadable_masks_and_foreign_labels_are_reported_not_fatal(world, tmp_p
     assert [r["image_id"] for r in _read(out / "skipped.csv")] == ["broken"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels_outside_classes"] == {"akiec": 1}
-    assert (metrics["images"], metrics["labelled"], metrics["scored"]) == (8, 7, 6) == (8, 7, summary["scored"])
+    assert (metrics["images"], metrics["labelled"], metrics["scored"]) == (8, 7, 6) == (8, 7, summary.scored)
     assert sum(map(sum, metrics["confusion_matrix"])) == 6
     assert "akiec" in caplog.text and "cannot name" in caplog.text
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import write_untrained_pipeline
 
-from dermpipe.ensemble import predict
-from dermpipe.ensemble.demo import write_photo_folder
+from dermpipe.pipeline.demo import write_photo_folder
+from dermpipe.predict import cli as predict
 
 CLASSES = ("nv", "mel", "bkl", "bcc")
 

@@ -18,11 +18,11 @@ from dermpipe.data.generator import generate_dataset
 from dermpipe.data.manifest import Manifest
 from dermpipe.engine.files import file_digest
 from dermpipe.engine.lineage import read_lineage, stale_stages, write_lineage
-from dermpipe.ensemble import pipeline
-from dermpipe.ensemble import predict as predict_script
 from dermpipe.ensemble import vote as vote_script
-from dermpipe.ensemble.demo import write_photo_folder
 from dermpipe.ensemble.meta import softmax
+from dermpipe.pipeline import run as pipeline
+from dermpipe.pipeline.demo import write_photo_folder
+from dermpipe.predict import cli as predict_script
 from dermpipe.segmentation import predict as segment_script
 from dermpipe.segmentation import train as seg_script
 

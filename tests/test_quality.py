@@ -17,7 +17,7 @@ from dermpipe.data.quality import (
     quality_text,
 )
 from dermpipe.data.reading import image_size, read_image
-from dermpipe.ensemble.report import ReportRow, write_report
+from dermpipe.predict.report import ReportRow, write_report
 
 
 def _sample(label: str = "mel", size: int = 256, seed: int = 0, vignette: float = 1.0) -> np.ndarray:

@@ -16,7 +16,9 @@ import pytest
 
 from dermpipe.data.generator import generate_dataset
 from dermpipe.data.manifest import Manifest
-from dermpipe.ensemble.demo import write_photo_folder
+from dermpipe.pipeline.demo import write_photo_folder
+
+pytestmark = pytest.mark.e2e  # whole pipelines trained: left out of `make test-fast`
 
 REPO = Path(__file__).resolve().parents[1]
 DERMPIPE = Path(sys.executable).parent / "dermpipe"

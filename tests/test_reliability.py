@@ -14,7 +14,7 @@ from conftest import write_untrained_pipeline
 from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.engine.checkpoint import read_metadata
 from dermpipe.engine.files import output_stem, remove_stale_temporaries
-from dermpipe.ensemble import predict as predict_script
+from dermpipe.predict import cli as predict_script
 from dermpipe.segmentation import predict as segment_script
 from dermpipe.segmentation import train as train_script
 

@@ -54,6 +54,7 @@ def _metrics(run):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 def test_training_lowers_loss_and_writes_run(trained):
     _, _, run = trained
     rows = _metrics(run)
@@ -68,6 +69,7 @@ def test_training_lowers_loss_and_writes_run(trained):
     assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 1, 48, 48)
 
 
+@pytest.mark.e2e
 def test_resume_restores_weights_and_optimiser_and_ends_where_an_uninterrupted_run_ends(
     synthetic, tmp_path, interrupt_epoch
 ):
@@ -108,6 +110,7 @@ def test_rerun_with_the_same_settings_reuses_the_finished_run(trained, capsys):
     assert len(_metrics(run)) == 6
 
 
+@pytest.mark.e2e
 def test_boxes_cover_true_lesions_and_cache_is_reused(trained, tmp_path, capsys):
     root, manifest, run = trained
     out = tmp_path / "crops"
@@ -247,6 +250,7 @@ def test_lovasz_term_is_per_image_and_added_to_dice_and_bce():
     assert DiceBCELoss(1.0, 1.0, True, 0.0)(logits, target) == pytest.approx(plain(logits, target))
 
 
+@pytest.mark.e2e
 def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_path, interrupt_epoch):
     root, manifest = synthetic
     base = ["--manifest", str(manifest), "--device", "cpu", "--set", f"run.cache_dir={root / 'cache'}",
@@ -274,6 +278,7 @@ def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic, tmp_pat
     assert train_script.main([*args, "--out", str(tmp_path / "plain"), "--resume"]) != 0
 
 
+@pytest.mark.e2e
 def test_resume_drops_the_metrics_row_of_an_epoch_cut_off_before_its_state_was_saved(
     synthetic, tmp_path, interrupt_epoch
 ):
@@ -294,6 +299,7 @@ def test_resume_drops_the_metrics_row_of_an_epoch_cut_off_before_its_state_was_s
     assert float(rows[1]["train_loss"]) != 9
 
 
+@pytest.mark.e2e
 def test_tta_turns_each_view_back():
     torch.manual_seed(0)
     cfg = SegModelConfig(encoder="tu-test_resnet", encoder_weights=None, decoder_channels=(32, 16, 16, 8, 8))

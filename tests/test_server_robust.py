@@ -13,9 +13,9 @@ import pytest
 from conftest import write_untrained_bundle
 from fastapi.testclient import TestClient
 
-from dermpipe.ensemble import predict as predict_script
-from dermpipe.ensemble.bundle import CHECKSUMS, open_bundle
-from dermpipe.ensemble.demo import write_photo_folder
+from dermpipe.bundle.store import CHECKSUMS, open_bundle
+from dermpipe.pipeline.demo import write_photo_folder
+from dermpipe.predict import cli as predict_script
 from dermpipe.serve import main as serve_main
 from dermpipe.serve.app import Limits, create_app
 

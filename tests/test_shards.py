@@ -16,11 +16,12 @@ from conftest import write_untrained_pipeline
 
 from dermpipe.data.generator import generate_dataset
 from dermpipe.data.manifest import list_folder
-from dermpipe.ensemble import merge as merge_script
-from dermpipe.ensemble import predict as predict_script
-from dermpipe.ensemble import shards
-from dermpipe.ensemble.demo import write_photo_folder
-from dermpipe.ensemble.shards import ShardError, local_device, part_range, resolve_shard, shard_command
+from dermpipe.pipeline.demo import write_photo_folder
+from dermpipe.predict import cli as predict_script
+from dermpipe.predict import merge as merge_script
+from dermpipe.predict import shards
+from dermpipe.predict.launch import Shard, local_device, resolve_shard
+from dermpipe.predict.shards import ShardError, part_range, shard_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,11 +138,11 @@ def test_merged_truth_scores_are_those_of_the_whole_set(folder_run, tmp_path):
 def test_torchrun_and_slurm_environments_choose_the_shard(folder_run, monkeypatch, capsys):
     root, stages, photos, _ = folder_run
     env = {"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1"}
-    assert resolve_shard(None, None, env) == shards.Shard(1, 3, "torchrun")
-    assert resolve_shard(2, 0, env) == shards.Shard(0, 2, "flags")  # flags win
+    assert resolve_shard(None, None, env) == Shard(1, 3, "torchrun")
+    assert resolve_shard(2, 0, env) == Shard(0, 2, "flags")  # flags win
     slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "3"}
-    assert resolve_shard(None, None, slurm) == shards.Shard(2, 3, "slurm")
-    assert resolve_shard(None, None, {**slurm, **env}) == shards.Shard(7, 9, "slurm+torchrun")  # 3 ranks per task
+    assert resolve_shard(None, None, slurm) == Shard(2, 3, "slurm")
+    assert resolve_shard(None, None, {**slurm, **env}) == Shard(7, 9, "slurm+torchrun")  # 3 ranks per task
     assert resolve_shard(1, None, slurm) is None  # --num-shards 1: one process over all, whatever the environment
     assert resolve_shard(None, None, {"RANK": "0", "WORLD_SIZE": "1"}) is None  # one process
     assert resolve_shard(None, None, {}) is None
@@ -249,6 +250,7 @@ def test_shard_command_keeps_the_run_and_names_the_shard():
     assert shard_command(argv, 3, 4) == "dermpipe predict --input p --tta --num-shards 4 --shard-index 3"
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
 def test_two_processes_under_torchrun_merge_to_one_process(folder_run, tmp_path):
     root, stages, photos, _ = folder_run

@@ -5,7 +5,8 @@ import yaml
 
 from dermpipe.classification.config import ClassificationConfig
 from dermpipe.configs.loader import default_config_path, load_config, place_under_root, to_dict
-from dermpipe.ensemble.config import EnsembleConfig, PredictConfig
+from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.predict.config import PredictConfig
 from dermpipe.segmentation.config import SegmentationConfig
 
 

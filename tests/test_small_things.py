@@ -24,10 +24,10 @@ from dermpipe.data.manifest import Manifest
 from dermpipe.engine import csvsafe
 from dermpipe.engine.cli import run_cli
 from dermpipe.engine.files import write_text_atomic
-from dermpipe.ensemble import merge as merge_script
-from dermpipe.ensemble import predict as predict_script
 from dermpipe.ensemble.stacked_tables import read_backbone_table
 from dermpipe.errors import plain_message
+from dermpipe.predict import cli as predict_script
+from dermpipe.predict import merge as merge_script
 from dermpipe.segmentation import predict as segmentation_predict
 from dermpipe.segmentation import score as score_script
 from dermpipe.segmentation import train as segmentation_train
@@ -219,6 +219,7 @@ def test_a_missing_path_is_one_line_without_the_errno(tmp_path, capsys):
 # --- the resume log of a finished run ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_resuming_a_finished_run_says_so_never_epoch_7_of_6(tmp_path, caplog):
     manifest = generate_dataset(tmp_path / "data", n_images=40, size=48, seed=3, hair=0.0, ruler=0.0)
     args = ["--manifest", str(manifest), "--device", "cpu", "--out", str(tmp_path / "seg"), "--epochs", "2",

@@ -13,10 +13,11 @@ from dermpipe.classification.config import ClassificationConfig
 from dermpipe.configs.loader import ConfigError, load_config
 from dermpipe.configs.ranges import range_of
 from dermpipe.data.generator import generate_dataset
-from dermpipe.ensemble import pipeline
-from dermpipe.ensemble import predict as predict_script
-from dermpipe.ensemble.config import EnsembleConfig, PredictConfig
-from dermpipe.ensemble.demo import write_photo_folder
+from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.pipeline import run as pipeline
+from dermpipe.pipeline.demo import write_photo_folder
+from dermpipe.predict import cli as predict_script
+from dermpipe.predict.config import PredictConfig
 from dermpipe.segmentation import train as segmentation_train
 from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.serve import main as serve_main

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dermpipe.bundle import make_bundle
 from dermpipe.classification import train as classification_train
 from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.reading import write_image
-from dermpipe.ensemble import make_bundle
-from dermpipe.ensemble import predict as ensemble_predict
 from dermpipe.ensemble import vote as ensemble_vote
+from dermpipe.predict import cli as ensemble_predict
 from dermpipe.segmentation import predict as segmentation_predict
 from dermpipe.segmentation import train as segmentation_train
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 
+from dermpipe.bundle.store import CARD_FILE, bundle_files
+from dermpipe.bundle.write import write_bundle
 from dermpipe.configs.schema import DEFAULT_ROOT
 from dermpipe.engine.cli import run_cli
-from dermpipe.ensemble.bundle import CARD_FILE, bundle_files, write_bundle
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,8 +42,8 @@ from dermpipe.engine.loop import read_metrics, unfinished
 from dermpipe.engine.rerun import refuse_all
 from dermpipe.ensemble import vote as ensemble_vote
 from dermpipe.ensemble.config import EnsembleConfig
-from dermpipe.ensemble.stage_check import CLASSIFICATION_OF, classifier_sets, planned_conflicts
 from dermpipe.errors import did_you_mean
+from dermpipe.pipeline.stage_check import CLASSIFICATION_OF, classifier_sets, planned_conflicts
 from dermpipe.segmentation import predict as segmentation_predict
 from dermpipe.segmentation import train as segmentation_train
 from dermpipe.segmentation.config import SegmentationConfig

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from dermpipe.bundle.onnx_export import FORMATS, OPSET, export_onnx
 from dermpipe.engine.cli import run_cli
-from dermpipe.ensemble.onnx_export import FORMATS, OPSET, export_onnx
 
 
 def main(argv: list[str] | None = None) -> int:

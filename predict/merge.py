@@ -15,9 +15,8 @@ from dermpipe.engine.cli import run_cli
 from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_file, check_output_folder
 from dermpipe.engine.run import setup_logging
-from dermpipe.ensemble.predict import summary_line
-from dermpipe.ensemble.prediction import merge_parts
-from dermpipe.ensemble.shards import check_parts
+from dermpipe.predict.batch import merge_parts
+from dermpipe.predict.shards import check_parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = check_parts(out, args.num_shards)  # reads only: a refused merge leaves everything as it was
         setup_logging(None)
         s = merge_parts(parts, out, output)
-        print(f"merge: {len(parts)} shards, {summary_line(s)}; wrote {output}")
+        print(f"merge: {len(parts)} shards, {s.line()}; wrote {output}")
         return 0
 
     return run_cli(body)

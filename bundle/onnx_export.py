@@ -27,13 +27,13 @@ import onnxruntime as ort
 import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
 import torch
 
-from dermpipe import __version__
+from dermpipe.bundle.store import CHECKSUMS, Bundle, BundleError, bundle_checksums, open_bundle
 from dermpipe.classification.backbones import load_classifier
 from dermpipe.engine.files import file_digest, write_bytes_atomic
 from dermpipe.engine.onnx_runtime import SOURCE_DIGEST, onnx_file, providers, session_options
-from dermpipe.ensemble.bundle import CHECKSUMS, Bundle, BundleError, bundle_checksums, open_bundle
 from dermpipe.ensemble.meta import load_meta
 from dermpipe.segmentation.model import load_unet
+from dermpipe.version import __version__
 
 FORMATS: tuple[str, ...] = ("onnx",)
 OPSET = 17

@@ -1,0 +1,1 @@
+"""Batch prediction: the trained pipeline over photos (rows, sharding and merging, truth scoring, the report)."""
