@@ -152,3 +152,14 @@ def test_load_verifies_a_bundle_takes_its_archive_and_refuses_what_is_neither(wo
     (tmp_path / "empty").mkdir()
     with pytest.raises(BundleError, match="not a bundle"):
         dermpipe.load(tmp_path / "empty")
+
+
+def test_load_takes_a_trained_run_root_and_names_its_stage_models(world):
+    root = world["tmp"] / "demo"  # the demo's run root: the stages the bundle was made from
+    model = dermpipe.load(root, cache_dir=world["tmp"] / "root-cache")
+    assert model.model_id.startswith(f"{root / 'ensemble'} [unet:") and " vote:" in model.model_id
+    assert model.backbones == world["model"].backbones and "Model(" in repr(model)
+    (from_root,) = model.predict(world["photos"] / "photo_008.jpg")
+    (from_bundle,) = world["model"].predict(world["photos"] / "photo_008.jpg")
+    assert from_root.probabilities == pytest.approx(from_bundle.probabilities, abs=1e-6)
+    assert (world["tmp"] / "root-cache").is_dir()  # the cache it was told, not the root's own
