@@ -34,7 +34,7 @@ from dermpipe.predict.report import (
     review_rank,
     write_report,
 )
-from dermpipe.predict.rows import Prediction, prediction_columns, report_row_of
+from dermpipe.predict.rows import Prediction, picture_files, prediction_columns, report_row_of
 from dermpipe.predict.tally import BatchInfo, BatchSummary, BatchTally, _summary
 from dermpipe.predict.truth import TRUTH_OUTPUTS
 from dermpipe.segmentation.prediction import CropResult
@@ -179,7 +179,7 @@ def _predict_rows(
     pictures go under ``report_dir/report_files``, masks and crops under ``out``."""
     cfg, classes = predictor.cfg, predictor.classes
     model_id, truth, selection = tally.truth.model_id, tally.truth, tally.selection
-    assets = report_dir / "report_files"
+    pictures = picture_files(report_dir / "report_files", report_dir)
     mask_threshold = predictor.segmenter.predict_cfg.threshold
     gradcam_model = predictor.classifiers[0] if cfg.outputs.gradcam else None
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
@@ -207,7 +207,7 @@ def _predict_rows(
             _write_extras(crop, cfg, out, predictor, full_mask)
             if selection.wants(review_rank(refer, correct)):
                 report_row = report_row_of(
-                    crop, probs, classes, predictor.refer_threshold, assets, report_dir, gradcam_model, label, correct
+                    crop, probs, classes, predictor.refer_threshold, pictures, gradcam_model, label, correct
                 )
                 evicted = selection.add(report_row)
                 if evicted is not None:  # pushed out of the first report_max_images: its pictures go too

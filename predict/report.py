@@ -19,7 +19,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dermpipe.data.reading import write_image
 from dermpipe.engine.files import write_text_atomic
 
 THUMB = 160
@@ -95,8 +94,9 @@ def prune_report_files(out: Path, rows: Sequence[ReportRow]) -> int:
     return removed
 
 
-def save_thumbnail(image: np.ndarray, path: Path, mask: np.ndarray | None = None, side: int = THUMB) -> Path:
-    """A small JPEG of an RGB image, with the lesion mask's contour drawn in green when given."""
+def thumbnail_jpeg(image: np.ndarray, mask: np.ndarray | None = None, side: int = THUMB) -> bytes:
+    """A small JPEG of an RGB image, with the lesion mask's contour drawn in green when given, as bytes: written
+    beside the report, or inlined into the served page without touching the disk."""
     h, w = image.shape[:2]
     scale = side / max(h, w)
     thumb = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
@@ -105,7 +105,10 @@ def save_thumbnail(image: np.ndarray, path: Path, mask: np.ndarray | None = None
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         thumb = np.ascontiguousarray(thumb)
         cv2.drawContours(thumb, contours, -1, (0, 255, 0), 2)
-    return write_image(path, thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(thumb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ValueError(f"could not encode a JPEG of shape {thumb.shape}")
+    return data.tobytes()
 
 
 # The report's look and its sort and filter functions, shared with the served page (dermpipe.serve.page).

@@ -3,7 +3,7 @@ referred, and the report's row."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +13,11 @@ import numpy as np
 
 from dermpipe.data.quality import quality_text
 from dermpipe.data.reading import read_image
-from dermpipe.engine.files import output_stem
+from dermpipe.engine.files import output_stem, write_bytes_atomic
 from dermpipe.predict.predictor import Classifier, JudgedCrop
 from dermpipe.predict.report import (
     ReportRow,
-    save_thumbnail,
+    thumbnail_jpeg,
 )
 from dermpipe.segmentation.lesion import FALLBACK_TOO_SMALL, LesionBox
 from dermpipe.segmentation.prediction import CropResult
@@ -131,31 +131,41 @@ class Prediction:
         }
 
 
+def picture_files(assets: Path, out: Path) -> Callable[[str, bytes], str]:
+    """Where the report's pictures go: files under ``assets``, named in the report by their path relative to
+    ``out`` (the served page inlines them instead: ``data:`` URIs)."""
+
+    def store(name: str, jpeg: bytes) -> str:
+        return write_bytes_atomic(assets / name, jpeg).relative_to(out).as_posix()
+
+    return store
+
+
 def report_row_of(
     crop: CropResult,
     probs: np.ndarray,
     classes: Sequence[str],
     refer_threshold: float,
-    assets: Path,
-    out: Path,
+    store: Callable[[str, bytes], str],
     gradcam_model: Classifier | None,
     truth: str = "",
     correct: bool | None = None,
 ) -> ReportRow:
-    """The report's row of one image: its pictures under ``assets`` (paths relative to ``out``), the Grad-CAM of the
-    ensemble's predicted class on ``gradcam_model`` when given, the probabilities, the refer flag and its reason."""
+    """The report's row of one image: its pictures given to ``store`` (a name and JPEG bytes in, what the report
+    shows out: ``picture_files``' relative path, or a ``data:`` URI), the Grad-CAM of the ensemble's predicted class
+    on ``gradcam_model`` when given, the probabilities, the refer flag and its reason."""
     stem = output_stem(crop.image_id)
     top = int(np.argmax(probs))
     images = {}
     thumb = read_image(crop.path, max_side=4 * 160)
     mask = cv2.resize(crop.probability, thumb.shape[1::-1], interpolation=cv2.INTER_LINEAR) > 127
-    images["thumbnail"] = save_thumbnail(thumb, assets / f"{stem}_image.jpg", mask).relative_to(out).as_posix()
-    images["crop"] = save_thumbnail(crop.crop, assets / f"{stem}_crop.jpg").relative_to(out).as_posix()
+    images["thumbnail"] = store(f"{stem}_image.jpg", thumbnail_jpeg(thumb, mask))
+    images["crop"] = store(f"{stem}_crop.jpg", thumbnail_jpeg(crop.crop))
     if gradcam_model is not None:
         from dermpipe.classification.gradcam import gradcam_overlays
 
         overlay = gradcam_overlays(gradcam_model.model, [crop.crop], [top], gradcam_model.predictor.preprocess_cfg)[0]
-        images["gradcam"] = save_thumbnail(overlay, assets / f"{stem}_gradcam.jpg").relative_to(out).as_posix()
+        images["gradcam"] = store(f"{stem}_gradcam.jpg", thumbnail_jpeg(overlay))
     reason = refer_reason(crop, probs, refer_threshold)
     return ReportRow(
         crop.image_id,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import mimetypes
 import queue
 import threading
 import time
@@ -105,9 +104,9 @@ class Batcher:
                     self.pending -= photos
 
 
-def data_uri(path: Path) -> str:
-    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+def inline_jpeg(name: str, jpeg: bytes) -> str:
+    """A picture of the served page, as a ``data:`` URI (nothing written to disk)."""
+    return f"data:image/jpeg;base64,{base64.b64encode(jpeg).decode('ascii')}"
 
 
 class Service:
@@ -168,13 +167,11 @@ class Service:
             answer.rows.append(record.csv_row())
             answer.predictions.append(record.as_json())
             if job.page:
-                answer.report_rows.append(self._page_row(crop, probs, job.folder, upload))
+                answer.report_rows.append(self._page_row(crop, probs, upload))
         return answer
 
-    def _page_row(self, crop: CropResult, probs: np.ndarray, folder: Path, upload: Upload) -> ReportRow:
-        """The report's row of one photo, its pictures inlined (the request's folder is removed afterwards)."""
-        row = report_row_of(crop, probs, self.classes, self.predictor.refer_threshold, folder / "report_files",
-                            folder, self.gradcam_model)  # fmt: skip
+    def _page_row(self, crop: CropResult, probs: np.ndarray, upload: Upload) -> ReportRow:
+        """The report's row of one photo, its pictures inlined as ``data:`` URIs, rendered in memory."""
+        row = report_row_of(crop, probs, self.classes, self.predictor.refer_threshold, inline_jpeg, self.gradcam_model)
         row.image_id = upload.image_id
-        row.images = {kind: data_uri(folder / rel) for kind, rel in row.images.items()}
         return row
