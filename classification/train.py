@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from dermpipe.classification.config import ClassificationConfig
-from dermpipe.classification.training import run_classification
-from dermpipe.engine.cli import MissingInputError, resolve_config, run_cli, stage_parser
-
-
-def _score(value: float | None) -> str:
-    return f"{value:.4f}" if value is not None else "n/a"
+from dermpipe.classification.stage import train
+from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,31 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             "data.crops": args.crops,
             "run.out_dir": args.out,
         }
-        cfg = resolve_config(ClassificationConfig, args, flags)
-        if not Path(cfg.data.manifest).is_file():
-            raise MissingInputError(
-                f"no crops manifest at {cfg.data.manifest}: make it with `python segmentation/predict.py --manifest "
-                f"FILE --root {cfg.run.root}`, or pass --manifest FILE (any manifest, with --no-crop for whole images)"
-            )
-        result = run_classification(cfg, resume=args.resume)
-        if "rank" in result:  # another rank than 0 under torchrun: rank 0 reports
-            return 0
-        scores = (
-            f"val balanced accuracy {_score(result['val_balanced_accuracy'])}, "
-            f"test balanced accuracy {_score(result['test_balanced_accuracy'])}; wrote {result['run_dir']}"
-        )
-        if result.get("combined"):
-            model = (
-                f"the mean of the {cfg.train.folds} fold models"
-                if result["fold_models"] == "mean"
-                else f"refitted on the whole training split, best epoch {result['best_epoch']}"
-            )
-            print(
-                f"classification {cfg.model.backbone} over {cfg.train.folds} folds: out-of-fold balanced accuracy "
-                f"{_score(result.get('oof_balanced_accuracy'))}; {model}: {scores}"
-            )
-        else:
-            print(f"classification {cfg.model.backbone}: best epoch {result['best_epoch']}, {scores}")
+        result = train(resolve_config(ClassificationConfig, args, flags), resume=args.resume)
+        if result is not None:  # None: another rank than 0 under torchrun, where rank 0 reports
+            print(result.line())
         return 0
 
     return run_cli(body)

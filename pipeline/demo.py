@@ -1,7 +1,7 @@
 """The whole pipeline end to end on synthetic data, on the CPU, in a few minutes: ``make demo``.
 
-Runs the same commands a user runs (each stage's ``main``), at demo size, with tiny timm backbones trained from
-scratch, so it needs neither the network nor a GPU.
+Calls each stage as a library call (what the stage scripts call), in one process, at demo size, with tiny timm
+backbones trained from scratch, so it needs neither the network nor a GPU.
 """
 
 from __future__ import annotations
@@ -11,29 +11,44 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-from dermpipe.bundle import make_bundle
-from dermpipe.classification import train as classification_train
+from dermpipe.bundle.write import write_bundle
+from dermpipe.classification import stage as classification
+from dermpipe.classification.config import ClassificationConfig
+from dermpipe.configs.loader import default_config_path, load_config
 from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.reading import write_image
-from dermpipe.ensemble import vote as ensemble_vote
-from dermpipe.predict import cli as ensemble_predict
-from dermpipe.segmentation import predict as segmentation_predict
-from dermpipe.segmentation import train as segmentation_train
+from dermpipe.engine.cli import run_cli
+from dermpipe.engine.run import setup_logging
+from dermpipe.ensemble import stage as ensemble
+from dermpipe.ensemble.config import EnsembleConfig
+from dermpipe.pipeline.run import crop_trained
+from dermpipe.predict.api import Model
+from dermpipe.predict.config import PredictConfig
+from dermpipe.segmentation import stage as segmentation
+from dermpipe.segmentation.config import SegmentationConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Five tiny timm models stand in for resnet50, densenet169, inception_v3, inception_resnet_v2 and xception.
 DEMO_BACKBONES = ("test_resnet", "test_efficientnet", "test_convnext", "test_byobnet", "test_nfnet")
 
 
-def _step(name: str, code: int, start: float) -> None:
-    if code != 0:
-        raise SystemExit(f"demo: {name} failed (exit {code})")
+def _step(name: str, call: Callable[[], Any]) -> Any:
+    start = time.time()
+    result = call()
     print(f"demo: {name} done in {time.time() - start:.0f}s", flush=True)
+    return result
+
+
+def _config(cls: type[T], stage: str, sets: Sequence[str], flags: dict[str, Any]) -> T:
+    return load_config(cls, default_config_path(stage), sets, flags)
 
 
 def write_photo_folder(folder: Path, n: int, size: int, seed: int) -> None:
@@ -56,61 +71,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", default=",".join(DEMO_BACKBONES))
     parser.add_argument("--fresh", action="store_true", help="delete the demo folder first (else reruns reuse it)")
     args = parser.parse_args(argv)
+    return run_cli(lambda: _demo(args))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Each stage's library call in turn, in this one process, with the demo's small settings."""
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    root = ["--root", str(out), "--device", "cpu"]  # every stage reads and writes under the demo folder
+    root = {"run.root": str(out), "run.device": "cpu"}  # every stage reads and writes under the demo folder
     t0 = time.time()
 
-    start = time.time()
-    manifest = generate_dataset(out / "data", n_images=args.images, size=96, seed=0)
+    data = out / "data"
+    manifest = _step(f"synthetic data ({args.images} images)",
+                     lambda: generate_dataset(data, n_images=args.images, size=96, seed=0))  # fmt: skip
     write_photo_folder(out / "photos", 24, 96, seed=123)
-    _step(f"synthetic data ({args.images} images) -> {manifest}", 0, start)
+    seg = _config(SegmentationConfig, "segmentation", [
+        "model.encoder=tu-test_resnet", "model.encoder_weights=null", "model.decoder_channels=[64,32,16,16,8]",
+        "data.image_size=64", "train.batch_size=16", "train.lr=0.005",
+    ], {**root, "data.manifest": str(manifest), "train.epochs": args.seg_epochs})  # fmt: skip
+    print(_step("segmentation/train.py", lambda: segmentation.train(seg)).line())
+    crops = _step("segmentation/predict.py", lambda: crop_trained(out, str(manifest), ["predict.crop_size=64"], root))
+    print(crops.line())
+    backbones = args.backbones.split(",")
+    for backbone in backbones:
+        cfg = _config(ClassificationConfig, "classification", [
+            "model.pretrained=false", "data.image_size=48", "train.batch_size=32", "train.lr=0.003",
+            "train.gradcam_images=2",
+            "run.threads=1",  # tiny models run faster on one thread than on two contending ones
+        ], {**root, "model.backbone": backbone, "train.epochs": args.cls_epochs})  # fmt: skip
+        print(_step(f"classification/train.py --backbone {backbone}", lambda cfg=cfg: classification.train(cfg)).line())
+    ens = _config(EnsembleConfig, "ensemble", [], {**root, "data.backbones": args.backbones})
+    print(_step("ensemble/vote.py", lambda: ensemble.vote(ens)).line())
 
-    start = time.time()
-    code = segmentation_train.main([
-        "--manifest", str(manifest), "--epochs", str(args.seg_epochs), *root,
-        "--set", "model.encoder=tu-test_resnet", "--set", "model.encoder_weights=null",
-        "--set", "model.decoder_channels=[64,32,16,16,8]", "--set", "data.image_size=64",
-        "--set", "train.batch_size=16", "--set", "train.lr=0.005",
-    ])  # fmt: skip
-    _step("segmentation/train.py", code, start)
+    predict = _config(PredictConfig, "predict", [], {**root, "run.out_dir": str(out), "outputs.gradcam": True})
+    model = Model.from_config(predict)
+    setup_logging(out)  # as `dermpipe predict --out` does: its log beside the predictions
+    summary = _step("ensemble/predict.py",
+                    lambda: model.predict_folder(out / "photos", out, output=out / "predictions.csv"))  # fmt: skip
+    print(f"predict: {summary.line()}; wrote {out / 'predictions.csv'}")
 
-    start = time.time()
-    code = segmentation_predict.main([
-        "--manifest", str(manifest), *root, "--set", "predict.crop_size=64",
-    ])  # fmt: skip
-    _step("segmentation/predict.py", code, start)
-
-    for backbone in args.backbones.split(","):
-        start = time.time()
-        code = classification_train.main([
-            "--backbone", backbone, "--epochs", str(args.cls_epochs), *root,
-            "--set", "model.pretrained=false", "--set", "data.image_size=48",
-            "--set", "train.batch_size=32", "--set", "train.lr=0.003", "--set", "train.gradcam_images=2",
-            "--set", "run.threads=1",  # tiny models run faster on one thread than on two contending ones
-        ])  # fmt: skip
-        _step(f"classification/train.py --backbone {backbone}", code, start)
-
-    start = time.time()
-    code = ensemble_vote.main([
-        "--backbones", args.backbones, *root,
-    ])  # fmt: skip
-    _step("ensemble/vote.py", code, start)
-
-    start = time.time()
-    code = ensemble_predict.main([
-        "--input", str(out / "photos"), "--output", str(out / "predictions.csv"), "--out", str(out), *root,
-        "--gradcam",
-    ])  # fmt: skip
-    _step("ensemble/predict.py", code, start)
-
-    start = time.time()
     bundle = out / "bundle"
     if bundle.exists():  # a bundle is never overwritten: --fresh makes a new one
         print(f"demo: {bundle} exists (reused; --fresh trains and bundles again)")
     else:
-        _step("dermpipe bundle", make_bundle.main(["--root", str(out), "--out", str(bundle)]), start)
+        made = _step("dermpipe bundle", lambda: write_bundle(out, bundle))
+        print(f"bundle: {made.identity}; wrote {made.path}")
     print(f"demo: finished in {time.time() - t0:.0f}s; see {out / 'predictions.csv'} and {out / 'report.html'}; "
           f"serve it with `dermpipe serve --model {bundle}`")  # fmt: skip
     return 0

@@ -1,9 +1,10 @@
 """The whole pipeline from one manifest: ``dermpipe run --manifest FILE --root DIR [--config EXPERIMENT.yaml]``.
 
 Trains the U-Net, crops every image, trains each classifier, fits the vote and scores it once on the test split,
-all under one run root, then prints one summary table (also ``ROOT/summary.md``). Each step is the stage script
-itself, so it skips what is finished (same settings and data) and a rerun after an interrupt resumes the training
-that was cut.
+all under one run root, then prints one summary table (also ``ROOT/summary.md``). Each step is the stage's own library
+call (``dermpipe.segmentation.stage.train``, ``.crop``, ``dermpipe.classification.stage.train``,
+``dermpipe.ensemble.stage.vote``) on the config of its section, in this one process, so it skips what is finished
+(same settings and data) and a rerun after an interrupt resumes the training that was cut.
 
 An experiment file holds the whole experiment: optional ``manifest``, ``root`` and ``backbones``, and one section
 per stage in that stage's own config form::
@@ -25,27 +26,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dermpipe.classification import train as classification_train
+from dermpipe.classification import stage as classification
 from dermpipe.classification.backbones import DEFAULT_BACKBONES, BackboneError, resolve_backbone
 from dermpipe.classification.config import ClassificationConfig
 from dermpipe.configs.loader import ConfigError, default_config_path, load_config, load_yaml
 from dermpipe.configs.schema import DEFAULT_ROOT, ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.cli import run_cli
-from dermpipe.engine.files import write_text_atomic
+from dermpipe.engine.confine import confine_output
+from dermpipe.engine.files import check_output_folder, write_text_atomic
 from dermpipe.engine.loop import read_metrics, unfinished
 from dermpipe.engine.rerun import refuse_all
-from dermpipe.ensemble import vote as ensemble_vote
+from dermpipe.engine.run import check_run_folder
+from dermpipe.ensemble import stage as ensemble
 from dermpipe.ensemble.config import EnsembleConfig
 from dermpipe.errors import did_you_mean
-from dermpipe.pipeline.stage_check import CLASSIFICATION_OF, classifier_sets, planned_conflicts
-from dermpipe.segmentation import predict as segmentation_predict
-from dermpipe.segmentation import train as segmentation_train
+from dermpipe.pipeline.stage_check import CLASSIFICATION_OF, planned_conflicts, stage_configs
+from dermpipe.segmentation import stage as segmentation
 from dermpipe.segmentation.config import SegmentationConfig
 
 STAGES: dict[str, type] = {
@@ -109,38 +112,44 @@ def experiment_settings(path: str | None, overrides: Sequence[str]) -> tuple[dic
     return data, sets
 
 
-def _as_flags(items: Sequence[str]) -> list[str]:
-    return [x for item in items for x in ("--set", item)]
+def _interrupted(run_dir: Path) -> bool:
+    """Whether the folder (or one of its fold folders) holds an interrupted training, which the stage then resumes;
+    a finished one is reused by the stage itself."""
+    return any(unfinished(folder) for folder in [run_dir, *sorted(run_dir.glob("fold*"))])
 
 
-def _resume(run_dir: Path) -> list[str]:
-    """``--resume`` when the folder (or one of its fold folders) holds an interrupted training; a finished one is
-    reused by the stage itself."""
-    folders = [run_dir, *sorted(run_dir.glob("fold*"))]
-    return ["--resume"] if any(unfinished(folder) for folder in folders) else []
+def crop_trained(root: Path, manifest: str, seg_sets: Sequence[str], flags: Mapping[str, Any]) -> segmentation.Crops:
+    """What ``segmentation/predict.py --manifest M --root ROOT`` does once the U-Net is trained: every image of the
+    manifest cropped into ``ROOT/crops`` with the trained run's own settings (and the experiment's)."""
+    run_dir, out = root / ROOT_LAYOUT["segmentation"], root / ROOT_LAYOUT["crops"]
+    check_run_folder(run_dir, "segmentation")
+    cfg = load_config(SegmentationConfig, run_dir / "config.yaml", seg_sets, {"run.root": str(root), **flags})
+    check_output_folder(out, "--out")
+    confine_output(out, "--out", own="crops")  # a crops folder is its own rerun; a bundle or run never
+    return segmentation.crop(cfg, Manifest.read(manifest), out, run_dir / "best.safetensors", source=manifest,
+                             manifest_file=manifest)  # fmt: skip
 
 
 class Steps:
-    """Runs each stage script's ``main`` in turn, timing it; stops at the first that fails."""
+    """Calls each stage in turn, timing it and printing its result's line; at the first that fails, says which
+    (finished stages are kept) and lets the error through."""
 
     def __init__(self) -> None:
         self.times: list[tuple[str, float]] = []
 
-    def __call__(self, name: str, main: Callable[[list[str]], int], argv: list[str]) -> None:
+    def __call__(self, name: str, stage: Callable[[], Any], resumed: bool = False) -> Any:
         print(f"run: {name}", flush=True)
         start = time.time()
-        code = main(argv)
+        try:
+            result = stage()
+        except Exception:
+            hint = " (it resumed an interrupted training: pass --force to train that stage afresh)" if resumed else ""
+            print(f"run: stopped at {name}{hint}; finished stages are kept", file=sys.stderr, flush=True)
+            raise
         self.times.append((name, time.time() - start))
-        if code != 0:
-            hint = " (it resumed an interrupted training: pass --force to train that stage afresh)" if "--resume" in \
-                argv else ""  # fmt: skip
-            raise StepFailed(code, f"run: stopped at {name} (exit status {code}){hint}; finished stages are kept")
-
-
-class StepFailed(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        if result is not None:
+            print(result.line(), flush=True)
+        return result
 
 
 def _segmentation_row(root: Path) -> list[str]:
@@ -233,44 +242,23 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root or data.get("root") or DEFAULT_ROOT)
         backbones = args.backbones.split(",") if args.backbones else list(data.get("backbones") or DEFAULT_BACKBONES)
         check_backbones(backbones)  # every name, before the first stage runs
-        common = ["--root", str(root)] + (["--device", args.device] if args.device else [])
-        common += ["--force"] if args.force else []
         folds = int(args.folds if args.folds is not None else data.get("folds") or 0)
         if folds == 1 or folds < 0:
             raise ConfigError(f"--folds {folds}: K-fold training needs K >= 2 (0: no folds, the vote fits on val)")
-        fold_args = ["--folds", str(folds)] if folds else []
-        fit_split = ["--fit-split", "oof"] if folds else []
-        stage_sets = {stage: [x for item in items for x in ("--set", item)] for stage, items in sets.items()}
+        flags = {"run.device": args.device, "run.force": True if args.force else None}
+        seg, classifiers, ens = stage_configs(root, str(manifest), backbones, sets, folds, flags)
         # every stage folder this run would replace, named at once before anything trains (--force: replaced)
         refuse_all(planned_conflicts(root, manifest, backbones, sets, folds), args.force, "choose another --root")
         step = Steps()
-        try:
-            seg = stage_sets["segmentation"]
-            step(
-                "segmentation/train.py",
-                segmentation_train.main,
-                ["--manifest", str(manifest), *common, *seg, *_resume(root / ROOT_LAYOUT["segmentation"])],
-            )
-            step("segmentation/predict.py", segmentation_predict.main, ["--manifest", str(manifest), *common, *seg])
-            for backbone in backbones:
-                run_dir = root / ROOT_LAYOUT["classification"] / backbone
-                step(
-                    f"classification/train.py --backbone {backbone}",
-                    classification_train.main,
-                    [
-                        "--backbone",
-                        backbone,
-                        *common,
-                        *fold_args,
-                        *_as_flags(classifier_sets(sets, backbone)),
-                        *_resume(run_dir),
-                    ],  # fmt: skip
-                )
-            step("ensemble/vote.py", ensemble_vote.main,
-                 ["--backbones", ",".join(backbones), *common, *fit_split, *stage_sets["ensemble"]])  # fmt: skip
-        except StepFailed as e:
-            print(str(e))
-            return e.code
+        seg_dir = root / ROOT_LAYOUT["segmentation"]
+        again = _interrupted(seg_dir)
+        step("segmentation/train.py", lambda: segmentation.train(seg, resume=again), again)
+        step("segmentation/predict.py", lambda: crop_trained(root, str(manifest), sets["segmentation"], flags))
+        for cfg in classifiers:
+            again = _interrupted(root / ROOT_LAYOUT["classification"] / cfg.model.backbone)
+            step(f"classification/train.py --backbone {cfg.model.backbone}",
+                 lambda cfg=cfg, again=again: classification.train(cfg, resume=again), again)  # fmt: skip
+        step("ensemble/vote.py", lambda: ensemble.vote(ens))
         table = summary_table(root, step.times)
         write_text_atomic(root / "summary.md", table)
         print(f"\n{table}\nwrote {root / 'summary.md'}; bundle it with `dermpipe bundle --root {root} --out NAME`")

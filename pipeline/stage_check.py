@@ -42,10 +42,16 @@ def classifier_sets(sets: Mapping[str, Sequence[str]], backbone: str) -> list[st
 
 
 def stage_configs(
-    root: Path, manifest: str, backbones: Sequence[str], sets: Mapping[str, Sequence[str]], folds: int
+    root: Path,
+    manifest: str,
+    backbones: Sequence[str],
+    sets: Mapping[str, Sequence[str]],
+    folds: int,
+    run: Mapping[str, Any] | None = None,
 ) -> tuple[SegmentationConfig, list[ClassificationConfig], EnsembleConfig]:
-    """The configs the stage commands of ``dermpipe run`` resolve: defaults < ``--set`` < the flags it passes."""
-    common = {"run.root": str(root)}
+    """The config of each stage ``dermpipe run`` calls: defaults < the experiment's settings < its own flags (the run
+    root, the manifest, the backbones, the folds, and ``run``: the device and ``--force`` where given)."""
+    common = {"run.root": str(root), **(run or {})}
     seg = load_config(SegmentationConfig, default_config_path("segmentation"), sets["segmentation"],
                       {**common, "data.manifest": str(manifest)})  # fmt: skip
     cls = [

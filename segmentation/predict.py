@@ -7,14 +7,13 @@ from pathlib import Path
 
 from dermpipe.configs.loader import default_config_path
 from dermpipe.configs.schema import ROOT_LAYOUT
-from dermpipe.data.manifest import NothingReadableError, read_inputs
-from dermpipe.engine.cli import MissingInputError, add_follow_links, resolve_config, run_cli, stage_parser
+from dermpipe.data.manifest import read_inputs
+from dermpipe.engine.cli import add_follow_links, resolve_config, run_cli, stage_parser
 from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_folder
-from dermpipe.engine.lineage import file_sha256, write_lineage
-from dermpipe.engine.run import check_run_folder, choose_device, setup_logging
+from dermpipe.engine.run import check_run_folder
 from dermpipe.segmentation.config import SegmentationConfig
-from dermpipe.segmentation.prediction import SegmentationPredictor, write_crops
+from dermpipe.segmentation.stage import crop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,28 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.split:
             manifest = manifest.select(args.split)
         checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "best.safetensors"
-        if not checkpoint.is_file():
-            raise MissingInputError(
-                f"no trained U-Net at {checkpoint}: train one with `python segmentation/train.py --manifest FILE "
-                f"--root {root}`, or pass --run FOLDER (a segmentation run) or --checkpoint FILE"
-            )
-        device = choose_device(cfg.run.device)
-        predictor = SegmentationPredictor(
-            checkpoint, cfg, device, force=cfg.run.force, strict=strict, workers=cfg.run.num_workers
-        )
-        setup_logging(Path(args.out))  # everything validated: from here on the output folder is written
-        s = write_crops(manifest, predictor, args.out, cfg.predict.write_masks, cfg.predict.write_crops, excluded)
-        if not s["cropped"]:
-            raise NothingReadableError(args.input or args.manifest, s["skipped"], args.out)
-        consumed = {"unet": file_sha256(checkpoint)}
-        if args.manifest:
-            consumed["manifest"] = file_sha256(args.manifest)
-        write_lineage(Path(args.out), "crops", consumed, {"crops_manifest": file_sha256(Path(args.out) / "crops.csv")})
-        corrupt = f", {s['corrupt']} corrupt recomputed" if s["corrupt"] else ""
-        print(
-            f"segmentation/predict: {s['cropped']} cropped ({s['fallback']} whole-image fallbacks), "
-            f"{s['skipped']} skipped; cache: {s['reused']} reused, {s['computed']} computed{corrupt}; wrote {args.out}"
-        )
+        crops = crop(cfg, manifest, args.out, checkpoint, excluded=excluded, source=args.input or args.manifest,
+                     manifest_file=args.manifest, strict=strict)  # fmt: skip
+        print(crops.line())
         return 0
 
     return run_cli(body)

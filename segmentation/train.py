@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
-from dermpipe.engine.run import start_stage_run
 from dermpipe.segmentation.config import SegmentationConfig
-from dermpipe.segmentation.training import train_segmentation
+from dermpipe.segmentation.stage import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,22 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        cfg = resolve_config(
-            SegmentationConfig,
-            args,
-            {"data.manifest": args.manifest, "run.out_dir": args.out, "train.epochs": args.epochs},
-        )
-        if not cfg.data.manifest:
-            raise ManifestError("no manifest: pass --manifest FILE.csv (make one with `python data/convert.py`)")
-        Manifest.read(cfg.data.manifest)  # fail on a wrong path before a run folder is made
-        run = start_stage_run(cfg, "segmentation")
-        result = train_segmentation(cfg, run, resume=args.resume)
-        if "rank" in result:  # another rank than 0 under torchrun: rank 0 reports
-            return 0
-        print(
-            f"segmentation: best val Jaccard {result['best_val_jaccard']:.4f} at epoch {result['best_epoch']} "
-            f"({result['epochs_run']} epochs run); checkpoint {result['checkpoint']}"
-        )
+        flags = {"data.manifest": args.manifest, "run.out_dir": args.out, "train.epochs": args.epochs}
+        result = train(resolve_config(SegmentationConfig, args, flags), resume=args.resume)
+        if result is not None:  # None: another rank than 0 under torchrun, where rank 0 reports
+            print(result.line())
         return 0
 
     return run_cli(body)
