@@ -301,7 +301,7 @@ def _walk(root: Path, follow_links: bool = False, outputs: Sequence[str] = ()) -
     Real folders come first; folder links are followed afterwards, once per real folder, so a link loop or a second
     link to a folder never lists a file twice or walks forever, and a file keeps its path outside any link.
     """
-    from dermpipe.data.reading import outside_reason, within  # reading sits beside, not below, manifests
+    from dermpipe.data.listing import outside_reason, within  # reading sits beside, not below, manifests
 
     root_real = os.path.realpath(root)
     visited = {root_real}
@@ -375,7 +375,8 @@ def list_folder(
     folders or files outside ``folder``: a link to ``/`` is never searched. Nothing in the command's ``outputs``
     folders (links resolved) is ever listed as an input. Both are sorted by path.
     """
-    from dermpipe.data.reading import ImageReadError, outside_reason, skip_reason, within
+    from dermpipe.data.listing import outside_reason, skip_reason, within
+    from dermpipe.data.reading import ImageReadError
 
     root = Path(folder)
     if not root.is_dir():

@@ -16,7 +16,7 @@ import os
 import stat
 import struct
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dermpipe.data.pixels import ImageReadError, ImageTooLargeError, _apply_orientation, _to_uint8, _unchanged_to_rgb
 from dermpipe.engine.files import OutputPathError, write_atomic
-from dermpipe.errors import DermpipeError
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +59,8 @@ _REDUCED_FLAGS: dict[int, int] = {
     4: cv2.IMREAD_REDUCED_COLOR_4,
     8: cv2.IMREAD_REDUCED_COLOR_8,
 }
-_CONVERT_PIXELS = 1 << 20  # pixels per band of rows in a bit-depth or alpha conversion
 _FIX_CORRUPT = "re-download or re-export the file, or remove it from the manifest"
 _EXIF_ORIENTATION_TAG = 274
-
-
-class ImageReadError(DermpipeError):
-    """An image or mask file that cannot be read; the message is ``"<path>: <what is wrong> (<fix>)"``."""
-
-
-class ImageTooLargeError(ImageReadError):
-    """An image whose header declares more decoded bytes than it is safe to decode (``MAX_DECODED_BYTES``): a bomb or
-    a scan."""
 
 
 @dataclass(frozen=True)
@@ -272,83 +262,6 @@ def _decode(path: Path, data: bytes, flags: int) -> np.ndarray:
     return array
 
 
-def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
-    """Turn stored pixels upright as EXIF orientation 1..8 says (the same as Pillow's ``ImageOps.exif_transpose``)."""
-    if orientation == 2:
-        return cv2.flip(array, 1)
-    if orientation == 3:
-        return cv2.rotate(array, cv2.ROTATE_180)
-    if orientation == 4:
-        return cv2.flip(array, 0)
-    if orientation == 5:
-        return cv2.transpose(array)
-    if orientation == 6:
-        return cv2.rotate(array, cv2.ROTATE_90_CLOCKWISE)
-    if orientation == 7:
-        return cv2.rotate(cv2.transpose(array), cv2.ROTATE_180)
-    if orientation == 8:
-        return cv2.rotate(array, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    return array
-
-
-def _to_unit_float(array: np.ndarray, path: Path) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.uint16:
-        return array.astype(np.float32) / 65535.0
-    raise ImageReadError(f"{path}: {array.dtype} pixels are not supported (save it as an 8- or 16-bit image)")
-
-
-def _by_rows(array: np.ndarray, channels: int, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """``convert`` (elementwise per pixel, to uint8 with ``channels`` channels) applied a band of rows at a time, so
-    its float or wide-integer temporaries take a few MB whatever the image's size, not several times the image."""
-    height, width = array.shape[:2]
-    out = np.empty((height, width, channels), np.uint8)
-    rows = max(1, _CONVERT_PIXELS // max(width, 1))
-    for top in range(0, height, rows):
-        out[top : top + rows] = convert(array[top : top + rows])
-    return out
-
-
-def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.uint16:
-        # Full 16-bit range onto 8 bits (65535 -> 255); no per-image stretching, so colours stay comparable.
-        squeeze = array.ndim == 2
-        wide = array[:, :, None] if squeeze else array
-        out = _by_rows(wide, wide.shape[2], lambda band: ((band.astype(np.uint32) + 128) // 257).astype(np.uint8))
-        return out[:, :, 0] if squeeze else out
-    raise ImageReadError(f"{path}: {array.dtype} pixels are not supported (save it as an 8- or 16-bit image)")
-
-
-def _unchanged_to_rgb(array: np.ndarray, path: Path) -> np.ndarray:
-    """Any channel layout OpenCV returns with IMREAD_UNCHANGED -> HxWx3 uint8 RGB.
-
-    Transparency is composited over white, as an image viewer shows it; dropping alpha instead would expose whatever
-    colour happens to be stored under fully transparent pixels (often black, which looks like lesion).
-    """
-    if array.ndim == 2:
-        array = array[:, :, None]
-    channels = array.shape[2]
-    if channels in (2, 4):
-
-        def composite(band: np.ndarray) -> np.ndarray:
-            colour = _to_unit_float(band[:, :, :-1], path)
-            alpha = _to_unit_float(band[:, :, -1:], path)
-            return np.clip((colour * alpha + (1.0 - alpha)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-        channels -= 1
-        array = _by_rows(array, channels, composite)
-    else:
-        array = _to_uint8(array, path)
-    if channels == 1:
-        return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
-    if channels == 3:
-        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-    raise ImageReadError(f"{path}: images with {channels} channels are not supported (save it as RGB or grayscale)")
-
-
 def _reduction(long_side: int, max_side: int | None) -> int:
     """Largest JPEG decode reduction (1, 2, 4, 8) that still leaves at least ``max_side`` pixels on the long side."""
     if max_side is None:
@@ -438,114 +351,6 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
         )
     logger.debug("resizing mask %s from %dx%d to %dx%d", path, mask_height, mask_width, height, width)
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-
-
-def mask_name_suffix(path: str | os.PathLike) -> str:
-    """The ``MASK_SUFFIXES`` ending of the file's stem (``"_lesion"`` for ``IMD002_lesion.bmp``), or ``""``."""
-    stem = Path(path).stem.lower()
-    return next((suffix for suffix in MASK_SUFFIXES if stem.endswith(suffix)), "")
-
-
-def format_problem(path: str | os.PathLike) -> str:
-    """Why the reader does not take a file of this name's extension (``<what> (<fix>)``), or ``""`` when it does."""
-    suffix = Path(path).suffix.lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return ""
-    if not suffix:
-        return f"no file extension (the reader takes {TAKEN_FORMATS}: add the extension of its format)"
-    if suffix in _OTHER_FORMATS:
-        name = _OTHER_FORMATS[suffix]
-        return f"{name} images are not read (convert it to JPEG or PNG; the reader takes {TAKEN_FORMATS})"
-    return f"'{suffix}' files are not images the reader takes ({TAKEN_FORMATS})"
-
-
-def skip_reason(path: str | os.PathLike, mask_names: bool = True) -> str:
-    """Why a folder listing leaves ``path`` out, from its name and ``os.stat`` alone (it is never opened), or ``""``.
-
-    The reasons, in order: what ``file_problem`` finds (missing, broken link, link loop, FIFO, device, socket,
-    empty, too large), an extension the reader does not take, and, with ``mask_names``, a name that ends like a
-    mask file (``MASK_SUFFIXES``). Each says how to include the file.
-    """
-    path = Path(path)
-    problem, _ = file_problem(path)
-    if problem:
-        return problem
-    if problem := format_problem(path):
-        return problem
-    suffix = mask_name_suffix(path) if mask_names else ""
-    if suffix:
-        renamed = path.stem[: -len(suffix)] + suffix.replace("_", "-") + path.suffix
-        return (
-            f"name ends with '{suffix}', which marks a lesion mask or map beside its image, not a photo (to include "
-            f"it, rename it so the name does not end with '{suffix}', e.g. '{renamed}')"
-        )
-    return ""
-
-
-def within(path: str | os.PathLike, root_real: str) -> bool:
-    """Whether ``path``, links resolved, is the folder ``root_real`` (itself resolved) or lies under it."""
-    real = os.path.realpath(path)
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def outside_reason(path: str | os.PathLike, folder: bool = False) -> str:
-    """The reason a folder listing gives for a link (to a file, or with ``folder`` to a folder) that resolves outside
-    the folder it lists: not read unless ``--follow-links`` allows it."""
-    real = os.path.realpath(path)
-    if folder:
-        return f"link to a folder outside the input folder ({real}): not searched (pass --follow-links to search it)"
-    return f"link to a file outside the input folder ({real}): not read (pass --follow-links to read it)"
-
-
-def walk_files(
-    root: str | os.PathLike,
-    skip: Callable[[str], bool] = lambda name: name.startswith("."),
-    follow_links: bool = False,
-    excluded: list[tuple[Path, str]] | None = None,
-) -> list[Path]:
-    """Every file under ``root`` in a fixed order, leaving out names ``skip`` rejects.
-
-    Folder links are followed once each (a link loop never walks forever), and only where they resolve inside
-    ``root``: a link to ``/`` or to another disk is not searched, and a file link resolving outside ``root`` is not
-    listed; each such entry is added to ``excluded`` with its reason. ``follow_links`` follows and lists them too.
-    """
-    root_real = os.path.realpath(root)
-    found: list[Path] = []
-    visited: set[str] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:  # a symlink loop would otherwise walk forever
-            dirs[:] = []
-            continue
-        visited.add(real)
-        kept = []
-        for name in sorted(d for d in dirs if not skip(d)):
-            path = Path(folder) / name
-            if follow_links or within(path, root_real):
-                kept.append(name)
-            elif excluded is not None:
-                excluded.append((path, outside_reason(path, folder=True)))
-        dirs[:] = kept
-        for name in sorted(f for f in files if not skip(f)):
-            path = Path(folder) / name
-            if follow_links or not os.path.exists(path) or within(path, root_real):  # a broken link: its reader says
-                found.append(path)
-            elif excluded is not None:
-                excluded.append((path, outside_reason(path)))
-    return found
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder``, recursively and sorted, without hidden entries and what ``skip_reason`` names
-    (mask files by name, other formats, special files, empty or too large files).
-
-    ``dermpipe.data.manifest.list_folder`` lists the same files, and every other entry with its reason.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "no such folder"
-        raise ImageReadError(f"{folder}: {what} (give the folder that holds the images)")
-    return sorted(p for p in walk_files(folder) if not skip_reason(p))
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, params: Sequence[int] = ()) -> Path:

@@ -19,10 +19,12 @@ from conftest import write_untrained_pipeline
 from corpus import png_header_only
 from PIL import Image
 
+from dermpipe.data import pixels as pixel_conversion
 from dermpipe.data import reading
 from dermpipe.data.formats.class_folders import read_folder
+from dermpipe.data.listing import list_images, walk_files
 from dermpipe.data.manifest import list_folder
-from dermpipe.data.reading import ImageTooLargeError, image_size, list_images, read_image, read_mask, walk_files
+from dermpipe.data.reading import ImageTooLargeError, image_size, read_image, read_mask
 from dermpipe.engine.files import OutputPathError, check_output_folder
 from dermpipe.pipeline.demo import write_photo_folder
 from dermpipe.predict import cli as predict
@@ -84,7 +86,7 @@ def test_conversions_band_by_band_give_the_same_pixels(tmp_path, monkeypatch):
     for path, pixels in zip(paths, (rgba16, grey16)):
         assert cv2.imwrite(str(path), pixels)
     whole = [read_image(p) for p in paths]
-    monkeypatch.setattr(reading, "_CONVERT_PIXELS", 50)  # two rows a band, the last band shorter
+    monkeypatch.setattr(pixel_conversion, "_CONVERT_PIXELS", 50)  # two rows a band, the last band shorter
     assert all(np.array_equal(read_image(p), w) for p, w in zip(paths, whole))
     colour, alpha = rgba16[:, :, 2::-1] / 65535.0, rgba16[:, :, 3:] / 65535.0
     expected = np.clip((colour * alpha + 1 - alpha) * 255 + 0.5, 0, 255).astype(np.uint8)

@@ -18,14 +18,8 @@ from corpus import png_header_only
 from PIL import Image, ImageOps
 
 from dermpipe.data import reading
-from dermpipe.data.reading import (
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    image_size,
-    list_images,
-    read_image,
-    read_mask,
-)
+from dermpipe.data.listing import list_images
+from dermpipe.data.reading import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image, read_mask
 from dermpipe.engine.files import FileInputError, file_digest
 
 

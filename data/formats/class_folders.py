@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dermpipe.data.formats.layout import ConversionResult, Layout, is_skipped, require_root, scan_files, unique_ids
-from dermpipe.data.reading import IMAGE_EXTENSIONS, format_problem
+from dermpipe.data.listing import format_problem
+from dermpipe.data.reading import IMAGE_EXTENSIONS
 
 _FOLDER_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _MASK_SUFFIXES = ("_segmentation", "_mask")

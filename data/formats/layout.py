@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dermpipe.data.formats.tables import ConversionError, first_line, table_files
+from dermpipe.data.listing import walk_files
 from dermpipe.data.manifest import SPLITS, Manifest, id_problem
-from dermpipe.data.reading import walk_files
 from dermpipe.data.splits import assign_splits
 
 # `_downsampled` marks ISIC 2019 images that were shrunk; the id is the same lesion image.
