@@ -19,8 +19,8 @@ import torch
 
 from dermpipe.classification.backbones import build_classifier
 from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.epochs import build_optimizer
 from dermpipe.classification.evaluation import TrainScorer
-from dermpipe.classification.training import build_optimizer
 from dermpipe.configs.loader import load_config
 from dermpipe.engine.files import write_text_atomic
 from dermpipe.engine.loop import train_one_epoch

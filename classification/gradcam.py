@@ -18,6 +18,7 @@ from dermpipe.classification.backbones import LesionClassifier
 from dermpipe.classification.prediction import classifier_input, predict_probabilities
 from dermpipe.data.preprocess import PreprocessConfig
 from dermpipe.data.reading import write_image
+from dermpipe.engine.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +87,28 @@ def save_gradcam_images(
         old.unlink(missing_ok=True)
     logger.info("wrote %d Grad-CAM overlays to %s", len(paths), out_dir)
     return paths
+
+
+WEIGHTS_MARKER = "weights.sha256"  # in gradcam/: the digest of the checkpoint its overlays were drawn from
+
+
+def refresh_gradcam(
+    model: LesionClassifier,
+    images: Sequence[np.ndarray],
+    image_ids: Sequence[str],
+    labels: Sequence[str],
+    classes: Sequence[str],
+    folder: Path,
+    digest: str,
+    preprocess_cfg: PreprocessConfig | None = None,
+) -> None:
+    """A training run's Grad-CAM overlays of ``images`` into ``folder``, marked with the digest of the weights they
+    were drawn from; another model's overlays are removed first, never left beside these (no images: only that)."""
+    marker = folder / WEIGHTS_MARKER
+    if marker.is_file() and marker.read_text().strip() != digest:
+        for old in folder.glob("*.png"):
+            old.unlink()
+        marker.unlink()
+    if len(images):
+        save_gradcam_images(model, images, image_ids, folder, classes, labels, preprocess_cfg)
+        write_text_atomic(marker, digest + "\n")

@@ -10,31 +10,28 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader, SubsetRandomSampler
 
 from dermpipe.classification.backbones import (
     STAGE,
     LesionClassifier,
     build_classifier,
-    checkpoint_metadata,
     load_classifier,
     resolve_backbone,
     save_fold_mean,
 )
-from dermpipe.classification.config import ClassificationConfig, effective_batchnorm, effective_freeze_epochs
-from dermpipe.classification.evaluation import ProbabilityScorer, TrainScorer, save_report
+from dermpipe.classification.config import ClassificationConfig, effective_freeze_epochs
+from dermpipe.classification.conflicts import _holds_fold_mean, _shipped_settings, _what, classification_conflicts
+from dermpipe.classification.epochs import METRIC_COLUMNS, ClassificationStage, build_optimizer
+from dermpipe.classification.evaluation import save_report
 from dermpipe.classification.folds import (
     SplitRows,
     combine_folds,
@@ -47,7 +44,7 @@ from dermpipe.classification.folds import (
     training_fingerprint,
     training_settings,
 )
-from dermpipe.classification.gradcam import save_gradcam_images
+from dermpipe.classification.gradcam import refresh_gradcam
 from dermpipe.classification.losses import build_loss
 from dermpipe.classification.metrics import classification_report, format_report, per_class_table, plot_learning_curves
 from dermpipe.classification.ood import fit_after_training
@@ -55,16 +52,13 @@ from dermpipe.classification.prediction import CropProbabilities
 from dermpipe.classification.probability_tables import combined_digest, probability_table
 from dermpipe.configs.loader import ConfigError
 from dermpipe.data.augment import build_transform
-from dermpipe.data.balance import balance_summary, class_weights, hybrid_indices, weighted_sampler
-from dermpipe.data.loaders import ClassificationDataset, end_with_parent, seed_worker
+from dermpipe.data.balance import class_weights
+from dermpipe.data.loaders import ClassificationDataset
 from dermpipe.data.manifest import Manifest
 from dermpipe.data.reading import read_image
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import (
-    CheckpointError,
-    load_resume_state,
     read_metadata,
-    save_checkpoint,
     save_resume_state,
     weights_digest,
 )
@@ -75,225 +69,16 @@ from dermpipe.engine.loop import (
     STATE_FILE,
     LoopSettings,
     claim_run,
-    epoch_seed,
-    evaluate,
     finished_state,
     fit,
     read_metrics,
-    training_conflict,
     unfinished,
 )
-from dermpipe.engine.rerun import Conflict, conflict, refuse_all
+from dermpipe.engine.rerun import refuse_all
 from dermpipe.engine.run import Run, start_stage_run
 from dermpipe.engine.schedules import Schedule
 
 logger = logging.getLogger(__name__)
-
-METRIC_COLUMNS = (
-    "epoch",
-    "phase",
-    "lr",
-    "train_loss",
-    "train_balanced_accuracy",
-    "val_loss",
-    "val_balanced_accuracy",
-    "val_accuracy",
-    "val_macro_f1",
-    "val_macro_auc",
-    "images_per_sec",
-    "sec",
-)
-
-
-def build_optimizer(model: LesionClassifier, cfg: ClassificationConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum; no weight decay on biases and normalisation weights (as timm does)."""
-    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": []}
-    for p in model.parameters():
-        groups["no_decay" if p.ndim <= 1 else "decay"].append(p)
-    params = [
-        {"params": groups["decay"], "weight_decay": cfg.train.weight_decay},
-        {"params": groups["no_decay"], "weight_decay": 0.0},
-    ]
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
-    return torch.optim.AdamW(params, lr=cfg.train.lr)
-
-
-def _epoch_batches(
-    dataset: ClassificationDataset,
-    labels: np.ndarray,
-    cfg: ClassificationConfig,
-    epoch: int,
-    features: np.ndarray | None,
-    pin: bool,
-) -> DataLoader:
-    """This epoch's loader; every random draw is seeded from (seed, epoch), so a resumed run repeats it exactly."""
-    seed = epoch_seed(cfg.run.seed, epoch)
-    balance = cfg.data.balance
-    generator = torch.Generator().manual_seed(seed)
-    sampler: Any = None
-    if balance.sampler == "weighted":
-        sampler = weighted_sampler(labels, seed=seed)
-    elif balance.sampler == "hybrid":
-        sampler = SubsetRandomSampler(hybrid_indices(labels, features, balance, seed).tolist(), generator=generator)
-    n = len(sampler) if sampler is not None else len(dataset)
-    dataset.transform.set_random_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=generator if sampler is None else None,
-        drop_last=n > cfg.train.batch_size,  # a last batch of one image breaks BatchNorm
-        num_workers=cfg.run.num_workers,
-        pin_memory=pin,
-        worker_init_fn=seed_worker if cfg.run.num_workers else None,
-    )
-
-
-def _thumbnails(dataset: ClassificationDataset, side: int = 8) -> np.ndarray:
-    """Tiny colour thumbnails as K-Means features for the hybrid sampler's undersampling."""
-    out = []
-    for i in range(len(dataset)):
-        image, _ = dataset.images.get(i)
-        out.append(cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA).reshape(-1) / 255.0)
-    return np.asarray(out, dtype=np.float64)
-
-
-class ClassificationStage:
-    """What the engine's loop needs from the classification stage: the head-only phase, balanced batches, scoring."""
-
-    def __init__(
-        self,
-        cfg: ClassificationConfig,
-        run: Run,
-        model: LesionClassifier,
-        train_ds: ClassificationDataset,
-        monitor_ds: ClassificationDataset,
-        classes: Sequence[str],
-        meta_extra: Mapping[str, Any],
-    ) -> None:
-        self.cfg, self.run, self.model, self.train_ds = cfg, run, model, train_ds
-        self.classes, self.meta_extra = list(classes), dict(meta_extra)
-        self.batchnorm = effective_batchnorm(cfg)
-        self.epoch, self.frozen = 0, False
-        balance = cfg.data.balance
-        self.labels = train_ds.labels
-        self.features = _thumbnails(train_ds) if balance.sampler == "hybrid" and balance.undersample_target else None
-        self.pin = run.device.type == "cuda"
-        self.first = _epoch_batches(train_ds, self.labels, cfg, 0, self.features, self.pin)
-        if balance.sampler == "hybrid":
-            counts = np.bincount(self.labels, minlength=len(classes))
-            after = np.bincount(self.labels[np.asarray(self.first.sampler.indices)], minlength=len(classes))
-            logger.info("hybrid sampling per epoch:\n%s", balance_summary(classes, counts.tolist(), after.tolist()))
-        t = cfg.train
-        self.monitor = DataLoader(
-            monitor_ds, batch_size=t.eval_batch_size or 2 * t.batch_size, num_workers=cfg.run.num_workers,
-            pin_memory=self.pin, worker_init_fn=end_with_parent,
-        )  # fmt: skip
-
-    def start_epoch(self, epoch: int) -> dict[str, Any]:
-        frozen = epoch < effective_freeze_epochs(self.cfg)
-        self.model.set_backbone_trainable(not frozen)
-        self.model.hold_batchnorm(self.batchnorm == "frozen")
-        self.epoch, self.frozen = epoch, frozen
-        return {"phase": "head" if frozen else "all"}
-
-    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        if epoch == 0:
-            return self.first
-        return _epoch_batches(self.train_ds, self.labels, self.cfg, epoch, self.features, self.pin)
-
-    def train_scorer(self) -> TrainScorer:
-        return TrainScorer()
-
-    def validate(self, model: nn.Module) -> dict[str, Any]:
-        if self.batchnorm == "reestimate" and not self.frozen:
-            self.reestimate_batchnorm(model)
-        return evaluate(model, self.monitor, self.run, ProbabilityScorer(self.classes))
-
-    def reestimate_batchnorm(self, model: nn.Module) -> None:
-        """Recompute the BatchNorm running statistics as plain means over ``train.bn_reestimate_batches`` training
-        batches of this epoch (torch's ``update_bn``, as for SWA), so evaluation sees the statistics of the weights it
-        evaluates rather than a slow moving average over the weights of the whole epoch."""
-        batches = _epoch_batches(self.train_ds, self.labels, self.cfg, self.epoch, self.features, self.pin)
-        images = (self.run.batch(x, y)[0] for x, y in itertools.islice(batches, self.cfg.train.bn_reestimate_batches))
-        with torch.no_grad():
-            update_bn(images, model)
-
-    def save(self, path: Path, model: nn.Module, row: Mapping[str, Any]) -> None:
-        meta = checkpoint_metadata(
-            model,
-            self.classes,
-            **self.meta_extra,
-            epoch=row["epoch"],
-            val_balanced_accuracy=row["val_balanced_accuracy"],
-        )
-        save_checkpoint(path, model, meta)
-
-
-GRADCAM_WEIGHTS = "weights.sha256"  # in gradcam/: the digest of the checkpoint its overlays were drawn from
-
-
-def _what(cfg: ClassificationConfig, fold: int | None) -> str:
-    return f"{cfg.model.backbone} classifier" + (f" (fold {fold})" if fold is not None else "")
-
-
-def _shipped_settings(cfg: ClassificationConfig) -> dict[str, Any]:
-    """What the backbone folder of a K-fold run records: the settings and which model it ships (mean or refit)."""
-    return {**training_settings(cfg, cfg.data.manifest, None), "train.fold_models": cfg.train.fold_models}
-
-
-def classification_conflicts(cfg: ClassificationConfig) -> list[Conflict]:
-    """Every run folder this backbone's training would write (the backbone's, each fold's) that holds a run made
-    with other settings or data than ``cfg``."""
-    backbone_dir = Path(cfg.run.out_dir) / cfg.model.backbone
-    if not cfg.train.folds:
-        settings = training_settings(cfg, cfg.data.manifest, None)
-        found = training_conflict(
-            backbone_dir, training_fingerprint(cfg, cfg.data.manifest, None), settings, _what(cfg, None)
-        )
-        return [found] if found is not None else []
-    chosen = [cfg.train.fold] if cfg.train.fold >= 0 else list(range(cfg.train.folds))
-    found = [
-        training_conflict(
-            backbone_dir / f"fold{i}",
-            training_fingerprint(cfg, cfg.data.manifest, i),
-            training_settings(cfg, cfg.data.manifest, i),
-            _what(cfg, i),
-        )
-        for i in chosen
-    ]
-    if cfg.train.fold >= 0 or (cfg.train.fold_models == "refit" and _holds_fold_mean(backbone_dir)):
-        pass  # one fold alone ships nothing; a fold mean is made again alike from the folds: a refit may replace it
-    elif cfg.train.fold_models == "refit":
-        plain = replace(cfg, train=replace(cfg.train, folds=0, fold=-1))
-        key = training_fingerprint(plain, cfg.data.manifest, None)
-        found.append(training_conflict(backbone_dir, key, _shipped_settings(cfg), _what(cfg, None)))
-    else:
-        found.append(_fold_mean_conflict(cfg, backbone_dir))
-    return [c for c in found if c is not None]
-
-
-def _holds_fold_mean(backbone_dir: Path) -> bool:
-    try:
-        return str(load_resume_state(backbone_dir / STATE_FILE).get("fingerprint", "")).startswith("fold mean ")
-    except CheckpointError:
-        return False
-
-
-def _fold_mean_conflict(cfg: ClassificationConfig, backbone_dir: Path) -> Conflict | None:
-    """The backbone folder of a fold mean holds another model: a trained one (a plain run or a refit), or a fold
-    mean of other settings. An older fold mean records no settings: its folds are checked on their own."""
-    try:
-        state = load_resume_state(backbone_dir / STATE_FILE)
-    except CheckpointError:
-        return None
-    mean = str(state.get("fingerprint", "")).startswith("fold mean ")
-    recorded, expected = state.get("settings"), _shipped_settings(cfg)
-    if (mean and recorded is None) or recorded == expected:
-        return None
-    return conflict(backbone_dir, _what(cfg, None), bool(state.get("finished")), recorded, expected)
 
 
 def train_fold(
@@ -511,24 +296,14 @@ def _after_training(
     fit_after_training(predictor, run.dir, rows, dataset, column, cfg.train.ood_percentile)
     cache.log_summary()
     plot_learning_curves(history, run.dir / "learning_curves.png")
-    gradcam, digest = run.dir / "gradcam", file_sha256(best_path)
-    marker = gradcam / GRADCAM_WEIGHTS
-    if marker.is_file() and marker.read_text().strip() != digest:  # another model's overlays: never beside these
-        for old in gradcam.glob("*.png"):
-            old.unlink()
-        marker.unlink()
+    digest = file_sha256(best_path)
     if cfg.train.gradcam_images and len(rows.monitor):
         chosen = rows.monitor.rows[: cfg.train.gradcam_images]
-        save_gradcam_images(
-            model,
-            [read_image(r[column], max_side=1024) for r in chosen],  # whole images (--no-crop) can be huge
-            [r["image_id"] for r in chosen],
-            gradcam,
-            classes,
-            [r.get("label", "") for r in chosen],
-            cfg.data.preprocess,
-        )
-        write_text_atomic(marker, digest + "\n")
+        images = [read_image(r[column], max_side=1024) for r in chosen]  # whole images (--no-crop) can be huge
+        chosen_ids, labels = [r["image_id"] for r in chosen], [r.get("label", "") for r in chosen]
+    else:
+        images, chosen_ids, labels = [], [], []
+    refresh_gradcam(model, images, chosen_ids, labels, classes, run.dir / "gradcam", digest, cfg.data.preprocess)
     _write_lineage(cfg, run.dir, digest, column)
     monitor_name = "oof" if "oof" in rows.tables else "val"
     return {

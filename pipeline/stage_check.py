@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dermpipe.classification.config import ClassificationConfig
+from dermpipe.classification.conflicts import classification_conflicts
 from dermpipe.classification.folds import stale_folds, training_fingerprint
-from dermpipe.classification.training import classification_conflicts
 from dermpipe.configs.loader import default_config_path, load_config
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError

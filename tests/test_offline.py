@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from dermpipe.classification.backbones import build_classifier
 from dermpipe.classification.config import ClassificationConfig, ClsModelConfig, ClsTrainConfig, effective_batchnorm
-from dermpipe.classification.training import ClassificationStage, effective_freeze_epochs
+from dermpipe.classification.epochs import ClassificationStage
+from dermpipe.classification.training import effective_freeze_epochs
 from dermpipe.configs.loader import default_config_path, load_config
 from dermpipe.engine import hub
 from dermpipe.engine.checkpoint import CheckpointError
