@@ -39,7 +39,7 @@ from dermpipe.bundle.write import write_bundle
 from dermpipe.classification.backbones import DEFAULT_BACKBONES, build_classifier, checkpoint_metadata
 from dermpipe.configs.schema import RunConfig
 from dermpipe.data.generator import make_sample
-from dermpipe.data.manifest import manifest_from_folder
+from dermpipe.data.listing import manifest_from_folder
 from dermpipe.engine.checkpoint import save_checkpoint
 from dermpipe.engine.files import write_text_atomic
 from dermpipe.engine.lineage import record_hand_made

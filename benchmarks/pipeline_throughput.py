@@ -25,7 +25,7 @@ from dermpipe.classification.backbones import DEFAULT_BACKBONES, build_classifie
 from dermpipe.classification.ood import OOD_FILE, fit_ood
 from dermpipe.configs.schema import RunConfig
 from dermpipe.data.generator import make_sample
-from dermpipe.data.manifest import manifest_from_folder
+from dermpipe.data.listing import manifest_from_folder
 from dermpipe.engine.checkpoint import save_checkpoint
 from dermpipe.engine.files import file_digest, write_text_atomic
 from dermpipe.engine.run import save_config

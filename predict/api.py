@@ -30,7 +30,8 @@ import numpy as np
 from dermpipe.bundle.store import CHECKSUMS, Bundle, BundleError, open_bundle
 from dermpipe.configs.loader import load_config
 from dermpipe.configs.schema import ROOT_LAYOUT
-from dermpipe.data.manifest import Manifest, NothingReadableError, read_inputs
+from dermpipe.data.listing import NothingReadableError, read_inputs
+from dermpipe.data.manifest import Manifest
 from dermpipe.data.reading import write_image
 from dermpipe.engine.cache import user_cache_dir
 from dermpipe.engine.cli import MissingInputError

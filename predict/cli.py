@@ -15,7 +15,8 @@ from pathlib import Path
 
 from dermpipe.bundle.store import BundleError, open_bundle
 from dermpipe.configs.loader import default_config_path, load_yaml
-from dermpipe.data.manifest import Manifest, NothingReadableError, read_inputs
+from dermpipe.data.listing import NothingReadableError, read_inputs
+from dermpipe.data.manifest import Manifest
 from dermpipe.engine.cache import user_cache_dir
 from dermpipe.engine.cli import add_follow_links, resolve_config, run_cli, stage_parser
 from dermpipe.engine.onnx_runtime import ENGINES

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dermpipe.configs.loader import default_config_path
 from dermpipe.configs.schema import ROOT_LAYOUT
-from dermpipe.data.manifest import read_inputs
+from dermpipe.data.listing import read_inputs
 from dermpipe.engine.cli import add_follow_links, resolve_config, run_cli, stage_parser
 from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_folder

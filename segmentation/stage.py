@@ -11,12 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermpipe.data.manifest import Manifest, ManifestError, NothingReadableError
+from dermpipe.data.listing import NothingReadableError
+from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.cli import MissingInputError
 from dermpipe.engine.lineage import file_sha256, write_lineage
 from dermpipe.engine.run import choose_device, setup_logging, start_stage_run
 from dermpipe.segmentation.config import SegmentationConfig
-from dermpipe.segmentation.prediction import SegmentationPredictor, write_crops
+from dermpipe.segmentation.crops import write_crops
+from dermpipe.segmentation.prediction import SegmentationPredictor
 from dermpipe.segmentation.training import train_segmentation
 
 

@@ -22,8 +22,7 @@ from PIL import Image
 from dermpipe.data import pixels as pixel_conversion
 from dermpipe.data import reading
 from dermpipe.data.formats.class_folders import read_folder
-from dermpipe.data.listing import list_images, walk_files
-from dermpipe.data.manifest import list_folder
+from dermpipe.data.listing import list_folder, list_images, walk_files
 from dermpipe.data.reading import ImageTooLargeError, image_size, read_image, read_mask
 from dermpipe.engine.files import OutputPathError, check_output_folder
 from dermpipe.pipeline.demo import write_photo_folder

@@ -13,14 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermpipe.data.manifest import (
-    FolderListing,
-    Manifest,
-    ManifestError,
-    id_problem,
-    list_folder,
-    manifest_from_folder,
-)
+from dermpipe.data.listing import FolderListing, list_folder, manifest_from_folder
+from dermpipe.data.manifest import Manifest, ManifestError, id_problem
 from dermpipe.data.reading import MASK_SUFFIXES, ImageReadError, read_image
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="FIFOs, sockets and /dev/zero are POSIX")

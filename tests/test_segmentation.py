@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dermpipe.data.generator import generate_dataset, make_sample
-from dermpipe.data.manifest import Manifest, manifest_from_folder
+from dermpipe.data.listing import manifest_from_folder
+from dermpipe.data.manifest import Manifest
 from dermpipe.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dermpipe.engine.files import output_stem
 from dermpipe.segmentation import predict as predict_script

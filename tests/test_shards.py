@@ -15,7 +15,7 @@ import torch.distributed
 from conftest import write_untrained_pipeline
 
 from dermpipe.data.generator import generate_dataset
-from dermpipe.data.manifest import list_folder
+from dermpipe.data.listing import list_folder
 from dermpipe.pipeline.demo import write_photo_folder
 from dermpipe.predict import cli as predict_script
 from dermpipe.predict import merge as merge_script
