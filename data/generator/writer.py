@@ -43,6 +43,40 @@ def _write_image(path: Path, pixels: np.ndarray, image_format: str) -> None:
     write_image(path, pixels, [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [])
 
 
+def _check_arguments(
+    n_images: int,
+    size: int,
+    seed: int,
+    classes: tuple[str, ...],
+    imbalance: float,
+    images_per_lesion: tuple[int, int],
+    hair: float,
+    vignette: float,
+    ruler: float,
+    fractions: tuple[float, float, float],
+    image_format: str,
+) -> None:
+    """Every argument of ``generate_dataset`` checked before a file is written (one error naming the value)."""
+    lo, hi = images_per_lesion
+    if n_images < 1:
+        raise SyntheticDataError(f"the number of images must be at least 1, got {n_images}")
+    if not classes or len(set(classes)) != len(classes) or any(not c for c in classes):
+        raise SyntheticDataError(f"classes {list(classes)} must be distinct, non-empty names")
+    if imbalance < 1:
+        raise SyntheticDataError(f"imbalance is most over least frequent class, at least 1; got {imbalance}")
+    if not 1 <= lo <= hi:
+        raise SyntheticDataError(f"images per lesion {images_per_lesion} must be (low, high) with 1 <= low <= high")
+    if image_format not in IMAGE_FORMATS:
+        raise SyntheticDataError(f"image format {image_format!r} is not one of {list(IMAGE_FORMATS)}")
+    if seed < 0:
+        raise SyntheticDataError(f"seed must be a non-negative integer, got {seed}")
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise SyntheticDataError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
+    check_sample_args(size, hair, vignette, ruler)
+    for name in classes:
+        class_profile(name)
+
+
 def generate_dataset(
     out_dir: str | Path,
     n_images: int = 200,
@@ -65,24 +99,8 @@ def generate_dataset(
     """
     classes = tuple(classes)
     lo, hi = images_per_lesion
-    if n_images < 1:
-        raise SyntheticDataError(f"the number of images must be at least 1, got {n_images}")
-    if not classes or len(set(classes)) != len(classes) or any(not c for c in classes):
-        raise SyntheticDataError(f"classes {list(classes)} must be distinct, non-empty names")
-    if imbalance < 1:
-        raise SyntheticDataError(f"imbalance is most over least frequent class, at least 1; got {imbalance}")
-    if not 1 <= lo <= hi:
-        raise SyntheticDataError(f"images per lesion {images_per_lesion} must be (low, high) with 1 <= low <= high")
-    if image_format not in IMAGE_FORMATS:
-        raise SyntheticDataError(f"image format {image_format!r} is not one of {list(IMAGE_FORMATS)}")
-    if seed < 0:
-        raise SyntheticDataError(f"seed must be a non-negative integer, got {seed}")
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise SyntheticDataError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
-    check_sample_args(size, hair, vignette, ruler)
-    for name in classes:
-        class_profile(name)
-
+    _check_arguments(n_images, size, seed, classes, imbalance, images_per_lesion, hair, vignette, ruler, fractions,
+                     image_format)  # fmt: skip
     layout_rng = np.random.default_rng(seed)
     lesions: list[tuple[str, int]] = []
     for name, count in zip(classes, class_counts(n_images, len(classes), imbalance)):
