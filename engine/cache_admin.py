@@ -215,6 +215,17 @@ def _discard(trash: Path) -> None:
     trash.unlink(missing_ok=True)
 
 
+def _least_recently_used(times: array, sizes: array, max_bytes: int) -> tuple[int, int]:
+    """Which entries go so that the rest fits in ``max_bytes``, the least recently used first: all last used before
+    the returned time, and the returned number of those last used at it."""
+    t, b = np.frombuffer(times, dtype=np.int64), np.frombuffer(sizes, dtype=np.int64)
+    order = np.argsort(t, kind="stable")
+    freed = np.cumsum(b[order])
+    count = int(np.searchsorted(freed, int(b.sum()) - max_bytes, side="left")) + 1
+    last = int(t[order[count - 1]])
+    return last, int(np.count_nonzero(t[order[:count]] == last))
+
+
 def prune(
     cache: str | os.PathLike,
     *,
@@ -276,14 +287,8 @@ def prune(
     if max_bytes is None or sum(sizes) <= max_bytes:
         return result
 
-    # the least recently used go until the rest fits: all last used before `last`, and `ties` of those used at `last`
-    t, b = np.frombuffer(times, dtype=np.int64), np.frombuffer(sizes, dtype=np.int64)
-    order = np.argsort(t, kind="stable")
-    freed = np.cumsum(b[order])
-    count = int(np.searchsorted(freed, int(b.sum()) - max_bytes, side="left")) + 1
-    last = int(t[order[count - 1]])
-    ties = int(np.count_nonzero(t[order[:count]] == last))
-    del times, sizes, t, b, order, freed
+    last, ties = _least_recently_used(times, sizes, max_bytes)
+    del times, sizes
 
     # pass 2: remove them (entries written or used since pass 1 are newer than `last` and stay)
     result.kept = {s: StageUsage(s) for s in names}
