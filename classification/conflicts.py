@@ -16,10 +16,8 @@ from dermpipe.engine.checkpoint import (
     CheckpointError,
     load_resume_state,
 )
-from dermpipe.engine.loop import (
-    STATE_FILE,
-    training_conflict,
-)
+from dermpipe.engine.claim import training_conflict
+from dermpipe.engine.loop import STATE_FILE
 from dermpipe.engine.rerun import Conflict, conflict
 
 

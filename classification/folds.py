@@ -19,8 +19,9 @@ from dermpipe.configs.loader import to_dict
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.data.splits import assign_folds
 from dermpipe.engine.checkpoint import weights_digest
+from dermpipe.engine.claim import finished_state
 from dermpipe.engine.files import file_digest
-from dermpipe.engine.loop import fingerprint, finished_state
+from dermpipe.engine.loop import fingerprint
 from dermpipe.engine.rerun import recorded_settings
 
 logger = logging.getLogger(__name__)

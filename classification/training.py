@@ -62,18 +62,11 @@ from dermpipe.engine.checkpoint import (
     save_resume_state,
     weights_digest,
 )
+from dermpipe.engine.claim import claim_run, finished_state, unfinished
 from dermpipe.engine.distributed import is_main, rank
 from dermpipe.engine.files import write_text_atomic
 from dermpipe.engine.lineage import file_sha256, read_lineage, write_lineage
-from dermpipe.engine.loop import (
-    STATE_FILE,
-    LoopSettings,
-    claim_run,
-    finished_state,
-    fit,
-    read_metrics,
-    unfinished,
-)
+from dermpipe.engine.loop import STATE_FILE, LoopSettings, fit, read_metrics
 from dermpipe.engine.rerun import refuse_all
 from dermpipe.engine.run import Run, start_stage_run
 from dermpipe.engine.schedules import Schedule

@@ -11,7 +11,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +22,6 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from dermpipe.engine.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_resume_state,
-    load_weights,
     save_resume_state,
 )
 from dermpipe.engine.distributed import (
@@ -39,7 +34,7 @@ from dermpipe.engine.distributed import (
     world_size,
 )
 from dermpipe.engine.files import atomic_path, file_digest
-from dermpipe.engine.rerun import Conflict, conflict, differences, refuse_or_replace
+from dermpipe.engine.resume import _Progress, _resumed, _state
 from dermpipe.engine.run import Run
 
 logger = logging.getLogger(__name__)
@@ -235,64 +230,6 @@ def evaluate(
     return scorer.compute()
 
 
-def finished_state(run_dir: Path, fingerprint: str, warn: bool = True) -> dict[str, Any] | None:
-    """The resume state of a finished run with this fingerprint, else ``None`` (saying why when ``warn``)."""
-    path = run_dir / STATE_FILE
-    if not path.is_file() or not (run_dir / "best.safetensors").is_file():
-        return None
-    try:
-        state = load_resume_state(path)
-    except CheckpointError:
-        return None
-    if state.get("finished") and state.get("fingerprint") == fingerprint:
-        return state
-    if warn and state.get("finished"):
-        logger.warning("run folder %s holds a run with other settings or data; training afresh", run_dir)
-    elif warn:
-        logger.warning("run folder %s holds an unfinished run; training afresh (--resume continues it)", run_dir)
-    return None
-
-
-def training_conflict(run_dir: Path, fingerprint: str, settings: Mapping[str, Any], what: str) -> Conflict | None:
-    """The run ``run_dir`` holds (finished or not) when it was made with another fingerprint than ``fingerprint``:
-    a ``Conflict`` naming the keys where its recorded settings differ from ``settings``; ``None`` when the folder
-    holds no run, or one with this fingerprint."""
-    path = run_dir / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        state = load_resume_state(path)
-    except CheckpointError:
-        return None
-    if state.get("fingerprint") == fingerprint:
-        return None
-    return conflict(run_dir, what, bool(state.get("finished")), state.get("settings"), settings)
-
-
-def claim_run(
-    run_dir: Path, fingerprint: str, settings: Mapping[str, Any], what: str, force: bool = False, resume: bool = False
-) -> tuple[dict[str, Any] | None, str]:
-    """Before a stage writes into ``run_dir``: refuse a run there made with other settings unless ``force``. Returns
-    the finished state to reuse (``None``: train) and what the log is to say of a run that ``force`` replaces."""
-    if resume:
-        return None, ""  # ``fit`` refuses a resume with other settings, naming them
-    note = refuse_or_replace(training_conflict(run_dir, fingerprint, settings, what), force)
-    if force:
-        if not note and finished_state(run_dir, fingerprint, warn=False) is not None:
-            note = f"--force: retraining the finished {what} in {run_dir}"
-        return None, note
-    return finished_state(run_dir, fingerprint), ""
-
-
-def unfinished(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds an interrupted training that ``--resume`` would continue."""
-    path = run_dir / STATE_FILE
-    try:
-        return path.is_file() and not load_resume_state(path).get("finished")
-    except CheckpointError:
-        return False
-
-
 def fit(
     stage: Stage,
     model: torch.nn.Module,
@@ -314,50 +251,19 @@ def fit(
     ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=True) if s.ema_decay > 0 else None
     scored = ema.module if ema is not None else model
     state_path, metrics_path = run.dir / STATE_FILE, run.dir / METRICS_FILE
-    start, best, best_tie, best_epoch, stale = 0, -math.inf, math.inf, 0, 0
-    if resume:
-        state = load_resume_state(state_path)
-        if state.get("fingerprint") != s.fingerprint:
-            keys = differences(state.get("settings"), s.settings or {})
-            raise CheckpointError(
-                f"resume state {state_path} was made with other settings or data"
-                f"{': ' + ', '.join(keys) if keys else ''}: rerun with --force to train afresh, or with the "
-                "settings of that run"
-            )
-        if "model" in state:  # the weights saved with the state, as one unit (a kill between files cannot split them)
-            load_weights(model, state["model"], state_path)
-        else:
-            weights, _ = load_checkpoint(run.dir / "last.safetensors", expect={"stage": s.stage})
-            load_weights(model, weights, run.dir / "last.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            if "ema" not in state:
-                raise CheckpointError(f"{state_path} has no weight average: resume with train.ema_decay=0 or anew")
-            ema.module.load_state_dict(state["ema"])
-        start, best, best_tie = int(state["epoch"]) + 1, float(state["best"]), float(state["best_tie"])
-        best_epoch, stale = int(state["best_epoch"]), int(state["stale"])
-        if state.get("finished"):
-            start = s.epochs  # it had stopped early or run every epoch: nothing left to train
-        if start >= s.epochs:  # never "resuming at epoch 7 of 6"
-            logger.info("resuming: the run had finished after epoch %d of %d (best %s %.4f at epoch %d)",
-                        int(state["epoch"]) + 1, s.epochs, s.monitor, best, best_epoch)  # fmt: skip
-        else:
-            logger.info("resuming at epoch %d of %d (best %s %.4f at epoch %d)", start + 1, s.epochs, s.monitor,
-                        best, best_epoch)  # fmt: skip
+    progress = _resumed(state_path, s, run, model, optimizer, scheduler, scaler, ema) if resume else _Progress()
     run.begin()  # everything validated: from here on the run folder is written (by rank 0 alone under torchrun)
     if s.note:
         logger.warning("%s", s.note)
     main = is_main()
     if main and not resume and metrics_path.exists():
         metrics_path.unlink()
-    history: list[dict[str, Any]] = read_metrics(metrics_path, s.columns, start) if main else []
+    history: list[dict[str, Any]] = read_metrics(metrics_path, s.columns, progress.start) if main else []
     stopped = False
     trainer = Trainer(model, run)
-    for epoch in range(start, s.epochs):
+    for epoch in range(progress.start, s.epochs):
         if epoch == s.patience_from and s.patience_from:
-            stale = 0  # patience counts from the end of the warm phase
+            progress.stale = 0  # patience counts from the end of the warm phase
         row: dict[str, Any] = {"epoch": epoch + 1, **stage.start_epoch(epoch), "lr": optimizer.param_groups[0]["lr"]}
         torch.manual_seed(epoch_seed(s.seed, epoch) + rank())  # dropout draws, reproducible across --resume
         t0 = time.time()
@@ -385,42 +291,25 @@ def fit(
             stage.save(run.dir / "last.safetensors", model, row)
         score = float(row[s.monitor])
         tie = float(row[s.tie_break]) if s.tie_break else 0.0
-        if score > best or (s.tie_break and score == best and tie < best_tie):
-            best, best_tie, best_epoch, stale = score, tie, epoch + 1, 0
+        if progress.improves(score, tie, s.tie_break):
+            progress.best, progress.best_tie, progress.best_epoch, progress.stale = score, tie, epoch + 1, 0
             if main:
                 stage.save(run.dir / "best.safetensors", scored, row)
         elif epoch >= s.patience_from:
-            stale += 1
-        stopped = bool(s.patience and stale >= s.patience)
+            progress.stale += 1
+        stopped = bool(s.patience and progress.stale >= s.patience)
         if main:
-            save_resume_state(
-                state_path,
-                {
-                    "epoch": epoch,
-                    "best": best,
-                    "best_tie": best_tie,
-                    "best_epoch": best_epoch,
-                    "stale": stale,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "model": model.state_dict(),
-                    "fingerprint": s.fingerprint,
-                    **({"settings": dict(s.settings)} if s.settings is not None else {}),
-                    "finished": stopped or epoch + 1 == s.epochs,
-                    "stopped": stopped,
-                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
-                },
-            )
+            state = _state(epoch, progress, s, model, optimizer, scheduler, scaler, ema, epoch + 1 == s.epochs, stopped)
+            save_resume_state(state_path, state)
         logger.info("epoch %d/%d: %s", epoch + 1, s.epochs, describe(row))
         if stopped:
-            logger.info("early stop: no better %s for %d epochs (best %.4f at epoch %d)", s.monitor, stale, best,
-                        best_epoch)  # fmt: skip
+            logger.info("early stop: no better %s for %d epochs (best %.4f at epoch %d)", s.monitor, progress.stale,
+                        progress.best, progress.best_epoch)  # fmt: skip
             break
-    if start >= s.epochs:
+    if progress.start >= s.epochs:
         logger.info("nothing left to resume: the run in %s had finished", run.dir)
     barrier()  # every rank leaves once rank 0 has written the last epoch's files
-    return FitResult(history, best, best_epoch, stopped)
+    return FitResult(history, progress.best, progress.best_epoch, stopped)
 
 
 class Trainer:

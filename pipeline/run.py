@@ -38,10 +38,11 @@ from dermpipe.classification.config import ClassificationConfig
 from dermpipe.configs.loader import ConfigError, default_config_path, load_config, load_yaml
 from dermpipe.configs.schema import DEFAULT_ROOT, ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.engine.claim import unfinished
 from dermpipe.engine.cli import run_cli
 from dermpipe.engine.confine import confine_output
 from dermpipe.engine.files import check_output_folder, write_text_atomic
-from dermpipe.engine.loop import read_metrics, unfinished
+from dermpipe.engine.loop import read_metrics
 from dermpipe.engine.rerun import refuse_all
 from dermpipe.engine.run import check_run_folder
 from dermpipe.ensemble import stage as ensemble

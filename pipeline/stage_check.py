@@ -20,8 +20,9 @@ from dermpipe.configs.loader import default_config_path, load_config
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.checkpoint import CheckpointError, load_resume_state
+from dermpipe.engine.claim import finished_state
 from dermpipe.engine.lineage import stale_entries
-from dermpipe.engine.loop import STATE_FILE, finished_state
+from dermpipe.engine.loop import STATE_FILE
 from dermpipe.engine.rerun import Conflict
 from dermpipe.ensemble.config import EnsembleConfig
 from dermpipe.ensemble.stacked_tables import TableError, load_probability_tables

@@ -15,10 +15,11 @@ from dermpipe.configs.loader import to_dict
 from dermpipe.data.augment import build_transform
 from dermpipe.data.loaders import SegmentationDataset, end_with_parent, seed_epoch, seed_worker
 from dermpipe.data.manifest import Manifest, ManifestError
+from dermpipe.engine.claim import claim_run, training_conflict
 from dermpipe.engine.distributed import is_main, rank
 from dermpipe.engine.files import atomic_path
 from dermpipe.engine.lineage import file_sha256, write_lineage
-from dermpipe.engine.loop import LoopSettings, claim_run, evaluate, fingerprint, fit, read_metrics, training_conflict
+from dermpipe.engine.loop import LoopSettings, evaluate, fingerprint, fit, read_metrics
 from dermpipe.engine.rerun import MANIFEST_DIGEST, Conflict, recorded_settings
 from dermpipe.engine.run import Run
 from dermpipe.engine.schedules import Schedule
