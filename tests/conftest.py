@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import contextlib
+import logging
 import re
 import signal
 import subprocess
@@ -29,6 +30,18 @@ def interrupt_epoch(monkeypatch):
         return lambda: monkeypatch.setattr(module, "train_one_epoch", real)
 
     return install
+
+
+@pytest.fixture(autouse=True)
+def drop_log_handlers():
+    """The log handlers a stage called in-process added (``setup_logging``) go with the test: a handler left on a test's
+    captured stderr, closed after it, would fail the next test's first log line."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_dermpipe", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
