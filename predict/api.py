@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -36,7 +35,7 @@ from dermpipe.data.reading import write_image
 from dermpipe.engine.cache import user_cache_dir
 from dermpipe.engine.cli import MissingInputError
 from dermpipe.engine.confine import confine_output
-from dermpipe.engine.files import check_output_file, check_output_folder
+from dermpipe.engine.files import check_output_file, check_output_folder, file_digest
 from dermpipe.engine.run import check_run_folder, choose_device
 from dermpipe.errors import DermpipeError
 from dermpipe.predict.batch import predict_folder
@@ -292,7 +291,7 @@ def check_trained_stages(cfg: PredictConfig) -> None:
 def _unpacked(archive: Path) -> Path:
     """A bundle archive (``dermpipe bundle --archive``) unpacked once into the user's cache, keyed by its sha256;
     the folder inside is what ``open_bundle`` then verifies file by file."""
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    digest = file_digest(archive)  # read in chunks: an archive can be large
     dest = user_cache_dir() / "bundles" / digest[:16]
     if not dest.is_dir():
         dest.parent.mkdir(parents=True, exist_ok=True)
