@@ -20,8 +20,7 @@ import cv2
 import numpy as np
 
 from dermpipe.engine.files import write_text_atomic
-
-THUMB = 160
+from dermpipe.segmentation.prediction import THUMBNAIL_SIDE as THUMB
 
 
 @dataclass

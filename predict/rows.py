@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 
 from dermpipe.data.quality import quality_text
-from dermpipe.data.reading import read_image
 from dermpipe.engine.files import output_stem, write_bytes_atomic
 from dermpipe.predict.predictor import Classifier, JudgedCrop
 from dermpipe.predict.report import (
@@ -157,7 +156,7 @@ def report_row_of(
     stem = output_stem(crop.image_id)
     top = int(np.argmax(probs))
     images = {}
-    thumb = read_image(crop.path, max_side=4 * 160)
+    thumb = crop.photo()
     mask = cv2.resize(crop.probability, thumb.shape[1::-1], interpolation=cv2.INTER_LINEAR) > 127
     images["thumbnail"] = store(f"{stem}_image.jpg", thumbnail_jpeg(thumb, mask))
     images["crop"] = store(f"{stem}_crop.jpg", thumbnail_jpeg(crop.crop))

@@ -29,10 +29,21 @@ from dermpipe.segmentation.model import load_unet
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-# An image waiting for the network: id, path, cache key, preprocessed pixels, original (height, width), quality.
-Pending = tuple[str, str, str, np.ndarray, tuple[int, int], list[str]]
+# An image waiting for the network: id, path, cache key, preprocessed pixels, original (height, width), quality, the
+# photo's thumbnail.
+Pending = tuple[str, str, str, np.ndarray, tuple[int, int], list[str], np.ndarray]
 # The prediction settings that decide what a crop looks like: the classifiers must predict on crops made alike.
 CROP_SETTINGS = ("threshold", "tta", "tta_rotations", "margin", "crop_size", "min_area")
+THUMBNAIL_SIDE = 160  # the longer side of the photo's thumbnail kept with each crop (the report shows it)
+
+
+def photo_thumbnail(image: np.ndarray) -> np.ndarray:
+    """The photo as decoded for cropping, reduced (area) so its longer side is ``THUMBNAIL_SIDE``: what the report
+    shows, kept with the crop so a report never decodes the source image a second time."""
+    h, w = image.shape[:2]
+    scale = THUMBNAIL_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.ascontiguousarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
 
 
 def full_probability(probability: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -53,6 +64,13 @@ class CropResult:
     height: int
     width: int
     quality: tuple[str, ...] = ()  # why the models may not judge this image well (data/quality.py); empty: fine
+    thumbnail: np.ndarray | None = None  # ``photo_thumbnail``; None from a cache entry made before it was kept
+
+    def photo(self) -> np.ndarray:
+        """The photo's thumbnail: the one kept with the crop, else decoded again exactly as the crop's was."""
+        if self.thumbnail is not None:
+            return self.thumbnail
+        return photo_thumbnail(read_image(self.path, max_side=decode_size(len(self.crop))))
 
     def full_mask(self, threshold: float = 0.5) -> np.ndarray:
         """The cleaned lesion mask at the original image size (0/1 uint8)."""
@@ -253,7 +271,7 @@ class SegmentationPredictor:
         except ImageReadError as e:
             return Skipped(image_id, path, str(e))
         quality = assess_quality(image, original)  # on the photo as taken, before any preprocessing
-        return (image_id, path, key, preprocess(image, self.preprocess_cfg), original, quality)
+        return (image_id, path, key, preprocess(image, self.preprocess_cfg), original, quality, photo_thumbnail(image))
 
     def _crop_prepared(self, prepared: Sequence[Skipped | _Hit | Pending]) -> list[CropResult | Skipped]:
         results: list[CropResult | Skipped | None] = [None] * len(prepared)
@@ -290,7 +308,7 @@ class SegmentationPredictor:
             p.tta,
             p.tta_rotations,
         )
-        for n, ((image_id, path, key, image, (height, width), quality), prob) in enumerate(zip(batch, probs)):
+        for n, ((image_id, path, key, image, (height, width), quality, thumb), prob) in enumerate(zip(batch, probs)):
             if keep is not None and not keep[n]:
                 yield None
                 continue
@@ -307,7 +325,7 @@ class SegmentationPredictor:
                 box.mask_area,
                 box.fallback,
             )
-            arrays = {"crop": crop, "probability": np.round(prob * 255).astype(np.uint8)}
+            arrays = {"crop": crop, "probability": np.round(prob * 255).astype(np.uint8), "thumbnail": thumb}
             meta = {
                 "box": [full.x0, full.y0, full.x1, full.y1],
                 "mask_area": full.mask_area,
@@ -332,6 +350,7 @@ class SegmentationPredictor:
             int(meta["height"]),
             int(meta["width"]),
             tuple(meta.get("quality", ())),
+            arrays.get("thumbnail"),
         )
 
 

@@ -103,3 +103,34 @@ def test_missing_stage_is_one_clear_error(stages, tmp_path, capsys):
     assert predict_script.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "classification/train.py --backbone test_resnet" in err
+
+
+def test_the_report_shows_the_photo_as_decoded_for_cropping_never_decoding_it_again(stages, tmp_path, monkeypatch):
+    from dermpipe.data import reading
+    from dermpipe.engine.cache import StageCache
+
+    folder = tmp_path / "photos"
+    _photos(folder, n=3)
+    decoded = []
+    decode = reading._decode  # every pixel decode goes through it
+    monkeypatch.setattr(reading, "_decode", lambda path, *a: decoded.append(str(path)) or decode(path, *a))
+    out = tmp_path / "out"
+    assert predict_script.main(_args(stages, folder, out)) == 0
+    assert sorted(decoded) == sorted(str(p) for p in folder.glob("*.jpg"))  # once each: crop and report alike
+    pictures = {p.name: p.read_bytes() for p in (out / "report_files").iterdir()}
+    report = (out / "report.html").read_bytes()
+    assert len(pictures) == 6  # the photo with its contour and the crop, for each of three
+    decoded.clear()
+    assert predict_script.main(_args(stages, folder, out)) == 0
+    assert decoded == []  # every crop and thumbnail from the cache
+    assert (out / "report.html").read_bytes() == report
+    # an entry made before the thumbnail was kept with the crop: the report decodes the photo again, as the crop was
+    cache = StageCache(tmp_path / "cache", "crops")
+    for entry in (tmp_path / "cache" / "crops").rglob("*.npz"):
+        with np.load(entry) as npz:
+            key = str(npz["__key__"])
+        arrays, meta = cache.get(key)
+        cache.put(key, {k: v for k, v in arrays.items() if k != "thumbnail"}, meta)
+    assert predict_script.main(_args(stages, folder, out)) == 0
+    assert len(decoded) == 3
+    assert {p.name: p.read_bytes() for p in (out / "report_files").iterdir()} == pictures
