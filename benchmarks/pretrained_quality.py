@@ -40,7 +40,9 @@ import csv
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,13 +101,15 @@ class TimedSteps(pipeline.Steps):
 
     path: Path
 
-    def __call__(self, name, main, argv):  # type: ignore[no-untyped-def]
+    def __call__(self, name: str, stage: Callable[[], Any], resumed: bool = False) -> Any:
+        done = len(self.times)
         try:
-            super().__call__(name, main, argv)
+            return super().__call__(name, stage, resumed)
         finally:
-            times = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            times[name] = round(times.get(name, 0.0) + self.times[-1][1], 1)
-            self.path.write_text(json.dumps(times, indent=1) + "\n")
+            if len(self.times) > done:  # it finished (a stage that failed has no time to add)
+                times = json.loads(self.path.read_text()) if self.path.is_file() else {}
+                times[name] = round(times.get(name, 0.0) + self.times[-1][1], 1)
+                self.path.write_text(json.dumps(times, indent=1) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

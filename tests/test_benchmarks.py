@@ -421,3 +421,17 @@ def test_pretrained_tables_score_each_variant_pair_them_and_keep_a_variant_whose
     again = quality.previous_blocks(doc.read_text())
     assert again["pretrained"] == kept and again["comparison"] == comparison
     assert doc.read_text().count("## The pretrained preset on the real sample") == 1
+
+
+def test_the_pretrained_runs_time_each_stage_dermpipe_run_calls(tmp_path):
+    """``TimedSteps`` is what ``dermpipe run`` calls each stage through: each finished stage's seconds are added to
+    ``times.json`` under its name; a stage that fails adds nothing and its error goes through."""
+    quality = load("pretrained_quality")
+    quality.TimedSteps.path = tmp_path / "times.json"
+    steps = quality.TimedSteps()
+    assert steps("segmentation/train.py", lambda: None) is None
+    steps("segmentation/train.py", lambda: None, True)  # resumed: its seconds add to the earlier ones
+    with pytest.raises(ZeroDivisionError):
+        steps("ensemble/vote.py", lambda: 1 / 0)
+    times = json.loads((tmp_path / "times.json").read_text())
+    assert list(times) == ["segmentation/train.py"] and times["segmentation/train.py"] >= 0
