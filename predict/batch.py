@@ -14,30 +14,25 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from dermpipe.data.manifest import Manifest, write_table
-from dermpipe.data.reading import write_image
 from dermpipe.engine import csvsafe
-from dermpipe.engine.files import atomic_path, output_stem, remove_stale_temporaries, write_text_atomic
+from dermpipe.engine.files import atomic_path, remove_stale_temporaries, write_text_atomic
 from dermpipe.errors import plain_message
 from dermpipe.predict import shards
-from dermpipe.predict.config import PredictConfig
 from dermpipe.predict.predictor import EnsemblePredictor
 from dermpipe.predict.report import (
     prune_report_files,
-    review_rank,
     write_report,
 )
-from dermpipe.predict.rows import Prediction, picture_files, prediction_columns, report_row_of
+from dermpipe.predict.rows import picture_files, prediction_columns
 from dermpipe.predict.tally import BatchInfo, BatchSummary, BatchTally, _summary
 from dermpipe.predict.truth import TRUTH_OUTPUTS
-from dermpipe.segmentation.prediction import CropResult
+from dermpipe.predict.writers import MaskFiles, PredictionTable, ReportPictures, Writer, record_of
 
 logger = logging.getLogger(__name__)
 
@@ -175,44 +170,25 @@ def _predict_rows(
     report_dir: Path,
     out: Path,
 ) -> None:
-    """Predict every row of ``manifest`` into the CSV ``output``, adding each image to ``tally``; the report's
-    pictures go under ``report_dir/report_files``, masks and crops under ``out``."""
-    cfg, classes = predictor.cfg, predictor.classes
-    model_id, truth, selection = tally.truth.model_id, tally.truth, tally.selection
+    """Predict every row of ``manifest`` into the CSV ``output``, each image's record given to each output's writer
+    (``dermpipe.predict.writers``): the table, ``tally``, the masks and crops under ``out``, the report's pictures under
+    ``report_dir/report_files``."""
+    cfg, classes, truth = predictor.cfg, predictor.classes, tally.truth
     pictures = picture_files(report_dir / "report_files", report_dir)
-    mask_threshold = predictor.segmenter.predict_cfg.threshold
     gradcam_model = predictor.classifiers[0] if cfg.outputs.gradcam else None
+    mask_threshold = predictor.segmenter.predict_cfg.threshold
     items = [(r["image_id"], r["image_path"]) for r in manifest.rows]
-    with _prediction_table(output, prediction_columns(classes)) as writer:
+    with _prediction_table(output, prediction_columns(classes)) as table:
+        writers: list[Writer] = [
+            PredictionTable(table),
+            tally,
+            MaskFiles(out, mask_threshold, cfg.outputs.masks, cfg.outputs.crops, truth),
+            ReportPictures(tally.selection, pictures, report_dir, gradcam_model),
+        ]
         for crop, probs in tqdm(predictor.predict(items, tally.skipped), total=len(items), desc="predict", leave=False):
-            answer = Prediction.of(crop, probs, classes, predictor.refer_threshold, model_id,
-                                   truth.label(crop.image_id))  # fmt: skip
-            refer, label = answer.refer, answer.truth
-            correct = truth.add(crop.image_id, probs, refer)
-            writer.writerow(replace(answer, correct=correct).csv_row())
-            tally.images += 1
-            tally.referred += refer
-            tally.fallbacks += bool(crop.box.fallback)
-            tally.quality += bool(crop.quality)
-            tally.predicted[answer.predicted] += 1
-            if cfg.outputs.isic_csv:
-                tally.isic_rows.append(
-                    {"image": crop.image_id, **{c.upper(): f"{p:.6f}" for c, p in zip(classes, probs)}}
-                )
-            full_mask = None
-            if cfg.outputs.masks or truth.needs_mask(crop.image_id):
-                full_mask = crop.full_mask(mask_threshold)
-            if full_mask is not None and truth.needs_mask(crop.image_id):
-                truth.add_mask(crop.image_id, full_mask)
-            _write_extras(crop, cfg, out, predictor, full_mask)
-            if selection.wants(review_rank(refer, correct)):
-                report_row = report_row_of(
-                    crop, probs, classes, predictor.refer_threshold, pictures, gradcam_model, label, correct
-                )
-                evicted = selection.add(report_row)
-                if evicted is not None:  # pushed out of the first report_max_images: its pictures go too
-                    for rel in evicted.images.values():
-                        (report_dir / rel).unlink(missing_ok=True)
+            answer = record_of(crop, probs, classes, predictor.refer_threshold, truth)
+            for writer in writers:
+                writer.add(crop, answer)
 
 
 def _write_outputs(out: Path, tally: BatchTally, info: BatchInfo, cache: tuple[int, ...]) -> BatchSummary:
@@ -285,15 +261,3 @@ def _report_summary(summary: BatchSummary, metrics: Mapping[str, Any] | None, sh
 
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _write_extras(
-    crop: CropResult, cfg: PredictConfig, out: Path, predictor: EnsemblePredictor, full_mask: np.ndarray | None
-) -> None:
-    name = output_stem(crop.image_id)  # unique per id: a/x.jpg and b/x.jpg never share an output file
-    if cfg.outputs.masks:
-        if full_mask is None:
-            full_mask = crop.full_mask(predictor.segmenter.predict_cfg.threshold)
-        write_image(out / "masks" / f"{name}_segmentation.png", full_mask * 255)
-    if cfg.outputs.crops:
-        write_image(out / "crops" / f"{name}.png", crop.crop)

@@ -142,19 +142,15 @@ def picture_files(assets: Path, out: Path) -> Callable[[str, bytes], str]:
 
 def report_row_of(
     crop: CropResult,
-    probs: np.ndarray,
-    classes: Sequence[str],
-    refer_threshold: float,
+    answer: Prediction,
     store: Callable[[str, bytes], str],
     gradcam_model: Classifier | None,
-    truth: str = "",
-    correct: bool | None = None,
 ) -> ReportRow:
-    """The report's row of one image: its pictures given to ``store`` (a name and JPEG bytes in, what the report
-    shows out: ``picture_files``' relative path, or a ``data:`` URI), the Grad-CAM of the ensemble's predicted class
-    on ``gradcam_model`` when given, the probabilities, the refer flag and its reason."""
+    """The report's row of one image's ``answer``: the photo's thumbnail with the lesion contour (kept with the crop,
+    never decoded again) and the crop given to ``store`` (a name and JPEG bytes in, what the report shows out:
+    ``picture_files``' relative path, or a ``data:`` URI), and the Grad-CAM of the predicted class on
+    ``gradcam_model`` when given."""
     stem = output_stem(crop.image_id)
-    top = int(np.argmax(probs))
     images = {}
     thumb = crop.photo()
     mask = cv2.resize(crop.probability, thumb.shape[1::-1], interpolation=cv2.INTER_LINEAR) > 127
@@ -163,20 +159,20 @@ def report_row_of(
     if gradcam_model is not None:
         from dermpipe.classification.gradcam import gradcam_overlays
 
+        top = list(answer.probabilities).index(answer.predicted)
         overlay = gradcam_overlays(gradcam_model.model, [crop.crop], [top], gradcam_model.predictor.preprocess_cfg)[0]
         images["gradcam"] = store(f"{stem}_gradcam.jpg", thumbnail_jpeg(overlay))
-    reason = refer_reason(crop, probs, refer_threshold)
     return ReportRow(
-        crop.image_id,
-        {c: float(p) for c, p in zip(classes, probs)},
-        classes[top],
-        float(probs[top]),
-        bool(reason),
-        crop.box.fallback,
+        answer.image_id,
+        dict(answer.probabilities),
+        answer.predicted,
+        answer.confidence,
+        answer.refer,
+        answer.box.fallback,
         images,
-        crop.quality,
-        truth=truth,
-        correct=correct,
-        refer_reason=reason,
+        answer.quality,
+        truth=answer.truth,
+        correct=answer.correct,
+        refer_reason=answer.refer_reason,
         gradcam_of=gradcam_model.name if gradcam_model is not None else "",
     )

@@ -15,8 +15,9 @@ from dermpipe.predict.report import (
     ReportRow,
     ReviewSelection,
 )
+from dermpipe.predict.rows import Prediction
 from dermpipe.predict.truth import TruthScorer
-from dermpipe.segmentation.prediction import SkipLog
+from dermpipe.segmentation.prediction import CropResult, SkipLog
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,23 @@ class BatchTally:
         self.selection = ReviewSelection(info.report_max_images if info.report else 0)
         self.skipped = SkipLog(excluded)
         self.excluded = len(self.skipped)  # the folder listing's excluded entries: skipped.csv's first rows
+        self.isic = info.isic_csv
         self.isic_rows: list[dict[str, str]] = []
         self.predicted: Counter[str] = Counter()
         self.images = self.referred = self.fallbacks = self.quality = 0
         self.folders: dict[int, Path] = {}  # id(report row) -> the folder its pictures are under (merged tallies)
+
+    def add(self, crop: CropResult, answer: Prediction) -> None:
+        """Count one predicted image (and keep its row of the ISIC CSV when that is written)."""
+        self.images += 1
+        self.referred += answer.refer
+        self.fallbacks += bool(crop.box.fallback)
+        self.quality += bool(answer.quality)
+        self.predicted[answer.predicted] += 1
+        if self.isic:
+            self.isic_rows.append(
+                {"image": answer.image_id, **{c.upper(): f"{p:.6f}" for c, p in answer.probabilities.items()}}
+            )
 
     def state(self) -> dict[str, Any]:
         return {

@@ -167,11 +167,5 @@ class Service:
             answer.rows.append(record.csv_row())
             answer.predictions.append(record.as_json())
             if job.page:
-                answer.report_rows.append(self._page_row(crop, probs, upload))
+                answer.report_rows.append(report_row_of(crop, record, inline_jpeg, self.gradcam_model))
         return answer
-
-    def _page_row(self, crop: CropResult, probs: np.ndarray, upload: Upload) -> ReportRow:
-        """The report's row of one photo, its pictures inlined as ``data:`` URIs, rendered in memory."""
-        row = report_row_of(crop, probs, self.classes, self.predictor.refer_threshold, inline_jpeg, self.gradcam_model)
-        row.image_id = upload.image_id
-        return row
