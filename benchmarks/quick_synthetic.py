@@ -88,93 +88,69 @@ def steps(out: Path, manifest: Path, threads: int) -> list[tuple[str, list[str],
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
 
 
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def _segmentation_rows(x: dict, mem: str) -> list[tuple[str, ...]]:
+    return [("segmentation prediction, cold cache", f"{x['pipeline_img_s']:.1f} img/s",
+             f"{x['bare_forward_img_s'] / x['pipeline_img_s']:.2f}x the bare forward's time",
+             _joined(f"warm cache {x['warm_cache_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)", mem))]  # fmt: skip
+
+
+def _training_rows(x: dict, mem: str) -> list[tuple[str, ...]]:
+    return [(f"classification training, {name}", f"{m['ours_img_s']:.1f} img/s",
+             f"{1 / m['ratio']:.2f}x the bare timm loop's time", mem) for name, m in x["models"].items()]  # fmt: skip
+
+
+def _pipeline_rows(x: dict, mem: str) -> list[tuple[str, ...]]:
+    first = f"first prediction {x['first_prediction_s']:.1f} s" if "first_prediction_s" in x else ""
+    return [("batch prediction, whole pipeline, cold cache", f"{x['pipeline_img_s']:.2f} img/s",
+             f"{x['bare_img_s'] / x['pipeline_img_s']:.2f}x the six bare forwards' time",
+             _joined(f"warm cache {x['warm_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)", first, mem))]  # fmt: skip
+
+
+def _onnx_rows(x: dict, mem: str) -> list[tuple[str, ...]]:
+    f, p = x["forward"], x["predict"]
+    return [("batch prediction, `--engine onnxruntime`, cold cache", f"{p['onnxruntime_img_s']:.2f} img/s",
+             f"{p['ratio']:.2f}x PyTorch eager's speed ({p['pytorch_img_s']:.2f} img/s) on the same images",
+             _joined(f"forward passes alone {f['ratio']:.2f}x",
+                     f"final probabilities within {p['max_abs_probability_difference']:.1e}", mem))]  # fmt: skip
+
+
+def _ddp_rows(x: dict, mem: str) -> list[tuple[str, ...]]:
+    return [(f"training on {x['many']['processes']} gloo processes ({x['backbone']}, global batch "
+             f"{x['global_batch']})", f"{x['many']['train_img_s']:.1f} img/s",
+             f"{x['ratio']:.2f}x one process ({x['one']['train_img_s']:.1f} img/s) on the same cores",
+             f"val balanced accuracy {x['many']['val_balanced_accuracy']:.3f} vs "
+             f"{x['one']['val_balanced_accuracy']:.3f}")]  # fmt: skip
+
+
+def _memory_rows(x: dict, mem: str) -> list[tuple[str, ...]]:
+    runs = ", ".join(f"{run['images']} images {run['peak_rss_mb']:.0f} MB" for run in x["runs"])
+    return [("batch prediction peak memory", runs, f"ratio {x['ratio']:.3f}", "tiny models")]
+
+
+# each measurement's rows of the machine table, in the table's order
+TABLE_ROWS = {
+    "segmentation_prediction_throughput": _segmentation_rows,
+    "classification_training_throughput": _training_rows,
+    "pipeline_throughput": _pipeline_rows,
+    "onnx_speed": _onnx_rows,
+    "ddp_scaling": _ddp_rows,
+    "memory_flat": _memory_rows,
+}
+
+
 def machine_table(summary: dict) -> str:
     """The quick set's figures as Markdown: machine, date and command first, then one row per measurement."""
-    r = {name: step["result"] for name, step in summary["results"].items()}
-    peak = {name: step.get("peak_rss_mb") for name, step in summary["results"].items()}
-
-    def mem(name: str) -> str:
-        return f"peak {peak[name]:.0f} MB" if peak.get(name) else ""
-
-    m = summary["machine"]
     rows = []
-    if "segmentation_prediction_throughput" in r:
-        x = r["segmentation_prediction_throughput"]
-        rows.append(
-            (
-                "segmentation prediction, cold cache",
-                f"{x['pipeline_img_s']:.1f} img/s",
-                f"{x['bare_forward_img_s'] / x['pipeline_img_s']:.2f}x the bare forward's time",
-                "; ".join(
-                    filter(
-                        None,
-                        [
-                            f"warm cache {x['warm_cache_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
-                            mem("segmentation_prediction_throughput"),
-                        ],
-                    )
-                ),  # fmt: skip
-            )
-        )
-    if "classification_training_throughput" in r:
-        for name, x in r["classification_training_throughput"]["models"].items():
-            rows.append(
-                (
-                    f"classification training, {name}",
-                    f"{x['ours_img_s']:.1f} img/s",
-                    f"{1 / x['ratio']:.2f}x the bare timm loop's time",
-                    mem("classification_training_throughput"),
-                )
-            )
-    if "pipeline_throughput" in r:
-        x = r["pipeline_throughput"]
-        rows.append(
-            (
-                "batch prediction, whole pipeline, cold cache",
-                f"{x['pipeline_img_s']:.2f} img/s",
-                f"{x['bare_img_s'] / x['pipeline_img_s']:.2f}x the six bare forwards' time",
-                "; ".join(
-                    filter(
-                        None,
-                        [
-                            f"warm cache {x['warm_img_s']:.0f} img/s ({x['warm_speedup']:.0f}x)",
-                            f"first prediction {x['first_prediction_s']:.1f} s" if "first_prediction_s" in x else "",
-                            mem("pipeline_throughput"),
-                        ],
-                    )
-                ),  # fmt: skip
-            )
-        )
-    if "onnx_speed" in r:
-        f, p = r["onnx_speed"]["forward"], r["onnx_speed"]["predict"]
-        rows.append(
-            (
-                "batch prediction, `--engine onnxruntime`, cold cache",
-                f"{p['onnxruntime_img_s']:.2f} img/s",
-                f"{p['ratio']:.2f}x PyTorch eager's speed ({p['pytorch_img_s']:.2f} img/s) on the same images",
-                "; ".join(
-                    filter(
-                        None,
-                        [
-                            f"forward passes alone {f['ratio']:.2f}x",
-                            f"final probabilities within {p['max_abs_probability_difference']:.1e}",
-                            mem("onnx_speed"),
-                        ],
-                    )
-                ),  # fmt: skip
-            )
-        )
-    if "ddp_scaling" in r:
-        x = r["ddp_scaling"]
-        rows.append((f"training on {x['many']['processes']} gloo processes ({x['backbone']}, global batch "
-                     f"{x['global_batch']})", f"{x['many']['train_img_s']:.1f} img/s",
-                     f"{x['ratio']:.2f}x one process ({x['one']['train_img_s']:.1f} img/s) on the same cores",
-                     f"val balanced accuracy {x['many']['val_balanced_accuracy']:.3f} vs "
-                     f"{x['one']['val_balanced_accuracy']:.3f}"))  # fmt: skip
-    if "memory_flat" in r:
-        x = r["memory_flat"]
-        runs = ", ".join(f"{run['images']} images {run['peak_rss_mb']:.0f} MB" for run in x["runs"])
-        rows.append(("batch prediction peak memory", runs, f"ratio {x['ratio']:.3f}", "tiny models"))
+    for name, make_rows in TABLE_ROWS.items():
+        step = summary["results"].get(name)
+        if step is not None:
+            peak = step.get("peak_rss_mb")
+            rows += make_rows(step["result"], f"peak {peak:.0f} MB" if peak else "")
+    m = summary["machine"]
     lines = [
         BEGIN,
         f"Machine: {m['platform']}, {m.get('cpus', '?')} CPUs, Python {m['python']}, torch {m['torch']}, "
