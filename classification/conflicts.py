@@ -14,7 +14,7 @@ from dermpipe.classification.folds import (
 )
 from dermpipe.engine.checkpoint import (
     CheckpointError,
-    load_resume_state,
+    resume_summary,
 )
 from dermpipe.engine.claim import training_conflict
 from dermpipe.engine.loop import STATE_FILE
@@ -63,7 +63,7 @@ def classification_conflicts(cfg: ClassificationConfig) -> list[Conflict]:
 
 def _holds_fold_mean(backbone_dir: Path) -> bool:
     try:
-        return str(load_resume_state(backbone_dir / STATE_FILE).get("fingerprint", "")).startswith("fold mean ")
+        return str(resume_summary(backbone_dir / STATE_FILE).get("fingerprint", "")).startswith("fold mean ")
     except CheckpointError:
         return False
 
@@ -72,7 +72,7 @@ def _fold_mean_conflict(cfg: ClassificationConfig, backbone_dir: Path) -> Confli
     """The backbone folder of a fold mean holds another model: a trained one (a plain run or a refit), or a fold
     mean of other settings. An older fold mean records no settings: its folds are checked on their own."""
     try:
-        state = load_resume_state(backbone_dir / STATE_FILE)
+        state = resume_summary(backbone_dir / STATE_FILE)
     except CheckpointError:
         return None
     mean = str(state.get("fingerprint", "")).startswith("fold mean ")

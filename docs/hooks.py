@@ -2,7 +2,7 @@
 
 setup.cfg's ``package_dir`` installs the stage folders beside ``dermpipe/`` as its subpackages (``segmentation/`` is
 ``dermpipe.segmentation``); mkdocstrings reads source folders as they lie, so it would find a ``dermpipe`` without
-them. Before the pages render, this links the installed layout into a temporary folder (as tests/test_layers.py does
+them. Before the pages render, this links the installed layout into a temporary folder (tools/staged_layout.py, as
 for import-linter) and points the Python handler's ``paths`` there. Nothing is written in the source tree.
 
 ``CommentDocstrings`` (a griffe extension, named in mkdocs.yml) shows a config field's comment as its description:
@@ -11,11 +11,10 @@ the stage configs document each field in a comment on its line, or in comment li
 
 from __future__ import annotations
 
-import configparser
 import io
-import os
 import re
 import shutil
+import sys
 import tempfile
 import tokenize
 from pathlib import Path
@@ -25,43 +24,10 @@ import griffe
 from mkdocs.plugins import event_priority
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from staged_layout import stage_layout  # noqa: E402
+
 _staged: list[Path] = []
-
-
-def package_dirs() -> dict[str, Path]:
-    """setup.cfg's ``package_dir``: package name -> source folder, e.g. ``dermpipe.data`` -> ``<root>/data``."""
-    parser = configparser.ConfigParser()
-    parser.read(ROOT / "setup.cfg")
-    mapping = {}
-    for line in parser["options"]["package_dir"].strip().splitlines():
-        name, _, folder = line.partition("=")
-        mapping[name.strip()] = (ROOT / folder.strip()).resolve()
-    return mapping
-
-
-def _link(source: Path, target: Path) -> None:
-    try:
-        os.symlink(source, target, target_is_directory=source.is_dir())
-    except OSError:  # no symlinks here: copy instead
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-
-
-def stage_layout(dest: Path) -> Path:
-    """Link the installed layout of ``dermpipe`` into ``dest`` (``dest/dermpipe/data`` -> ``<root>/data``, ...)."""
-    mapping = package_dirs()
-    top = dest / "dermpipe"
-    top.mkdir(parents=True)
-    for entry in mapping.pop("dermpipe").iterdir():
-        if entry.name != "__pycache__":
-            _link(entry, top / entry.name)
-    for name in sorted(mapping, key=lambda n: n.count(".")):  # parents before their subpackages
-        target = dest.joinpath(*name.split("."))
-        if not target.exists():
-            _link(mapping[name], target)
-    return dest
 
 
 @event_priority(100)  # before mkdocstrings' own on_config, which may start the handler

@@ -6,6 +6,7 @@ A user's file is never unpickled: weights load through safetensors, and resume s
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -148,11 +149,48 @@ def save_resume_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path
     return path
 
 
-def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
+def load_resume_state(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """The whole resume state (``mmap``: its tensors mapped from the file, not read, until used)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"resume state {path} not found: nothing to resume, start without --resume")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any failure to read means the file cannot be trusted
         raise CheckpointError(f"resume state {path} cannot be read safely ({type(e).__name__}); start afresh") from None
+
+
+_SUMMARIES: dict[tuple[str, int, int, int], dict[str, Any]] = {}
+
+
+def resume_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """A resume state without its tensors (the weights, the optimiser's moments): whether it finished, its
+    fingerprint and settings, its epoch and best score. What the checks before a stage read: the file is mapped,
+    not read, and each file as it is (path, size, modification time, inode: a rewrite is a new file) is read once
+    per process however many checks ask."""
+    path = Path(path)
+    try:
+        found = path.stat()
+    except OSError:
+        found = None
+    key = (str(path.absolute()), found.st_size, found.st_mtime_ns, found.st_ino) if found else None
+    if key is None or key not in _SUMMARIES:
+        state = load_resume_state(path, mmap=True)  # raises the CheckpointError of a missing or unreadable file
+        summary = {k: v for k, v in state.items() if _tensor_free(v)}
+        del state
+        if key is None:
+            return summary
+        if len(_SUMMARIES) >= 256:
+            _SUMMARIES.clear()
+        _SUMMARIES[key] = summary
+    return copy.deepcopy(_SUMMARIES[key])
+
+
+def _tensor_free(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return False
+    if isinstance(value, Mapping):
+        return all(_tensor_free(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_tensor_free(v) for v in value)
+    return True

@@ -10,7 +10,7 @@ from typing import Any
 
 from dermpipe.engine.checkpoint import (
     CheckpointError,
-    load_resume_state,
+    resume_summary,
 )
 from dermpipe.engine.loop import STATE_FILE
 from dermpipe.engine.rerun import Conflict, conflict, refuse_or_replace
@@ -24,7 +24,7 @@ def finished_state(run_dir: Path, fingerprint: str, warn: bool = True) -> dict[s
     if not path.is_file() or not (run_dir / "best.safetensors").is_file():
         return None
     try:
-        state = load_resume_state(path)
+        state = resume_summary(path)
     except CheckpointError:
         return None
     if state.get("finished") and state.get("fingerprint") == fingerprint:
@@ -44,7 +44,7 @@ def training_conflict(run_dir: Path, fingerprint: str, settings: Mapping[str, An
     if not path.is_file():
         return None
     try:
-        state = load_resume_state(path)
+        state = resume_summary(path)
     except CheckpointError:
         return None
     if state.get("fingerprint") == fingerprint:
@@ -71,6 +71,6 @@ def unfinished(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds an interrupted training that ``--resume`` would continue."""
     path = run_dir / STATE_FILE
     try:
-        return path.is_file() and not load_resume_state(path).get("finished")
+        return path.is_file() and not resume_summary(path).get("finished")
     except CheckpointError:
         return False

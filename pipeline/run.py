@@ -40,8 +40,7 @@ from dermpipe.configs.schema import DEFAULT_ROOT, ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.claim import unfinished
 from dermpipe.engine.cli import run_cli
-from dermpipe.engine.confine import confine_output
-from dermpipe.engine.files import check_output_folder, write_text_atomic
+from dermpipe.engine.files import write_text_atomic
 from dermpipe.engine.loop import read_metrics
 from dermpipe.engine.rerun import refuse_all
 from dermpipe.engine.run import check_run_folder
@@ -125,8 +124,6 @@ def crop_trained(root: Path, manifest: str, seg_sets: Sequence[str], flags: Mapp
     run_dir, out = root / ROOT_LAYOUT["segmentation"], root / ROOT_LAYOUT["crops"]
     check_run_folder(run_dir, "segmentation")
     cfg = load_config(SegmentationConfig, run_dir / "config.yaml", seg_sets, {"run.root": str(root), **flags})
-    check_output_folder(out, "--out")
-    confine_output(out, "--out", own="crops")  # a crops folder is its own rerun; a bundle or run never
     return segmentation.crop(cfg, Manifest.read(manifest), out, run_dir / "best.safetensors", source=manifest,
                              manifest_file=manifest)  # fmt: skip
 

@@ -19,7 +19,7 @@ from dermpipe.classification.folds import stale_folds, training_fingerprint
 from dermpipe.configs.loader import default_config_path, load_config
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.manifest import Manifest, ManifestError
-from dermpipe.engine.checkpoint import CheckpointError, load_resume_state
+from dermpipe.engine.checkpoint import CheckpointError, resume_summary
 from dermpipe.engine.claim import finished_state
 from dermpipe.engine.lineage import stale_entries
 from dermpipe.engine.loop import STATE_FILE
@@ -71,7 +71,7 @@ def stage_configs(
 
 def _state(folder: Path) -> dict[str, Any] | None:
     try:
-        return load_resume_state(folder / STATE_FILE)
+        return resume_summary(folder / STATE_FILE)
     except CheckpointError:
         return None
 

@@ -9,8 +9,6 @@ from dermpipe.configs.loader import default_config_path
 from dermpipe.configs.schema import ROOT_LAYOUT
 from dermpipe.data.listing import read_inputs
 from dermpipe.engine.cli import add_follow_links, resolve_config, run_cli, stage_parser
-from dermpipe.engine.confine import confine_output
-from dermpipe.engine.files import check_output_folder
 from dermpipe.engine.run import check_run_folder
 from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.segmentation.stage import crop
@@ -50,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
             args.config = run_dir / "config.yaml"  # the trained run's own settings, unless --config or --set
             strict = True
         cfg = resolve_config(SegmentationConfig, args, {"predict.write_masks": args.masks, "predict.tta": args.tta})
-        check_output_folder(args.out, "--out", [args.input] if args.input else [])
-        confine_output(args.out, "--out", own="crops")  # a crops folder is its own rerun; a bundle or run never
         inputs = read_inputs(args.manifest, args.input, args.follow_links, outputs=[args.out])
         manifest, excluded = inputs.manifest, inputs.excluded
         if args.split:

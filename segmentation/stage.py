@@ -14,6 +14,8 @@ from pathlib import Path
 from dermpipe.data.listing import NothingReadableError
 from dermpipe.data.manifest import Manifest, ManifestError
 from dermpipe.engine.cli import MissingInputError
+from dermpipe.engine.confine import confine_output
+from dermpipe.engine.files import check_output_folder
 from dermpipe.engine.lineage import file_sha256, write_lineage
 from dermpipe.engine.run import choose_device, setup_logging, start_stage_run
 from dermpipe.segmentation.config import SegmentationConfig
@@ -86,7 +88,10 @@ def crop(
     """Masks, boxes and square crops of ``manifest``'s images by the U-Net in ``checkpoint``, into ``out`` (every
     stage output through the cache). ``strict``: ``cfg`` must agree with what the checkpoint was trained with;
     ``source`` names the input (manifest or folder) in the error when nothing could be read; ``manifest_file``, the
-    manifest the rows came from, is recorded in the crops' lineage."""
+    manifest the rows came from, is recorded in the crops' lineage. ``out`` is refused, before any work, where it
+    is a file, inside the input folder, or another stage's output (a crops folder is its own rerun)."""
+    check_output_folder(out, "--out", [source] if source and Path(source).is_dir() else [])
+    confine_output(out, "--out", own="crops")
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise MissingInputError(

@@ -381,7 +381,7 @@ def test_pretrained_tables_score_each_variant_pair_them_and_keep_a_variant_whose
     )
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nkept\n")
-    assert quality.main(["tables", "--out", str(out), "--samples", "200", "--tables", str(doc)]) == 0
+    assert quality.main(["tables", "--out", str(out), "--samples", "60", "--tables", str(doc)]) == 0
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n\n## The pretrained preset on the real sample\n")
     for variant, probs in (("pretrained", good), ("scratch", weak)):
@@ -408,7 +408,7 @@ def test_pretrained_tables_score_each_variant_pair_them_and_keep_a_variant_whose
     # --only: the named blocks are scored again, the others keep what the file holds
     marked = text.replace("<!-- pretrained: begin -->", "<!-- pretrained: begin -->\nMARK")
     doc.write_text(marked.replace("U-Net and crops: the pretrained", "STALE and crops: the pretrained"))
-    args = ["tables", "--out", str(out), "--samples", "200", "--tables", str(doc)]
+    args = ["tables", "--out", str(out), "--samples", "60", "--tables", str(doc)]
     assert quality.main([*args, "--only", "scratch"]) == 0
     assert "MARK" in doc.read_text() and "STALE" not in doc.read_text()
     doc.write_text(text)
@@ -417,7 +417,7 @@ def test_pretrained_tables_score_each_variant_pair_them_and_keep_a_variant_whose
     import shutil
 
     shutil.rmtree(out / "pretrained")
-    assert quality.main(["tables", "--out", str(out), "--samples", "200", "--tables", str(doc)]) == 0
+    assert quality.main(["tables", "--out", str(out), "--samples", "60", "--tables", str(doc)]) == 0
     again = quality.previous_blocks(doc.read_text())
     assert again["pretrained"] == kept and again["comparison"] == comparison
     assert doc.read_text().count("## The pretrained preset on the real sample") == 1

@@ -100,3 +100,29 @@ def test_resume_state_round_trip(tmp_path):
     opt2.load_state_dict(state["optimizer"])
     assert state["epoch"] == 3 and state["best"] == 0.5
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_the_checks_before_a_stage_read_a_resume_state_once_without_its_tensors(tmp_path, monkeypatch):
+    from dermpipe.engine import checkpoint
+
+    path = tmp_path / "last_state.pt"
+    weights = {"weight": torch.ones(3, 3)}
+    optimizer = {"state": {0: {"exp_avg": torch.ones(3)}}}
+    state = {"epoch": 2, "finished": True, "fingerprint": "abc", "settings": {"lr": 0.1}}
+    checkpoint.save_resume_state(path, {"model": weights, "optimizer": optimizer, **state})
+    loads = []
+    load = checkpoint.load_resume_state
+    monkeypatch.setattr(checkpoint, "load_resume_state", lambda p, **k: loads.append(p) or load(p, **k))
+    summary = checkpoint.resume_summary(path)
+    assert summary == {"epoch": 2, "finished": True, "fingerprint": "abc", "settings": {"lr": 0.1}}
+    summary["settings"]["lr"] = 1.0  # a caller's change never reaches the next caller
+    assert checkpoint.resume_summary(path)["settings"] == {"lr": 0.1} and len(loads) == 1
+    checkpoint.save_resume_state(path, {"model": weights, "epoch": 3, "finished": False, "fingerprint": "abc"})
+    assert checkpoint.resume_summary(path) == {"epoch": 3, "finished": False, "fingerprint": "abc"}  # a new file
+    assert len(loads) == 2
+    path.write_bytes(b"not a state")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read safely"):
+        checkpoint.resume_summary(path)
+    path.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        checkpoint.resume_summary(path)

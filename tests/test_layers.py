@@ -2,7 +2,7 @@
 
 import-linter finds a package as one folder, but the source tree keeps the stage folders beside ``dermpipe/`` and
 setup.cfg's ``package_dir`` maps them inside it (``data/`` is ``dermpipe.data``). So the check runs on a staged copy
-of the installed layout, made of links to the source: ``dermpipe/`` with every mapped folder inside it.
+of the installed layout (``tools/staged_layout.py``), made of links to the source.
 
 Run as a script, ``python tests/test_layers.py`` is the same check for ``make lint`` and CI (extra arguments go to
 ``lint-imports``).
@@ -11,7 +11,6 @@ Run as a script, ``python tests/test_layers.py`` is the same check for ``make li
 from __future__ import annotations
 
 import configparser
-import os
 import shutil
 import subprocess
 import sys
@@ -20,43 +19,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-
-
-def package_dirs(root: Path = ROOT) -> dict[str, Path]:
-    """setup.cfg's ``package_dir``: package name -> source folder, e.g. ``dermpipe.data`` -> ``<root>/data``."""
-    parser = configparser.ConfigParser()
-    parser.read(root / "setup.cfg")
-    mapping = {}
-    for line in parser["options"]["package_dir"].strip().splitlines():
-        name, _, folder = line.partition("=")
-        mapping[name.strip()] = (root / folder.strip()).resolve()
-    return mapping
-
-
-def _link(source: Path, target: Path) -> None:
-    try:
-        os.symlink(source, target, target_is_directory=source.is_dir())
-    except OSError:  # no symlinks here (Windows without the privilege): copy instead
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
+sys.path.insert(0, str(ROOT / "tools"))
+import staged_layout  # noqa: E402
 
 
 def stage_layout(dest: Path, root: Path = ROOT) -> Path:
-    """Link the installed layout of ``dermpipe`` into ``dest`` (``dest/dermpipe/data`` -> ``<root>/data``, ...)."""
-    mapping = package_dirs(root)
-    top = dest / "dermpipe"
-    top.mkdir(parents=True)
-    for entry in mapping.pop("dermpipe").iterdir():
-        if entry.name != "__pycache__":
-            _link(entry, top / entry.name)
-    for name in sorted(mapping, key=lambda n: n.count(".")):  # parents before their subpackages
-        target = dest.joinpath(*name.split("."))
-        if target.exists():  # a nested mapping that only repeats where the parent's folder already holds it
-            assert target.resolve() == mapping[name], f"{name}: {target} is not {mapping[name]}"
-            continue
-        _link(mapping[name], target)
+    """The installed layout (``tools/staged_layout.py``) with the import contract beside it."""
+    staged_layout.stage_layout(dest, root)
     shutil.copy2(root / ".importlinter", dest / ".importlinter")
     return dest
 
