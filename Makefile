@@ -22,12 +22,19 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dermpipe demo --out runs/demo
 
+# The tests run on every core (pytest-xdist; TEST_WORKERS=0: in this process), a whole file to one worker, so a
+# file's trained fixtures are made once, the slowest files first (tests/conftest.py); one torch thread per worker and
+# per process a test starts, so the workers never share a core.
+TEST_WORKERS ?= auto
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile \
+	--no-loadscope-reorder
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # The quick loop for development: the end-to-end tests (marked e2e) left out.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m 'not slow and not e2e'
+	$(PYTEST) -m 'not slow and not e2e'
 
 # The documentation site (mkdocs.yml, docs/) into site/. --strict: any warning (a broken link, a page missing from
 # the nav, an API name the reference cannot resolve) fails the build.

@@ -107,6 +107,10 @@ def _args(root, out, *extra):
         "meta.cv_folds=3",
         "--set",
         "baselines.logistic_c_grid=[0.1,1.0]",
+        "--set",
+        "meta.anchor_grid=[1.0,0.01]",
+        "--set",
+        "evaluation.bootstrap=200",
         *extra,
     ]
 

@@ -23,12 +23,13 @@ pytestmark = pytest.mark.e2e  # whole pipelines trained: left out of `make test-
 REPO = Path(__file__).resolve().parents[1]
 DERMPIPE = Path(sys.executable).parent / "dermpipe"
 
-# What the test adds to each quick start line: tiny networks from scratch, so the sequence runs in a couple of minutes.
+# What the test adds to each quick start line: tiny networks from scratch, one training step an epoch, so the
+# sequence runs in a couple of minutes.
 SEG = ("--epochs 1 --set model.encoder=tu-test_resnet --set model.encoder_weights=null "
        "--set model.decoder_channels=[16,8,8,8,8] --set data.image_size=32 --set train.batch_size=16 "
-       "--set train.panel_images=0")  # fmt: skip
+       "--set train.panel_images=0 --set train.max_steps_per_epoch=1")  # fmt: skip
 CLS = "--epochs 1 --set model.pretrained=false --set data.image_size=80 --set train.batch_size=16 --set " \
-      "train.gradcam_images=0 --set run.threads=1"  # fmt: skip
+      "train.gradcam_images=0 --set run.threads=1 --set train.max_steps_per_epoch=1"  # fmt: skip
 VOTE = "--set meta.epochs=30 --set meta.cv_folds=2 --set evaluation.bootstrap=50"
 TINY = {
     "segmentation/train.py": SEG,
