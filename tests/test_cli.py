@@ -141,6 +141,7 @@ def test_unknown_subcommand_of_installed_console_script():
     ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "how", [("segmentation/train.py",), ("-m", "dermpipe.segmentation.train")], ids=["script-path", "dash-m"]
 )

@@ -244,6 +244,7 @@ def _metrics(run: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k not in ("sec", "images_per_sec")} for r in csv.DictReader(f)]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("point", list(TRAIN_KILLS))
 def test_training_killed_resumes_to_the_uninterrupted_weights(world, monkeypatch, point):
     killed, run_a = world.killed[point], world.trained

@@ -100,6 +100,7 @@ def _torch_network(path: Path):
     return (load_unet if path.parent.name == "segmentation" else load_meta)(path)[0]
 
 
+@pytest.mark.e2e
 def test_export_writes_each_network_beside_its_weights_checked_with_its_metadata(families):
     assert families.out.count("\n") == 1 and "wrote 7 ONNX files" in families.out
     for weights in WEIGHTS:
@@ -129,6 +130,7 @@ def _input_shape(weights: str) -> tuple[int, ...]:
     return (3, size, size)
 
 
+@pytest.mark.e2e
 def test_each_export_takes_any_batch_and_computes_what_pytorch_does(families):
     generator = torch.Generator().manual_seed(0)
     for weights in WEIGHTS:
@@ -146,6 +148,7 @@ def test_each_export_takes_any_batch_and_computes_what_pytorch_does(families):
             assert np.abs(got - want).max() <= PARITY * max(1.0, np.abs(want).max()), weights
 
 
+@pytest.mark.e2e
 def test_export_keeps_the_bundle_verified_and_its_identity(families):
     bundle = open_bundle(families.path)  # every ONNX file verified against SHA256SUMS with the rest
     assert bundle.identity == families.identity
@@ -158,6 +161,7 @@ def test_export_keeps_the_bundle_verified_and_its_identity(families):
         assert f"{digest}  {rel}\n".encode() in sums
 
 
+@pytest.mark.e2e
 def test_a_second_export_does_nothing_and_says_so(families):
     before = _snapshot(families.path)
     code, out, _ = _run(export_script.main, ["--model", str(families.path)])
@@ -174,6 +178,7 @@ def _predict(bundle, photos, out, engine, cache):
         return list(csv.DictReader(f)), stdout
 
 
+@pytest.mark.e2e
 def test_onnxruntime_predicts_what_pytorch_does_and_never_from_its_cache(families, tmp_path):
     photos = tmp_path / "photos"
     write_photo_folder(photos, 4, 64, seed=1)
@@ -191,6 +196,7 @@ def test_onnxruntime_predicts_what_pytorch_does_and_never_from_its_cache(familie
     assert "cache: 24 reused, 0 computed" in again  # its own entries, found again
 
 
+@pytest.mark.e2e
 def test_every_network_gives_the_same_arrays_on_both_engines(families, tmp_path):
     stages = open_bundle(families.path).stage_paths()
     predictors = {}

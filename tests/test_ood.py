@@ -143,6 +143,7 @@ def _reasons(predictor, items) -> dict[str, str]:
     }
 
 
+@pytest.mark.e2e
 def test_each_trained_backbone_fits_its_check_beside_its_weights(trained):
     for backbone in ("test_resnet", "test_efficientnet"):
         folder = trained["root"] / "classification" / backbone
@@ -165,6 +166,7 @@ def test_junk_is_referred_unlike_the_training_images_and_synthetic_lesions_mostl
     assert len(unlike) <= 0.1 * len(lesions), unlike  # the images like the training ones: about 0.5% expected
 
 
+@pytest.mark.e2e
 def test_pytorch_and_onnxruntime_refer_the_same_images_for_the_same_reasons(trained, tmp_path):
     from dermpipe.data.manifest import Manifest
 
@@ -281,6 +283,7 @@ def test_a_vote_whose_refer_threshold_can_never_refer_says_so_at_vote_time(tmp_p
     assert "calibration: the refer threshold 0 is at most 1/4" in caplog.text
 
 
+@pytest.mark.e2e
 def test_an_onnx_export_without_the_features_output_predicts_with_the_check_off_for_it(trained, tmp_path, caplog):
     import dataclasses
     import shutil

@@ -101,6 +101,7 @@ def test_resume_restores_weights_and_optimiser_and_ends_where_an_uninterrupted_r
     assert (cut / "last.safetensors").read_bytes() == before
 
 
+@pytest.mark.e2e
 def test_rerun_with_the_same_settings_reuses_the_finished_run(trained, capsys):
     root, manifest, run = trained
     digest = (run / "best.safetensors").read_bytes()
@@ -138,6 +139,7 @@ def test_boxes_cover_true_lesions_and_cache_is_reused(trained, tmp_path, capsys)
     assert (out / "crops.csv").read_text() == before
 
 
+@pytest.mark.e2e
 def test_changed_pixel_or_weights_miss_the_cache(trained, tmp_path):
     root, manifest, run = trained
     cfg = SegmentationConfig()
@@ -162,6 +164,7 @@ def test_changed_pixel_or_weights_miss_the_cache(trained, tmp_path):
     assert other.key("x") != predictor.key("x")
 
 
+@pytest.mark.e2e
 def test_no_lesion_falls_back_to_whole_image_and_is_flagged(trained, tmp_path):
     _, _, run = trained
     model, meta = load_unet(run / "best.safetensors")
