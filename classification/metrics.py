@@ -11,14 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
 
 from dermpipe.data.manifest import write_table
 from dermpipe.engine.files import atomic_path
@@ -35,6 +27,15 @@ def classification_report(
     Classes absent from ``y_true`` have no recall or AUC: balanced accuracy averages the classes present (as the ISIC
     score does) and the AUCs that cannot be computed are listed under ``auc_skipped``.
     """
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )  # imported when used: a second off every start
+
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = len(classes)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from torch.utils.data import WeightedRandomSampler
 
 logger = logging.getLogger(__name__)
@@ -153,6 +152,8 @@ def kmeans_undersample_indices(
             kept.append(members)
             continue
         clusters = min(n_clusters, target, members.size)
+        from sklearn.cluster import KMeans  # imported here: scikit-learn costs a second at every start
+
         assignment = KMeans(n_clusters=clusters, n_init="auto", random_state=rng_seed).fit_predict(features[members])
         sizes = np.bincount(assignment, minlength=clusters)
         quotas = _proportional_quotas(sizes, target)

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from dermpipe.engine.files import atomic_path
@@ -31,6 +30,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """
     if len(labels) == 0:
         raise ValueError("temperature scaling needs labelled held-out images")
+    from scipy.optimize import minimize_scalar  # imported when fitting: prediction starts without it
+
     result = minimize_scalar(
         lambda log_t: _nll(logits, labels, math.exp(log_t)),
         bounds=tuple(math.log(t) for t in TEMPERATURE_RANGE),

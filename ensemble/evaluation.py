@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
 from dermpipe.ensemble.calibration import expected_calibration_error
 
@@ -27,6 +26,12 @@ def method_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]
     """ISIC-style scores of (images, classes) probabilities: balanced accuracy (mean per-class recall), macro
     one-vs-rest AUC over the classes present, macro F1, accuracy, log-loss, ECE, and per-class recall and AUC.
     """
+    from sklearn.metrics import (
+        f1_score,
+        log_loss,
+        roc_auc_score,
+    )  # scikit-learn imported when used: a second off every start
+
     probs = probs / probs.sum(axis=1, keepdims=True)
     predicted = probs.argmax(axis=1)
     recalls, aucs = {}, {}

@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, log_loss
-from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from dermpipe.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -160,6 +158,11 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 def selection_score(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(balanced accuracy, log-loss) of (images, classes) probabilities: higher first is better, then lower second."""
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        log_loss,
+    )  # scikit-learn imported when used: a second off every start
+
     n_classes = probs.shape[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true" on small folds is expected
@@ -170,6 +173,8 @@ def selection_score(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float
 
 def cross_validation_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified folds inside the fit set; fewer folds when the rarest present class has fewer images than folds."""
+    from sklearn.model_selection import StratifiedKFold  # scikit-learn imported when used: a second off every start
+
     counts = np.bincount(labels)
     rarest = int(counts[counts > 0].min())
     k = max(2, min(folds, rarest))

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
 
 from dermpipe.classification.metrics import write_confusion_csv, write_confusion_png
 from dermpipe.data.manifest import Manifest, write_table
@@ -109,6 +108,8 @@ def label_metrics(
     threshold: float,
 ) -> dict[str, Any]:
     """The scores of ``probs`` (images x classes) against class indices ``labels`` (at least one image)."""
+    from sklearn.metrics import confusion_matrix  # scikit-learn imported when used: a second off every start
+
     scores = method_metrics(labels, probs, classes)
     matrix = confusion_matrix(labels, probs.argmax(axis=1), labels=list(range(len(classes))))
     out: dict[str, Any] = {

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from dermpipe.configs.schema import RunConfig
-from dermpipe.data.augment import AugmentConfig
+from dermpipe.data.augment_config import AugmentConfig
 from dermpipe.data.preprocess import PreprocessConfig
 
 

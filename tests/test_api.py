@@ -40,7 +40,7 @@ def world(tmp_path_factory):
     """A small demo (two tiny classifiers, one epoch each) and its bundle; its photos (one is not a photo), and what
     ``dermpipe predict --model`` writes for them."""
     tmp = tmp_path_factory.mktemp("api")
-    code = demo.main(["--out", str(tmp / "demo"), "--images", "100", "--seg-epochs", "1", "--cls-epochs", "1",
+    code = demo.main(["--out", str(tmp / "demo"), "--images", "48", "--seg-epochs", "1", "--cls-epochs", "1",
                       "--backbones", BACKBONES])  # fmt: skip
     assert code == 0
     bundle, photos = tmp / "demo" / "bundle", tmp / "demo" / "photos"

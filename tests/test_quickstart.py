@@ -60,7 +60,7 @@ def quickstart_sequence() -> str:
 
 def ham10000_layout(folder: Path, data: Path) -> None:
     """The synthetic set laid out as HAM10000 is published (images, tschandl masks, metadata CSV)."""
-    manifest = Manifest.read(generate_dataset(data, n_images=72, size=96, seed=0))
+    manifest = Manifest.read(generate_dataset(data, n_images=44, size=96, seed=0))
     images, masks = folder / "HAM10000_images_part_1", folder / "HAM10000_segmentations_lesion_tschandl"
     images.mkdir(parents=True)
     masks.mkdir(parents=True)
