@@ -32,21 +32,24 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
+from cold_start import cold_starts  # its neighbours, on sys.path when this script runs by path
+from predict_profile import step_seconds
 
 from dermpipe.bundle.onnx_export import example_input, export_onnx, load_network, weights_files
 from dermpipe.bundle.store import bundle_checksums, open_bundle
 from dermpipe.bundle.write import write_bundle
 from dermpipe.classification.backbones import DEFAULT_BACKBONES, build_classifier, checkpoint_metadata
 from dermpipe.configs.schema import RunConfig
-from dermpipe.data.generator import make_sample
+from dermpipe.data.generator import generate_dataset, make_sample
 from dermpipe.data.listing import manifest_from_folder
 from dermpipe.engine.checkpoint import save_checkpoint
 from dermpipe.engine.files import write_text_atomic
 from dermpipe.engine.lineage import record_hand_made
-from dermpipe.engine.onnx_runtime import OnnxModule, onnx_file, session_options
+from dermpipe.engine.onnx_runtime import INT8_ENGINE, OnnxModule, int8_file, onnx_file, session_options
 from dermpipe.ensemble.meta import LocallyConnectedVote, save_meta
 from dermpipe.predict.batch import predict_folder
 from dermpipe.predict.config import PredictConfig, PredictOutputs
+from dermpipe.predict.int8_export import export_int8
 from dermpipe.predict.predictor import EnsemblePredictor
 from dermpipe.segmentation.config import SegModelConfig
 from dermpipe.segmentation.model import build_unet, save_unet
@@ -74,6 +77,9 @@ def make_bundle(root: Path, encoder: str, seg_size: int, backbones: list[str], s
     record_hand_made(stages, backbones)
     bundle = write_bundle(stages, root / "bundle")
     export_onnx(bundle.path)
+    # int8 calibrated on synthetic validation photos; random weights: its speed is what counts, not its gate (off)
+    calibration = generate_dataset(root / "calibration", n_images=40, size=256, seed=1)
+    export_int8(bundle.path, calibration, images=8, min_agreement=0.0, log=lambda line: None)
     return bundle.path
 
 
@@ -98,12 +104,16 @@ def forward_times(bundle: Path, images: int, batch: int, threads: int, repeats: 
         x = example_input(net, batch)
         path = bundle / onnx_file(weights)
         runners = {"pytorch": net.module, "onnxruntime": OnnxModule(path, net.module, torch.device("cpu"), threads)}
+        quantised = bundle / int8_file(weights)  # the vote has none: it runs float32 on the int8 engine too
+        runners[INT8_ENGINE] = OnnxModule(quantised, net.module, torch.device("cpu"), threads) if quantised.is_file() \
+            else runners["onnxruntime"]  # fmt: skip
         for level in levels:
             runners[f"onnxruntime_{level}"] = _level_runner(path, level, threads)
         with torch.inference_mode():
             outputs = {name: run(x).numpy() for name, run in runners.items()}  # also the warm-up
             scale = max(1.0, float(np.abs(outputs["pytorch"]).max()))  # untrained logits can reach 1e7
-            differences[weights] = max(float(np.abs(o - outputs["pytorch"]).max()) for o in outputs.values()) / scale
+            differences[weights] = max(float(np.abs(o - outputs["pytorch"]).max())
+                                       for name, o in outputs.items() if name != INT8_ENGINE) / scale  # fmt: skip
             times: dict[str, list[float]] = {name: [] for name in runners}
             for _ in range(repeats):
                 for name, run in runners.items():
@@ -129,13 +139,11 @@ def _probabilities(path: Path) -> np.ndarray:
         return np.array([[float(row[c]) for c in CLASSES] for row in csv.DictReader(f)])
 
 
-def predict_times(bundle: Path, root: Path, images: int, batch: int, threads: int, repeats: int) -> dict:
-    """The whole prediction over ``images`` synthetic photos from a cold cache, per engine (best of ``repeats``,
-    engines alternating): seconds, loading seconds, and the largest difference of the final probabilities."""
-    photos = root / "photos"
-    write_photos(photos, images, 256)
-    manifest = manifest_from_folder(photos)
-    base = PredictConfig(
+ENGINES = ("pytorch", "onnxruntime", INT8_ENGINE)
+
+
+def _config(bundle: Path, batch: int, threads: int) -> PredictConfig:
+    return PredictConfig(
         segmentation_run=str(bundle / "segmentation"),
         classification_root=str(bundle / "classification"),
         ensemble_run=str(bundle / "ensemble"),
@@ -143,10 +151,35 @@ def predict_times(bundle: Path, root: Path, images: int, batch: int, threads: in
         outputs=PredictOutputs(report=False),
         run=RunConfig(threads=threads),
     )
-    seconds: dict[str, list[float]] = {"pytorch": [], "onnxruntime": []}
-    loading: dict[str, list[float]] = {"pytorch": [], "onnxruntime": []}
+
+
+def profiles(bundle: Path, root: Path, batch: int, threads: int) -> dict:
+    """Seconds per step of one cold-cache pass per engine, reading serially (``run.prefetch=0``) and ahead (1)."""
+    manifest = manifest_from_folder(root / "photos")
+    out: dict[str, dict] = {}
+    for engine in ENGINES:
+        for prefetch in (0, 1):
+            folder = root / f"profile_{engine}_{prefetch}"
+            base = _config(bundle, batch, threads)
+            run = replace(base.run, out_dir=str(folder), cache_dir=str(folder / "cache"), prefetch=prefetch)
+            predictor = EnsemblePredictor(replace(base, engine=engine, run=run), torch.device("cpu"))
+            seconds = step_seconds(lambda p=predictor, f=folder: predict_folder(manifest, p, f / "predictions.csv", f))
+            out.setdefault(engine, {})["serial" if prefetch == 0 else "prefetch"] = seconds
+    return out
+
+
+def predict_times(bundle: Path, root: Path, images: int, batch: int, threads: int, repeats: int) -> dict:
+    """The whole prediction over ``images`` synthetic photos from a cold cache, per engine (best of ``repeats``,
+    engines alternating): seconds, loading seconds, the largest difference of ONNX Runtime's final probabilities
+    from PyTorch's, and int8's agreement with float32 ONNX Runtime."""
+    photos = root / "photos"
+    write_photos(photos, images, 256)
+    manifest = manifest_from_folder(photos)
+    base = _config(bundle, batch, threads)
+    seconds: dict[str, list[float]] = {e: [] for e in ENGINES}
+    loading: dict[str, list[float]] = {e: [] for e in ENGINES}
     for repeat in range(repeats):
-        for engine in seconds:
+        for engine in ENGINES:
             out = root / f"{engine}_{repeat}"
             cfg = replace(base, engine=engine, run=replace(base.run, out_dir=str(out), cache_dir=str(out / "cache")))
             start = time.perf_counter()
@@ -155,12 +188,13 @@ def predict_times(bundle: Path, root: Path, images: int, batch: int, threads: in
             start = time.perf_counter()
             predict_folder(manifest, predictor, out / "predictions.csv", out)
             seconds[engine].append(time.perf_counter() - start)
-    difference = np.abs(_probabilities(root / "pytorch_0" / "predictions.csv")
-                        - _probabilities(root / "onnxruntime_0" / "predictions.csv")).max()  # fmt: skip
+    probs = {e: _probabilities(root / f"{e}_0" / "predictions.csv") for e in ENGINES}
     return {
         "seconds": {k: min(v) for k, v in seconds.items()},
         "load_seconds": {k: min(v) for k, v in loading.items()},
-        "max_abs_probability_difference": float(difference),
+        "max_abs_probability_difference": float(np.abs(probs["pytorch"] - probs["onnxruntime"]).max()),
+        "int8_max_abs_probability_difference": float(np.abs(probs[INT8_ENGINE] - probs["onnxruntime"]).max()),
+        "int8_class_agreement": float((probs[INT8_ENGINE].argmax(1) == probs["onnxruntime"].argmax(1)).mean()),
     }
 
 
@@ -173,6 +207,8 @@ def run(args: argparse.Namespace) -> dict:
         export_s = time.perf_counter() - start
         forward = forward_times(bundle, args.images, args.batch, args.threads, args.repeats, args.levels)
         predict = predict_times(bundle, root, args.images, args.batch, args.threads, args.repeats)
+        cold = cold_starts(bundle, root, args.threads) if args.cold_start else {}
+        profile = profiles(bundle, root, args.batch, args.threads) if args.profile else {}
     f, p = forward["seconds"], predict["seconds"]
     settings = {k: getattr(args, k) for k in ("images", "batch", "threads", "repeats", "seg_size", "encoder", "size")}
     versions = {"torch": torch.__version__, "onnxruntime": ort.__version__, "cpus": os.cpu_count()}
@@ -180,19 +216,21 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {**settings, "backbones": backbones, **versions},
         "bundle_and_export_s": export_s,
         "forward": {
-            "pytorch_img_s": args.images / f["pytorch"],
-            "onnxruntime_img_s": args.images / f["onnxruntime"],
+            **{f"{e}_img_s": args.images / f[e] for e in ENGINES},
             "ratio": f["pytorch"] / f["onnxruntime"],
+            "int8_ratio": f["pytorch"] / f[INT8_ENGINE],
             "onnxruntime_levels_img_s": {level: args.images / f[f"onnxruntime_{level}"] for level in args.levels},
             "max_relative_output_difference": forward["max_relative_output_difference"],
         },
         "predict": {
-            "pytorch_img_s": args.images / p["pytorch"],
-            "onnxruntime_img_s": args.images / p["onnxruntime"],
+            **{f"{e}_img_s": args.images / p[e] for e in ENGINES},
             "ratio": p["pytorch"] / p["onnxruntime"],
+            "int8_ratio": p["pytorch"] / p[INT8_ENGINE],
             "load_s": predict["load_seconds"],
-            "max_abs_probability_difference": predict["max_abs_probability_difference"],
+            **{k: v for k, v in predict.items() if k not in ("seconds", "load_seconds")},
         },
+        "cold_start": cold,
+        "profile": profile,
     }
 
 
@@ -209,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--levels", nargs="*", default=[], choices=list(LEVELS), help="also time the forward passes at these levels"
     )
+    parser.add_argument("--cold-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time predict and serve from start to the first answer")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="also profile one pass per engine, step by step")
     parser.add_argument("--out", default="runs/bench/onnx", help="folder for onnx_speed.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -216,11 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     r = run(args)
     f, p = r["forward"], r["predict"]
     print(
-        f"forward passes: PyTorch eager {f['pytorch_img_s']:.2f} img/s, ONNX Runtime "
-        f"{f['onnxruntime_img_s']:.2f} img/s ({f['ratio']:.2f}x); predict, cold cache: {p['pytorch_img_s']:.2f} "
-        f"against {p['onnxruntime_img_s']:.2f} img/s ({p['ratio']:.2f}x); final probabilities differ by at most "
-        f"{p['max_abs_probability_difference']:.1e}"
+        f"forward passes: PyTorch eager {f['pytorch_img_s']:.2f} img/s, ONNX Runtime {f['onnxruntime_img_s']:.2f} "
+        f"img/s ({f['ratio']:.2f}x), int8 {f[INT8_ENGINE + '_img_s']:.2f} img/s ({f['int8_ratio']:.2f}x); predict, "
+        f"cold cache: {p['pytorch_img_s']:.2f}, {p['onnxruntime_img_s']:.2f} ({p['ratio']:.2f}x), "
+        f"{p[INT8_ENGINE + '_img_s']:.2f} img/s ({p['int8_ratio']:.2f}x); ONNX Runtime's final probabilities within "
+        f"{p['max_abs_probability_difference']:.1e} of PyTorch's"
     )
+    for engine, c in r["cold_start"].items():
+        print(f"cold start {engine}: predict {c['predict_first_s']:.1f} s ({c['predict_later_s']:.1f} s later), "
+              f"serve {c['serve_first_answer_s']:.1f} s; peak {c['predict_peak_mb']:.0f} MB")  # fmt: skip
     out = Path(args.out) / "onnx_speed.json"
     write_text_atomic(out, json.dumps(r, indent=2) + "\n")
     print(f"wrote {out}")

@@ -61,7 +61,8 @@ CHECKSUMS = "SHA256SUMS"
 # refused
 ALLOWED_SUFFIXES = (".safetensors", ".onnx", ".json", ".yaml", ".md", ".csv", ".txt")
 # files derived from the bundle's own (the ONNX exports): listed and verified, but left out of its identity
-DERIVED_SUFFIXES = (".onnx",)
+INT8_RECORD = "int8.json"  # the int8 export's gate figures and calibration images (predict/int8_export.py)
+DERIVED_SUFFIXES = (".onnx", f"  {INT8_RECORD}")
 
 
 class BundleError(DermpipeError):

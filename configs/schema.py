@@ -32,5 +32,6 @@ class RunConfig:
     channels_last: bool = True  # only on CUDA
     compile: bool = False  # torch.compile the model for training (CUDA; slow to start, faster per step)
     num_workers: int = 0
+    prefetch: int = 1  # prediction: batches of images read, decoded and preprocessed ahead by a thread (0: none)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     force: bool = False  # recompute cached stage outputs

@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("dermpipe.bundle.make_bundle", "a trained run root -> one portable, verified model bundle"),
     "predict": ("dermpipe.predict.cli", "a folder of photos end to end: crops, classifiers, vote, report"),
     "serve": ("dermpipe.serve.main", "a bundle as a local web page and JSON API (upload photos, see the report)"),
-    "export": ("dermpipe.bundle.export", "a bundle's networks as ONNX files (for ONNX Runtime), added to it"),
+    "export": ("dermpipe.predict.export", "a bundle's networks as ONNX files (for ONNX Runtime), added to it"),
     "merge": ("dermpipe.predict.merge", "join a sharded predict's parts (OUT/shards/) into what one process writes"),
     "cache": ("dermpipe.engine.cache_command", "see the stage cache per stage; prune it by stage, age or size"),
     "demo": ("dermpipe.pipeline.demo", "the whole pipeline on synthetic data, on the CPU, in a few minutes"),

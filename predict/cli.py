@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ENGINES,
         default=None,
         help="what runs the networks (default pytorch; onnxruntime: the .onnx files `dermpipe export` writes into "
-        "the bundle)",
+        "the bundle; onnxruntime-int8: its int8 files, from `dermpipe export --quantize int8`)",
     )
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=None, help="write report.html")
     parser.add_argument("--gradcam", action="store_true", default=None, help="Grad-CAM overlays in the report")

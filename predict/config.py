@@ -29,7 +29,7 @@ class PredictConfig:
     tta: bool = False  # classifier flip/rotation TTA (the segmentation TTA comes from its run's config)
     refer: bool = True  # apply the ensemble run's refer threshold
     # what runs the networks' forward passes: PyTorch, or ONNX Runtime on the .onnx files `dermpipe export` writes
-    engine: Literal["pytorch", "onnxruntime"] = "pytorch"
+    engine: Literal["pytorch", "onnxruntime", "onnxruntime-int8"] = "pytorch"
     outputs: PredictOutputs = field(default_factory=PredictOutputs)
     run: RunConfig = field(default_factory=RunConfig)
 

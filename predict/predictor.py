@@ -23,7 +23,7 @@ from dermpipe.configs.loader import load_config
 from dermpipe.data.preprocess import PreprocessConfig
 from dermpipe.engine.cache import StageCache
 from dermpipe.engine.checkpoint import CheckpointError, check_trained_setting, weights_digest
-from dermpipe.engine.onnx_runtime import EXPORT_COMMAND, engine_model
+from dermpipe.engine.onnx_runtime import EXPORT_COMMAND, INT8_ENGINE, OnnxModelError, engine_model
 from dermpipe.engine.run import check_run_folder
 from dermpipe.ensemble.calibration import apply_temperature
 from dermpipe.ensemble.meta import load_meta, meta_logits
@@ -128,6 +128,15 @@ def agreed_crop_settings(classifiers: Sequence[Classifier]) -> dict[str, Any] | 
     return dict(first)
 
 
+def _check_int8(engine: str, runners: Sequence[Any]) -> None:
+    """``onnxruntime-int8`` with no int8 network beside the weights is refused (it would be float32 unawares)."""
+    if engine == INT8_ENGINE and not any(getattr(r, "precision", "") == "int8" for r in runners):
+        raise OnnxModelError(
+            "--engine onnxruntime-int8: no int8 network beside these weights; make them with `dermpipe export --model "
+            "BUNDLE --format onnx --quantize int8 --calibration MANIFEST` (or predict with --engine onnxruntime)"
+        )
+
+
 class EnsemblePredictor:
     """Every trained stage loaded once: the U-Net, the backbones in the meta-network's order, the vote."""
 
@@ -168,12 +177,14 @@ class EnsemblePredictor:
             workers=cfg.run.num_workers,
             engine=cfg.engine,
             threads=cfg.run.threads,
+            prefetch=cfg.run.prefetch,
         )
         if crops and crops.get("segmentation_weights") not in (None, self.segmenter.weights):
             logger.warning(
                 "the backbones were trained on crops of another U-Net than %s: predictions may be off",
                 seg_run / "best.safetensors",
             )
+        _check_int8(cfg.engine, [self.segmenter.model, *(c.predictor.model for c in self.classifiers)])
         self.temperature = float(self.meta.get("temperature") or 1.0)
         self.refer_threshold = float(self.meta.get("refer_threshold") or 0.0) if cfg.refer else 0.0
         self.ood_check = ood_check_text(self.classifiers)

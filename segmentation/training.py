@@ -27,7 +27,7 @@ from dermpipe.segmentation.config import SegmentationConfig
 from dermpipe.segmentation.losses import DiceBCELoss
 from dermpipe.segmentation.metrics import batch_scores_torch
 from dermpipe.segmentation.model import STAGE, build_unet, encoder_normalisation, load_unet, save_unet
-from dermpipe.segmentation.prediction import validation_panel
+from dermpipe.segmentation.panel import validation_panel
 
 logger = logging.getLogger(__name__)
 

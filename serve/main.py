@@ -19,10 +19,12 @@ from typing import Any
 from dermpipe.bundle.store import Bundle, open_bundle
 from dermpipe.engine.cli import resolve_config, run_cli, stage_parser
 from dermpipe.engine.confine import confine_output
+from dermpipe.engine.onnx_runtime import ENGINES
 from dermpipe.errors import DermpipeError
 from dermpipe.predict.api import Model
 from dermpipe.predict.cli import bundle_cache_dir
 from dermpipe.predict.config import PredictConfig
+from dermpipe.predict.int8_export import int8_card, int8_record
 from dermpipe.serve.app import Limits, create_app
 from dermpipe.serve.service import Service
 
@@ -43,6 +45,8 @@ def model_card(bundle: Bundle, engine: str) -> dict[str, Any]:
     methods = summary.get("methods") or []
     metrics = next((m for m in methods if m.get("method") == "meta_network"), None)
     card_path = bundle.path / "MODEL_CARD.md"
+    int8 = int8_record(bundle)
+    card = card_path.read_text() if card_path.is_file() else ""
     return {
         "model": bundle.identity,
         "sha256": bundle.digest,
@@ -60,7 +64,8 @@ def model_card(bundle: Bundle, engine: str) -> dict[str, Any]:
         "classifiers": info.get("classifiers"),
         "training_data": info.get("training_data"),
         "versions": info.get("versions"),
-        "model_card": card_path.read_text() if card_path.is_file() else "",
+        "int8": int8,  # the int8 export's gate figures and calibration images, where the bundle has one
+        "model_card": card + ("\n" + int8_card(int8) if int8 else ""),
     }
 
 
@@ -94,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradcam", action=argparse.BooleanOptionalAction, default=True, help="Grad-CAM on the page")
     parser.add_argument(
         "--engine",
-        choices=("pytorch", "onnxruntime"),
+        choices=ENGINES,
         default=None,
-        help="run the networks with PyTorch (default) or ONNX Runtime (dermpipe export first)",
+        help="run the networks with PyTorch (default), ONNX Runtime (dermpipe export first) or ONNX Runtime's int8 "
+        "networks (dermpipe export --quantize int8 first)",
     )
     return parser
 

@@ -25,7 +25,6 @@ import torch
 from conftest import write_untrained_bundle
 
 from dermpipe import __version__
-from dermpipe.bundle import export as export_script
 from dermpipe.bundle import onnx_export
 from dermpipe.bundle.store import CHECKSUMS, open_bundle
 from dermpipe.classification.backbones import load_classifier
@@ -37,6 +36,7 @@ from dermpipe.engine.onnx_runtime import OnnxModelError, OnnxModule, open_onnx
 from dermpipe.ensemble.meta import load_meta
 from dermpipe.pipeline.demo import write_photo_folder
 from dermpipe.predict import cli as predict_script
+from dermpipe.predict import export as export_script
 from dermpipe.predict.config import PredictConfig
 from dermpipe.predict.predictor import EnsemblePredictor
 from dermpipe.segmentation.model import load_unet
@@ -298,11 +298,22 @@ def test_the_speed_benchmark_compares_both_engines_on_the_same_batches(tmp_path)
     finally:
         sys.path.remove(str(path.parent))
     args = ["--images", "4", "--batch", "2", "--seg-size", "32", "--encoder", "tu-test_resnet", "--backbones",
-            "test_resnet", "--size", "32", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+            "test_resnet", "--size", "32", "--repeats", "1", "--threads", "1", "--out", str(tmp_path),
+            "--no-cold-start", "--profile"]  # fmt: skip
     assert _run(script.main, args)[0] == 0
     result = json.loads((tmp_path / "onnx_speed.json").read_text())
     for part in ("forward", "predict"):
-        assert result[part]["onnxruntime_img_s"] > 0 and result[part]["pytorch_img_s"] > 0
+        for engine in ("pytorch", "onnxruntime", "onnxruntime-int8"):
+            assert result[part][f"{engine}_img_s"] > 0
+        assert result[part]["int8_ratio"] == pytest.approx(result[part]["onnxruntime-int8_img_s"]
+                                                           / result[part]["pytorch_img_s"])  # fmt: skip
+    assert 0.0 <= result["predict"]["int8_class_agreement"] <= 1.0
+    for engine, passes in result["profile"].items():
+        for seconds in passes.values():  # every step counted once: the steps add up to the pass
+            steps = {k: v for k, v in seconds.items() if k != "total"}
+            assert set(steps) == {"reading", "U-Net", "crops", "classifiers", "vote", "rows and files"}
+            assert min(steps.values()) >= 0 and sum(steps.values()) == pytest.approx(seconds["total"], rel=1e-6)
+            assert steps["U-Net"] > 0 and steps["classifiers"] > 0, engine
     assert result["forward"]["ratio"] == pytest.approx(result["forward"]["onnxruntime_img_s"]
                                                        / result["forward"]["pytorch_img_s"])  # fmt: skip
     assert result["predict"]["max_abs_probability_difference"] <= PARITY

@@ -120,11 +120,12 @@ def test_folds_fit_the_vote_on_out_of_fold_tables_of_every_training_image(
 
     import onnx
 
-    from dermpipe.bundle import export, make_bundle
+    from dermpipe.bundle import make_bundle
     from dermpipe.data.manifest import Manifest
     from dermpipe.engine.checkpoint import read_metadata
     from dermpipe.pipeline.demo import write_photo_folder
     from dermpipe.predict import cli as predict
+    from dermpipe.predict import export
 
     root, config = tmp_path / "exp", experiment(tmp_path, folds=2)
     argv = ["--manifest", str(manifest), "--root", str(root), "--config", str(config), "--device", "cpu"]

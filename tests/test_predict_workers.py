@@ -1,5 +1,6 @@
-"""Prediction with DataLoader workers (`run.num_workers`): the next images are read, decoded, checked and looked up
-in other processes while the U-Net runs, and the outputs are those of one process, byte for byte."""
+"""Prediction with DataLoader workers (`run.num_workers`) or a reading thread (`run.prefetch`): the next images are
+read, decoded, checked and looked up in other processes or a thread while the U-Net runs, and the outputs are those of
+one process reading one batch after the other, byte for byte."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_untrained_pipeline(tmp_path_factory.mktemp("stages"), ("test_resnet", "test_efficientnet"), CLASSES)
 
 
-def run(stages: Path, photos: Path, out: Path, cache: Path, workers: int) -> int:
+def run(stages: Path, photos: Path, out: Path, cache: Path, workers: int, prefetch: int = 0) -> int:
     return predict.main([
         "--input", str(photos), "--out", str(out), "--device", "cpu", "--segmentation-run", str(stages / "seg"),
         "--classification-root", str(stages / "cls"), "--ensemble-run", str(stages / "ens"),
         "--set", f"run.cache_dir={cache}", "--set", "batch_size=3", "--set", f"run.num_workers={workers}",
+        "--set", f"run.prefetch={prefetch}",
     ])  # fmt: skip
 
 
@@ -40,3 +42,27 @@ def test_workers_write_what_one_process_writes_and_count_the_cache_right(stages,
     out = capsys.readouterr().out
     assert "30 reused, 0 computed" in out, out  # 10 crops + 10 x 2 backbones, counted though found in workers
     assert (tmp_path / "again" / "predictions.csv").read_bytes() == (tmp_path / "one" / "predictions.csv").read_bytes()
+
+
+def test_the_reading_thread_writes_what_serial_reading_writes(stages, tmp_path, monkeypatch):
+    from dermpipe.segmentation import prediction
+
+    photos = tmp_path / "photos"
+    write_photo_folder(photos, 11, 64, seed=6)
+    threads = []
+    real = prediction.SegmentationPredictor.prepare
+
+    def prepare(self, image_id, path):
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return real(self, image_id, path)
+
+    monkeypatch.setattr(prediction.SegmentationPredictor, "prepare", prepare)
+    assert run(stages, photos, tmp_path / "serial", tmp_path / "cache1", 0, prefetch=0) == 0
+    assert set(threads) == {"MainThread"}
+    threads.clear()
+    assert run(stages, photos, tmp_path / "ahead", tmp_path / "cache2", 0, prefetch=2) == 0
+    assert threads and all(name.startswith("dermpipe-read") for name in threads)  # read on the thread, not inline
+    for name in ("predictions.csv", "skipped.csv", "report.html"):
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "ahead" / name).read_bytes(), name

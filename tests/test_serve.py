@@ -209,7 +209,7 @@ def test_requests_without_photos_or_multipart_are_refused(client):
 def test_onnxruntime_engine_serves_what_pytorch_serves(world, client, tmp_path):
     import shutil
 
-    from dermpipe.bundle import export
+    from dermpipe.predict import export
 
     _, bundle, photos = world
     copy = tmp_path / "bundle"
