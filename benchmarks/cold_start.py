@@ -18,15 +18,26 @@ import httpx
 ENGINES = ("pytorch", "onnxruntime", "onnxruntime-int8")
 
 
+# runs `dermpipe ARGS` and writes its own peak resident memory (VmHWM, since its exec) to stderr's last line: the
+# rusage of a child is no use, it carries the parent's peak across fork and exec
+PEAK = ("import atexit, re, sys\n"
+        "def peak():\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    sys.stderr.write('\\npeak_kb ' + re.search(r'VmHWM:\\s+(\\d+)', status).group(1) + '\\n')\n"
+        "atexit.register(peak)\n"
+        "from dermpipe.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")  # fmt: skip
+
+
 def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(seconds, peak resident MB) of one command run to its end."""
+    """(seconds, peak resident MB) of one ``dermpipe`` command (``argv`` after ``dermpipe``) run to its end."""
     start = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run([sys.executable, "-c", PEAK, *argv], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)  # fmt: skip
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {process.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024  # KB on Linux
+    if done.returncode != 0:
+        raise RuntimeError(f"dermpipe {' '.join(argv)} failed: {done.stderr[-2000:]}")
+    return seconds, int(done.stderr.strip().splitlines()[-1].split()[1]) / 1024
 
 
 def _free_port() -> int:
@@ -70,8 +81,8 @@ def cold_starts(bundle: Path, root: Path, threads: int) -> dict[str, dict[str, f
     for engine in ENGINES:
         home = root / f"cold_{engine}"
         env = {**os.environ, "XDG_CACHE_HOME": str(home / "cache"), "OMP_NUM_THREADS": str(threads or os.cpu_count())}
-        argv = [sys.executable, "-m", "dermpipe", "predict", "--model", str(bundle), "--engine", engine, "--input",
-                str(one), "--no-report", "--set", f"run.threads={threads}"]  # fmt: skip
+        argv = ["predict", "--model", str(bundle), "--engine", engine, "--input", str(one), "--no-report", "--set",
+                f"run.threads={threads}"]  # fmt: skip
         first, peak = _timed([*argv, "--out", str(home / "first")], env)
         shutil.rmtree(home / "cache" / "dermpipe" / "crops", ignore_errors=True)  # the photo's answers, not graphs
         shutil.rmtree(home / "cache" / "dermpipe" / "crop_probabilities", ignore_errors=True)

@@ -112,10 +112,19 @@ def _pipeline_rows(x: dict, mem: str) -> list[tuple[str, ...]]:
 
 def _onnx_rows(x: dict, mem: str) -> list[tuple[str, ...]]:
     f, p = x["forward"], x["predict"]
-    return [("batch prediction, `--engine onnxruntime`, cold cache", f"{p['onnxruntime_img_s']:.2f} img/s",
+    rows = [("batch prediction, `--engine onnxruntime`, cold cache", f"{p['onnxruntime_img_s']:.2f} img/s",
              f"{p['ratio']:.2f}x PyTorch eager's speed ({p['pytorch_img_s']:.2f} img/s) on the same images",
              _joined(f"forward passes alone {f['ratio']:.2f}x",
-                     f"final probabilities within {p['max_abs_probability_difference']:.1e}", mem))]  # fmt: skip
+                     f"final probabilities within {p['max_abs_probability_difference']:.1e}", mem)),
+            ("batch prediction, `--engine onnxruntime-int8`, cold cache", f"{p['onnxruntime-int8_img_s']:.2f} img/s",
+             f"{p['int8_ratio']:.2f}x PyTorch eager's speed on the same images",
+             _joined(f"forward passes alone {f['int8_ratio']:.2f}x",
+                     f"predicted class as float32 on {p['int8_class_agreement']:.0%} (random weights)"))]  # fmt: skip
+    for engine, c in (x.get("cold_start") or {}).items():
+        rows.append((f"cold start, `{engine}`", f"predict {c['predict_first_s']:.1f} s to the first row",
+                     f"{c['predict_later_s']:.1f} s once its graphs are cached; serve {c['serve_first_answer_s']:.1f} "
+                     "s to the first answer", f"peak {c['predict_peak_mb']:.0f} MB"))  # fmt: skip
+    return rows
 
 
 def _ddp_rows(x: dict, mem: str) -> list[tuple[str, ...]]:

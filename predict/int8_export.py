@@ -20,6 +20,7 @@ rewritten; the bundle's identity does not change (int8 files are derived, as the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -138,7 +139,6 @@ class _Reader:
 def quantize_network(source: Path, target: Path, batches: Sequence[np.ndarray]) -> None:
     """``source`` (a float32 ONNX file) -> ``target``: QDQ, per-channel int8 weights, uint8 activations calibrated
     (MinMax) on ``batches``; the source's metadata kept, with the precision and the calibration added."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = target.with_name(target.name + ".pre")
@@ -146,6 +146,22 @@ def quantize_network(source: Path, target: Path, batches: Sequence[np.ndarray]) 
     name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
     inputs = np.concatenate(list(batches))
     inputs = inputs[np.linspace(0, len(inputs) - 1, min(len(inputs), CALIBRATION_INPUTS)).round().astype(int)]
+    logging.disable(logging.WARNING)  # its per-channel notes on weights of rank 1 (norms left unfused), per weight
+    try:
+        _quantize_static(prepared, target, name, inputs)
+    finally:
+        logging.disable(logging.NOTSET)
+    prepared.unlink()
+    props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    model = onnx.load(str(target))
+    onnx.helper.set_model_props(model, {**props, "precision": "int8", "quantization": "QDQ, per-channel int8 "
+                                        "weights, uint8 activations, MinMax calibration"})  # fmt: skip
+    onnx.save(model, str(target))
+
+
+def _quantize_static(prepared: Path, target: Path, name: str, inputs: np.ndarray) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     quantize_static(
         str(prepared),
         str(target),
@@ -156,12 +172,6 @@ def quantize_network(source: Path, target: Path, batches: Sequence[np.ndarray]) 
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
     )
-    prepared.unlink()
-    props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
-    model = onnx.load(str(target))
-    onnx.helper.set_model_props(model, {**props, "precision": "int8", "quantization": "QDQ, per-channel int8 "
-                                        "weights, uint8 activations, MinMax calibration"})  # fmt: skip
-    onnx.save(model, str(target))
 
 
 def network_agreement(weights: str, fp32: OnnxModule, int8: OnnxModule, batches: Sequence[np.ndarray]) -> float:

@@ -188,9 +188,19 @@ def test_make_bench_writes_its_machine_table_between_the_markers_and_nowhere_els
                                                "warm_speedup": 200.0}},
             "memory_flat": {"result": {"runs": [{"images": 200, "peak_rss_mb": 1000.0},
                                                 {"images": 2000, "peak_rss_mb": 1010.0}], "ratio": 1.01}},
+            "onnx_speed": {"result": {
+                "forward": {"ratio": 2.0, "int8_ratio": 4.5},
+                "predict": {"onnxruntime_img_s": 1.0, "pytorch_img_s": 0.45, "onnxruntime-int8_img_s": 1.6,
+                            "ratio": 2.0, "int8_ratio": 3.2, "max_abs_probability_difference": 1e-6,
+                            "int8_class_agreement": 0.97},
+                "cold_start": {"onnxruntime-int8": {"predict_first_s": 9.0, "predict_later_s": 5.5,
+                                                    "serve_first_answer_s": 6.0, "predict_peak_mb": 900.0}}}},
         },
     }  # fmt: skip
     table = quick.machine_table(summary)
+    assert "| batch prediction, `--engine onnxruntime-int8`, cold cache | 1.60 img/s | 3.20x PyTorch eager's" in table
+    assert "| cold start, `onnxruntime-int8` | predict 9.0 s to the first row | 5.5 s once its graphs are cached; " \
+           "serve 6.0 s to the first answer | peak 900 MB |" in table  # fmt: skip
     assert "| batch prediction, whole pipeline, cold cache | 0.50 img/s | 1.20x the six bare forwards' time |" in table
     assert "200 images 1000 MB, 2000 images 1010 MB | ratio 1.010" in table and "2 CPUs" in table
     doc = tmp_path / "BENCHMARKS.md"
