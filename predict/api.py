@@ -327,7 +327,8 @@ def load(
     """A trained pipeline from a bundle folder (verified against its SHA256SUMS, as ``dermpipe predict --model``
     verifies it), a bundle archive (unpacked once into the user's cache, then verified), or a trained run root.
 
-    ``engine``: ``pytorch`` or ``onnxruntime`` (the bundle's ONNX export); ``cache_dir``: the stage cache (default:
+    ``engine``: ``pytorch``, ``onnxruntime`` (the bundle's ONNX export) or ``onnxruntime-int8`` (its int8 networks,
+    ``dermpipe export --quantize int8``); ``cache_dir``: the stage cache (default:
     the user's cache folder for a bundle, ``ROOT/cache`` for a run root); ``settings``: more ``PredictConfig``
     values as ``--set`` takes them (``"refer=false"``)."""
     path = Path(source)
