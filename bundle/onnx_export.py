@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,15 +236,18 @@ def _checksums_with(sums: bytes, added: Mapping[str, tuple[str, str]]) -> bytes:
     return b"".join(lines)
 
 
-def _install(bundle: Bundle, work: Path, added: Mapping[str, str]) -> None:
-    """Move the checked ONNX files (weights path -> ONNX path in the bundle) from ``work`` into the bundle, then
-    rewrite SHA256SUMS atomically; on any failure the files moved in are taken out again."""
+def install_derived(bundle: Bundle, work: Path, added: Mapping[str, str], extra: Sequence[str] = ()) -> None:
+    """Move the checked derived files (weights path -> its derived file's bundle path; ``extra``: bundle paths listed
+    last, e.g. a record) from ``work`` into the bundle, then rewrite SHA256SUMS atomically; on any failure the files
+    moved in are taken out again."""
     sums = bundle.path / CHECKSUMS
     digests = {weights: (rel, file_digest(work / rel)) for weights, rel in added.items()}
-    data = _checksums_with(sums.read_bytes(), digests)
+    data = _checksums_with(sums.read_bytes(), digests) + b"".join(
+        f"{file_digest(work / rel)}  {rel}\n".encode() for rel in extra
+    )
     moved: list[Path] = []
     try:
-        for rel in added.values():
+        for rel in [*added.values(), *extra]:
             os.replace(work / rel, bundle.path / rel)
             moved.append(bundle.path / rel)
         write_bytes_atomic(sums, data)
@@ -270,7 +273,7 @@ def export_onnx(path: str | os.PathLike) -> tuple[Bundle, list[str]]:
             net = load_network(bundle, stages[weights], weights, listed[weights])
             export_network(net, work / rel)
             check_export(net, work / rel)
-        _install(bundle, work, added)
+        install_derived(bundle, work, added)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return open_bundle(bundle.path), list(added.values())

@@ -33,10 +33,10 @@ import numpy as np
 import onnx
 import torch
 
-from dermpipe.bundle.onnx_export import export_onnx, weights_files
-from dermpipe.bundle.store import CHECKSUMS, INT8_RECORD, Bundle, BundleError, bundle_checksums, open_bundle
+from dermpipe.bundle.onnx_export import export_onnx, install_derived, weights_files
+from dermpipe.bundle.store import INT8_RECORD, Bundle, BundleError, bundle_checksums, open_bundle
 from dermpipe.data.manifest import Manifest
-from dermpipe.engine.files import file_digest, write_bytes_atomic, write_text_atomic
+from dermpipe.engine.files import file_digest, write_text_atomic
 from dermpipe.engine.onnx_runtime import INT8_ENGINE, OnnxModule, int8_file
 from dermpipe.ensemble.calibration import referral_outcome
 from dermpipe.predict.api import load
@@ -238,30 +238,11 @@ def _refuse_line(figures: dict[str, Any], agreements: dict[str, float], minimum:
 
 
 def _install_int8(bundle: Bundle, work: Path, files: dict[str, Path], record: dict[str, Any]) -> list[str]:
-    """Move the int8 files (weights -> file in ``work``) and ``int8.json`` in, SHA256SUMS rewritten last: each int8
-    line just before its weights' line, the record's at the end; every existing line kept byte for byte."""
+    """The int8 files (each just before its weights in SHA256SUMS) and ``int8.json`` (listed last) moved in."""
     write_text_atomic(work / INT8_RECORD, json.dumps(record, indent=2) + "\n")
-    placed = {int8_file(w).as_posix(): path for w, path in files.items()}
-    placed[INT8_RECORD] = work / INT8_RECORD
-    digests = {w: (int8_file(w).as_posix(), file_digest(path)) for w, path in files.items()}
-    lines = []
-    for line in (bundle.path / CHECKSUMS).read_bytes().splitlines(keepends=True):
-        weights = line.partition(b"  ")[2].rstrip(b"\r\n").decode()
-        if weights in digests:
-            lines.append(f"{digests[weights][1]}  {digests[weights][0]}\n".encode())
-        lines.append(line)
-    lines.append(f"{file_digest(work / INT8_RECORD)}  {INT8_RECORD}\n".encode())
-    moved: list[Path] = []
-    try:
-        for rel, path in placed.items():
-            os.replace(path, bundle.path / rel)
-            moved.append(bundle.path / rel)
-        write_bytes_atomic(bundle.path / CHECKSUMS, b"".join(lines))
-    except BaseException:
-        for path in moved:
-            path.unlink(missing_ok=True)
-        raise
-    return sorted(placed)
+    added = {w: int8_file(w).as_posix() for w in files}  # written at work / that path by _quantize_all
+    install_derived(bundle, work, added, extra=[INT8_RECORD])
+    return sorted([*added.values(), INT8_RECORD])
 
 
 def _quantize_all(recorded: dict[str, Recorded], work: Path, minimum: float, threads: int, log: Callable[[str], None]):
